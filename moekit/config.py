@@ -1,0 +1,246 @@
+"""Validated dataclass configs.
+
+Every field is checked in ``__post_init__``; a bad value raises ``ValueError`` whose message names
+the field, the value and what is allowed, so a typo fails at construction rather than mid-run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+ROUTERS = ("softmax_topk", "switch", "noisy_topk", "sigmoid", "expert_choice", "soft")
+TOKEN_CHOICE_ROUTERS = ("softmax_topk", "switch", "noisy_topk", "sigmoid")
+ACTIVATIONS = ("swiglu", "geglu", "gelu", "relu")
+DROP_POLICIES = ("position", "score")
+SOFTMAX_ORDERS = ("before", "after")
+GROUP_SCORES = ("max", "top2_sum")
+LB_CONVENTIONS = ("standard", "hf_compat")
+EXPERT_IMPLS = ("auto", "loop", "grouped_mm")
+
+
+def _bad(field: str, value: Any, allowed: str) -> ValueError:
+    return ValueError(f"MoEConfig.{field}={value!r} is invalid: {allowed}")
+
+
+def _check_int(field: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise _bad(field, value, f"expected an int >= {minimum}")
+
+
+def _check_float(field: str, value: Any, *, positive: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise _bad(field, value, "expected a finite number")
+    if positive and value <= 0:
+        raise _bad(field, value, "expected a number > 0")
+    if not positive and value < 0:
+        raise _bad(field, value, "expected a number >= 0")
+
+
+def _check_choice(field: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise _bad(field, value, f"allowed values are {', '.join(repr(a) for a in allowed)}")
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """Configuration of one sparse Mixture-of-Experts FFN layer (:class:`moekit.MoELayer`).
+
+    Sizes
+        d_model: token width D.  num_experts: routed experts E.  top_k: experts per token K
+        (for ``expert_choice``: the mean number of experts per token, which sets the capacity).
+        expert_hidden: hidden width F of each routed expert.
+
+    Router (``router``)
+        ``softmax_topk``  softmax scores, top-k (Shazeer 2017, GShard, Mixtral).
+        ``switch``        top-1, weight = router probability, multiplicative jitter (Fedus et al. 2021).
+        ``noisy_topk``    Shazeer et al. 2017 noisy top-k gating, learned noise scale (softplus).
+        ``sigmoid``       DeepSeek-V3 sigmoid scores with a selection-only bias.
+        ``expert_choice`` each expert picks its top-C tokens (Zhou et al. 2022).
+        ``soft``          dense soft gating, every expert weighted by the softmax (Jacobs et al. 1991);
+                          requires ``top_k == num_experts``.
+        normalize_weights: renormalise the chosen weights to sum to 1 (Mixtral, Qwen3-MoE, DeepSeek-V3)
+            or not (OLMoE, Qwen2-MoE, DeepSeek-V2).
+        softmax_order: ``"before"`` the top-k selection (softmax over all E, then pick) or ``"after"``
+            (softmax over the K chosen logits). NOTE: "after" equals "before" followed by
+            renormalisation, so it requires ``normalize_weights=True``.
+        routed_scaling_factor: multiplies the chosen weights (DeepSeek-V2 16, V3 2.5).
+        router_jitter: Switch multiplicative jitter eps on the router input, training only.
+        n_group, topk_group: group-limited routing (DeepSeek-V2/V3): experts form ``n_group`` groups,
+            only the best ``topk_group`` groups may be chosen. group_score: ``"max"`` (V2) or
+            ``"top2_sum"`` (V3); defaults to top2_sum for ``sigmoid`` and max otherwise.
+
+    Balancing (every coefficient 0 = off)
+        aux_loss_coef: load-balancing loss E·Σ f_i P_i; lb_convention ``"standard"`` (f divided by K,
+            perfect balance = 1) or ``"hf_compat"`` (transformers' Mixtral value, balance = K).
+        z_loss_coef: ST-MoE router z-loss.  seq_aux_loss_coef: DeepSeek-V3 sequence-wise loss.
+        bias_update_rate: gamma of the DeepSeek-V3 aux-loss-free bias update (token-choice routers).
+
+    Capacity
+        capacity_factor: None = dropless; a number gives each expert ceil(cf·T·K/E) slots in training.
+        eval_capacity_factor: ``"same"`` (default), None (dropless in eval) or a number.
+        drop_policy: which assignments win an overflowing expert: ``"position"`` (earlier tokens,
+            Switch) or ``"score"`` (higher router probability, V-MoE batch-priority routing).
+
+    Experts
+        activation: ``swiglu`` (default), ``geglu``, ``gelu``, ``relu``.  mlp_bias: biases in experts.
+        num_shared_experts, shared_expert_hidden: experts every token uses (DeepSeekMoE); their hidden
+            width defaults to ``expert_hidden``. shared_expert_gate: scale them by sigmoid(x·w)
+            (Qwen2-MoE).  dense_hidden: a dense FFN in parallel with the MoE (Arctic), 0 = none.
+        expert_impl: ``"auto"`` (grouped GEMM on CUDA in bf16/fp16, the slice loop elsewhere),
+            ``"loop"`` or ``"grouped_mm"``.
+    """
+
+    d_model: int
+    expert_hidden: int
+    num_experts: int = 8
+    top_k: int = 2
+    router: str = "softmax_topk"
+    normalize_weights: bool = True
+    softmax_order: str = "before"
+    routed_scaling_factor: float = 1.0
+    router_jitter: float = 0.0
+    n_group: int = 1
+    topk_group: int = 1
+    group_score: str | None = None
+    aux_loss_coef: float = 0.0
+    lb_convention: str = "standard"
+    z_loss_coef: float = 0.0
+    seq_aux_loss_coef: float = 0.0
+    bias_update_rate: float = 0.0
+    capacity_factor: float | None = None
+    eval_capacity_factor: float | str | None = "same"
+    drop_policy: str = "position"
+    activation: str = "swiglu"
+    mlp_bias: bool = False
+    num_shared_experts: int = 0
+    shared_expert_hidden: int | None = None
+    shared_expert_gate: bool = False
+    dense_hidden: int = 0
+    expert_impl: str = "auto"
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        _check_int("d_model", self.d_model, 1)
+        _check_int("num_experts", self.num_experts, 1)
+        _check_int("expert_hidden", self.expert_hidden, 1)
+        _check_choice("router", self.router, ROUTERS)
+        _check_int("top_k", self.top_k, 1)
+        if self.top_k > self.num_experts:
+            raise _bad("top_k", self.top_k, f"expected 1 <= top_k <= num_experts={self.num_experts}")
+        if self.router == "switch" and self.top_k != 1:
+            raise _bad("top_k", self.top_k, "router='switch' routes each token to exactly 1 expert")
+        if self.router == "soft" and self.top_k != self.num_experts:
+            raise _bad("top_k", self.top_k,
+                       f"router='soft' weights every expert: top_k must equal num_experts={self.num_experts}")
+        _check_choice("softmax_order", self.softmax_order, SOFTMAX_ORDERS)
+        if self.softmax_order == "after" and not self.normalize_weights:
+            raise _bad("softmax_order", self.softmax_order,
+                       "a softmax over the chosen logits always sums to 1; use normalize_weights=True "
+                       "or softmax_order='before'")
+        _check_float("routed_scaling_factor", self.routed_scaling_factor, positive=True)
+        _check_float("router_jitter", self.router_jitter)
+        if self.router_jitter >= 1:
+            raise _bad("router_jitter", self.router_jitter, "expected 0 <= router_jitter < 1")
+        _check_int("n_group", self.n_group, 1)
+        if self.num_experts % self.n_group:
+            raise _bad("n_group", self.n_group, f"must divide num_experts={self.num_experts}")
+        _check_int("topk_group", self.topk_group, 1)
+        if self.topk_group > self.n_group:
+            raise _bad("topk_group", self.topk_group, f"expected 1 <= topk_group <= n_group={self.n_group}")
+        if self.n_group > 1:
+            if self.router not in TOKEN_CHOICE_ROUTERS:
+                raise _bad("n_group", self.n_group, f"group-limited routing needs a token-choice router "
+                           f"({', '.join(TOKEN_CHOICE_ROUTERS)}), not router={self.router!r}")
+            if self.topk_group * (self.num_experts // self.n_group) < self.top_k:
+                raise _bad("topk_group", self.topk_group,
+                           f"the kept groups hold {self.topk_group * (self.num_experts // self.n_group)} "
+                           f"experts, fewer than top_k={self.top_k}")
+        if self.group_score is None:
+            object.__setattr__(self, "group_score", "top2_sum" if self.router == "sigmoid" else "max")
+        _check_choice("group_score", self.group_score, GROUP_SCORES)
+        if self.group_score == "top2_sum" and self.n_group > 1 and self.num_experts // self.n_group < 2:
+            raise _bad("group_score", self.group_score, "top2_sum needs at least 2 experts per group")
+        for name in ("aux_loss_coef", "z_loss_coef", "seq_aux_loss_coef", "bias_update_rate"):
+            _check_float(name, getattr(self, name))
+        _check_choice("lb_convention", self.lb_convention, LB_CONVENTIONS)
+        if self.router == "expert_choice":
+            for name in ("aux_loss_coef", "seq_aux_loss_coef"):
+                if getattr(self, name) > 0:
+                    raise _bad(name, getattr(self, name),
+                               "router='expert_choice' is balanced by construction; the balance loss must be 0")
+        if self.bias_update_rate > 0 and self.router not in TOKEN_CHOICE_ROUTERS:
+            raise _bad("bias_update_rate", self.bias_update_rate,
+                       f"the selection bias needs a token-choice router ({', '.join(TOKEN_CHOICE_ROUTERS)})")
+        if self.capacity_factor is not None:
+            _check_float("capacity_factor", self.capacity_factor, positive=True)
+        elif self.router == "expert_choice":
+            raise _bad("capacity_factor", None, "router='expert_choice' needs a capacity: a number > 0")
+        ecf = self.eval_capacity_factor
+        if ecf is None:
+            if self.router == "expert_choice":
+                raise _bad("eval_capacity_factor", None, "router='expert_choice' needs a capacity in eval too")
+        elif ecf != "same":
+            if isinstance(ecf, str):
+                raise _bad("eval_capacity_factor", ecf, "expected 'same', None (dropless) or a number > 0")
+            _check_float("eval_capacity_factor", ecf, positive=True)
+        _check_choice("drop_policy", self.drop_policy, DROP_POLICIES)
+        _check_choice("activation", self.activation, ACTIVATIONS)
+        _check_int("num_shared_experts", self.num_shared_experts, 0)
+        if self.shared_expert_hidden is not None:
+            _check_int("shared_expert_hidden", self.shared_expert_hidden, 1)
+        if self.shared_expert_gate and self.num_shared_experts == 0:
+            raise _bad("shared_expert_gate", True, "a shared-expert gate needs num_shared_experts >= 1")
+        _check_int("dense_hidden", self.dense_hidden, 0)
+        _check_choice("expert_impl", self.expert_impl, EXPERT_IMPLS)
+        _check_float("init_std", self.init_std, positive=True)
+
+    # ---- derived -----------------------------------------------------------------------------
+    @property
+    def is_token_choice(self) -> bool:
+        return self.router in TOKEN_CHOICE_ROUTERS
+
+    @property
+    def gated(self) -> bool:
+        return self.activation in ("swiglu", "geglu")
+
+    @property
+    def shared_hidden(self) -> int:
+        """Total hidden width of the shared experts (they run as one MLP)."""
+        return self.num_shared_experts * (self.shared_expert_hidden or self.expert_hidden)
+
+    def capacity(self, num_tokens: int, training: bool) -> int | None:
+        """Slots per expert: ceil(cf · T · K / E), at most T; None when dropless."""
+        cf = self.capacity_factor
+        if not training and self.eval_capacity_factor != "same":
+            cf = self.eval_capacity_factor
+        if cf is None:
+            return None
+        return min(num_tokens, max(1, math.ceil(cf * num_tokens * self.top_k / self.num_experts)))
+
+    def fine_grained(self, m: int) -> "MoEConfig":
+        """DeepSeekMoE fine-grained segmentation: m× the experts at 1/m the hidden size, m× top-k.
+
+        Keeps total and active parameters (and FLOPs) of the routed experts unchanged.
+        """
+        _check_int("fine_grained(m)", m, 1)
+        if self.expert_hidden % m:
+            raise _bad("expert_hidden", self.expert_hidden, f"must be divisible by the segmentation m={m}")
+        return self.replace(num_experts=self.num_experts * m, top_k=self.top_k * m,
+                            expert_hidden=self.expert_hidden // m)
+
+    def replace(self, **changes: Any) -> "MoEConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "MoEConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"MoEConfig got unknown field(s) {unknown}; known fields: {sorted(known)}")
+        return cls(**data)

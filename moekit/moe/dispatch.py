@@ -1,0 +1,86 @@
+"""Dispatch planning: turn a routing decision into assignments grouped by expert.
+
+Legend: T tokens, E experts, K experts per token, N = number of assignments (T·K for token choice,
+E·C for expert choice), C slots per expert.
+
+The plan lists every (token, expert, weight) assignment sorted by expert, kept ones first: expert
+e's kept assignments are rows ``offsets[e-1]:offsets[e]`` and the dropped ones (capacity overflow)
+follow after ``offsets[-1]``. Experts then run on contiguous slices (a grouped GEMM); nothing of
+shape [T, E, C] is ever built.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class DispatchPlan:
+    token_ids_N: torch.Tensor  # int64, the token of each assignment, sorted by expert (kept first)
+    weights_N: torch.Tensor  # fp32 combine weight of each assignment (carries the router's gradient)
+    counts_E: torch.Tensor  # int64 kept assignments per expert
+    routed_E: torch.Tensor  # int64 assignments per expert before capacity dropping
+    num_tokens: int
+    # token choice only: position of assignment (t, k) in the sorted order, for a gather-based combine
+    order_N: torch.Tensor | None = None
+
+    @property
+    def offsets_E(self) -> torch.Tensor:
+        return self.counts_E.cumsum(0)
+
+    @property
+    def num_assignments(self) -> int:
+        return self.token_ids_N.shape[0]
+
+
+def plan_token_choice(expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor, num_experts: int,
+                      capacity: int | None = None, priority_TK: torch.Tensor | None = None,
+                      drop_policy: str = "position") -> DispatchPlan:
+    """Groups the T·K assignments by expert and drops those beyond ``capacity`` per expert.
+
+    Within an expert, assignments keep token order (a stable sort of the flat index t·K + k), so the
+    ``position`` policy keeps the earliest tokens (Switch, GShard). The ``score`` policy keeps those
+    with the highest ``priority_TK`` (router probability of that choice), as V-MoE's batch-priority
+    routing does per expert.
+    """
+    T, K = expert_ids_TK.shape
+    flat_expert_N = expert_ids_TK.reshape(-1)
+    flat_weight_N = weights_TK.reshape(-1)
+    routed_E = torch.bincount(flat_expert_N, minlength=num_experts)
+
+    if capacity is None:
+        order_N = torch.argsort(flat_expert_N, stable=True)
+        counts_E = routed_E
+    else:
+        if drop_policy == "score":
+            # Two stable sorts: by descending priority, then by expert -> priority order within experts.
+            by_priority_N = torch.argsort(priority_TK.reshape(-1).detach(), descending=True, stable=True)
+            order_N = by_priority_N[torch.argsort(flat_expert_N[by_priority_N], stable=True)]
+        else:
+            order_N = torch.argsort(flat_expert_N, stable=True)
+        sorted_expert_N = flat_expert_N[order_N]
+        starts_E = routed_E.cumsum(0) - routed_E
+        rank_N = torch.arange(T * K, device=expert_ids_TK.device) - starts_E[sorted_expert_N]
+        kept_N = rank_N < capacity
+        counts_E = routed_E.clamp(max=capacity)
+        # Move the dropped assignments behind every kept one; the sort is stable so the kept order
+        # (and the dropped one) is preserved.
+        order_N = order_N[torch.argsort((~kept_N).to(torch.int8), stable=True)]
+
+    return DispatchPlan(
+        token_ids_N=torch.div(order_N, K, rounding_mode="floor"),
+        weights_N=flat_weight_N[order_N],
+        counts_E=counts_E,
+        routed_E=routed_E,
+        num_tokens=T,
+        order_N=order_N,
+    )
+
+
+def plan_expert_choice(token_ids_EC: torch.Tensor, weights_EC: torch.Tensor, num_tokens: int) -> DispatchPlan:
+    """Expert choice is already grouped by expert: exactly C assignments each, none dropped."""
+    E, C = token_ids_EC.shape
+    counts_E = torch.full((E,), C, dtype=torch.long, device=token_ids_EC.device)
+    return DispatchPlan(token_ids_EC.reshape(-1), weights_EC.reshape(-1), counts_E, counts_E.clone(), num_tokens)

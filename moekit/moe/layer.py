@@ -1,0 +1,185 @@
+"""The MoE FFN layer: route, plan, run the experts, combine; plus shared / dense residual experts.
+
+Legend: T tokens, D model width, E experts, K experts per token, B sequences, S tokens per sequence.
+
+Usage::
+
+    cfg = MoEConfig(d_model=512, expert_hidden=1408, num_experts=8, top_k=2, aux_loss_coef=0.01)
+    layer = MoELayer(cfg)
+    res = layer(x)            # x: [..., 512]
+    loss = task_loss + res.aux_loss
+    ...; optimizer.step(); layer.update_bias()   # aux-loss-free bias, when bias_update_rate > 0
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from moekit.config import MoEConfig
+from moekit.moe.dispatch import DispatchPlan, plan_expert_choice, plan_token_choice
+from moekit.moe.experts import Experts
+from moekit.moe.losses import load_balancing_loss, router_z_loss, sequence_balance_loss
+from moekit.moe.routers import ExpertChoiceRouter, RouterOutput, build_router
+from moekit.nn.mlp import MLP
+
+
+@dataclass
+class RoutingStats:
+    """Detached routing statistics of one forward pass (tensors: no host sync until read)."""
+
+    tokens_per_expert: torch.Tensor  # [E] kept assignments per expert
+    routed_per_expert: torch.Tensor  # [E] assignments before capacity dropping
+    dropped_assignments: torch.Tensor  # () assignments dropped by capacity
+    dropped_tokens: torch.Tensor  # () tokens left with no expert at all (the residual carries them)
+    dropped_fraction: torch.Tensor  # () dropped assignments / all assignments (expert choice: tokens)
+    router_entropy: torch.Tensor  # () mean over tokens of the entropy of the router distribution (nats)
+    max_load_ratio: torch.Tensor  # () max / mean of tokens_per_expert (1 = perfect balance)
+
+    def to_dict(self) -> dict[str, float | list[float]]:
+        return {k: (v.tolist() if v.dim() else v.item()) for k, v in self.__dict__.items()}
+
+
+@dataclass
+class MoEOutput:
+    output: torch.Tensor  # same shape as the input
+    aux_loss: torch.Tensor  # () weighted sum of the enabled auxiliary terms (0 when none)
+    stats: RoutingStats
+    aux_terms: dict[str, torch.Tensor] = field(default_factory=dict)  # unweighted enabled terms
+    router_logits: torch.Tensor | None = None  # [T, E] fp32
+
+
+class MoELayer(nn.Module):
+    """A sparse MoE FFN (Shazeer et al. 2017; GShard; Switch; DeepSeekMoE; see :class:`MoEConfig`).
+
+    ``forward(x)`` takes ``x`` of shape [..., d_model] (float; for the sequence-wise loss dim -2 of an
+    input with 3 or more dims is the sequence, and a 1-D or 2-D input is one sequence) and returns a
+    :class:`MoEOutput`. An empty batch returns an empty output, zero aux loss and zero stats.
+    """
+
+    def __init__(self, cfg: MoEConfig):
+        super().__init__()
+        if not isinstance(cfg, MoEConfig):
+            raise TypeError(f"MoELayer expects a MoEConfig, got {type(cfg).__name__}")
+        self.cfg = cfg
+        self.router = build_router(cfg)
+        self.experts = Experts(cfg)
+        self.shared = MLP(cfg.d_model, cfg.shared_hidden, cfg.activation, cfg.mlp_bias) if cfg.shared_hidden else None
+        self.shared_gate = nn.Linear(cfg.d_model, 1, bias=False) if cfg.shared_expert_gate else None
+        self.dense = MLP(cfg.d_model, cfg.dense_hidden, cfg.activation, cfg.mlp_bias) if cfg.dense_hidden else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Every weight N(0, init_std²), biases and the selection bias zero."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=self.cfg.init_std)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        self.router.reset_parameters()
+        self.experts.reset_parameters()
+
+    # ---- routing -----------------------------------------------------------------------------
+    def route(self, x_TD: torch.Tensor) -> tuple[RouterOutput, DispatchPlan]:
+        cfg = self.cfg
+        T = x_TD.shape[0]
+        capacity = cfg.capacity(T, self.training)
+        if isinstance(self.router, ExpertChoiceRouter):
+            r = self.router(x_TD, capacity)
+            return r, plan_expert_choice(r.token_ids_EC, r.weights_EC, T)
+        r = self.router(x_TD)
+        plan = plan_token_choice(r.expert_ids_TK, r.weights_TK, cfg.num_experts, capacity, r.priority_TK,
+                                 cfg.drop_policy)
+        if self.training and cfg.bias_update_rate > 0:
+            self.router.record_load(r.expert_ids_TK)
+        return r, plan
+
+    def forward(self, x: torch.Tensor) -> MoEOutput:
+        cfg = self.cfg
+        if not torch.is_tensor(x) or not x.is_floating_point():
+            raise TypeError(f"MoELayer input must be a floating-point tensor, got "
+                            f"{x.dtype if torch.is_tensor(x) else type(x).__name__}")
+        if x.dim() < 1 or x.shape[-1] != cfg.d_model:
+            raise ValueError(f"MoELayer input has shape {tuple(x.shape)}; its last dimension must be "
+                             f"d_model={cfg.d_model}")
+        x_TD = x.reshape(-1, cfg.d_model)
+        if x_TD.shape[0] == 0:
+            return self._empty(x)
+
+        r, plan = self.route(x_TD)
+        out_TD = self.experts(x_TD, plan)
+        if self.shared is not None:
+            shared_TD = self.shared(x_TD)
+            if self.shared_gate is not None:
+                shared_TD = shared_TD * torch.sigmoid(self.shared_gate(x_TD))
+            out_TD = out_TD + shared_TD
+        if self.dense is not None:
+            out_TD = out_TD + self.dense(x_TD)
+
+        aux_loss, terms = self._aux_losses(x, r, plan)
+        return MoEOutput(out_TD.view(x.shape).to(x.dtype), aux_loss, self._stats(r, plan), terms, r.logits_TE)
+
+    # ---- losses and statistics ---------------------------------------------------------------
+    def _aux_losses(self, x: torch.Tensor, r: RouterOutput, plan: DispatchPlan):
+        cfg = self.cfg
+        terms: dict[str, torch.Tensor] = {}
+        total = r.logits_TE.new_zeros(())
+        if cfg.aux_loss_coef > 0:
+            terms["load_balancing"] = load_balancing_loss(r.probs_TE, plan.routed_E, cfg.top_k, cfg.lb_convention)
+            total = total + cfg.aux_loss_coef * terms["load_balancing"]
+        if cfg.z_loss_coef > 0:
+            terms["z_loss"] = router_z_loss(r.logits_TE)
+            total = total + cfg.z_loss_coef * terms["z_loss"]
+        if cfg.seq_aux_loss_coef > 0:
+            S = x.shape[-2] if x.dim() >= 3 else x.numel() // cfg.d_model
+            E, K = cfg.num_experts, cfg.top_k
+            terms["seq_balance"] = sequence_balance_loss(r.probs_TE.view(-1, S, E), r.expert_ids_TK.view(-1, S, K))
+            total = total + cfg.seq_aux_loss_coef * terms["seq_balance"]
+        return total, terms
+
+    @torch.no_grad()
+    def _stats(self, r: RouterOutput, plan: DispatchPlan) -> RoutingStats:
+        T, N = plan.num_tokens, plan.num_assignments
+        kept_E = plan.counts_E
+        if plan.order_N is not None:
+            K = N // T
+            kept_N = torch.arange(N, device=kept_E.device) < kept_E.sum()
+            kept_TK = torch.empty_like(kept_N)
+            kept_TK[plan.order_N] = kept_N
+            dropped_tokens = (~kept_TK.view(T, K).any(dim=1)).sum()
+            dropped_assign = plan.routed_E.sum() - kept_E.sum()
+            dropped_fraction = dropped_assign.float() / N
+        else:  # expert choice: a token no expert picked is dropped
+            picked_T = torch.zeros(T, dtype=torch.bool, device=kept_E.device)
+            picked_T[plan.token_ids_N] = True
+            dropped_tokens = (~picked_T).sum()
+            dropped_assign = torch.zeros((), dtype=torch.long, device=kept_E.device)
+            dropped_fraction = dropped_tokens.float() / T
+        p_TE = r.probs_TE.float()
+        entropy = -(p_TE * torch.log(p_TE.clamp_min(1e-30))).sum(dim=-1).mean()
+        load_E = kept_E.float()
+        return RoutingStats(kept_E, plan.routed_E, dropped_assign, dropped_tokens, dropped_fraction, entropy,
+                            load_E.max() / load_E.mean().clamp_min(1e-30))
+
+    def _empty(self, x: torch.Tensor) -> MoEOutput:
+        E = self.cfg.num_experts
+        zero_E = torch.zeros(E, dtype=torch.long, device=x.device)
+        zero = torch.zeros((), device=x.device)
+        stats = RoutingStats(zero_E, zero_E.clone(), zero.long(), zero.long(), zero, zero, zero)
+        return MoEOutput(torch.zeros_like(x), zero.clone(), stats, {}, x.new_zeros(0, E, dtype=torch.float32))
+
+    # ---- balancing ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def update_bias(self) -> None:
+        """Applies the aux-loss-free bias update once (call after each optimizer step, never in eval)."""
+        if self.cfg.bias_update_rate > 0:
+            self.router.update_bias()
+
+
+def update_expert_biases(model: nn.Module) -> None:
+    """Calls :meth:`MoELayer.update_bias` on every MoE layer of ``model`` (once per optimizer step)."""
+    for m in model.modules():
+        if isinstance(m, MoELayer):
+            m.update_bias()

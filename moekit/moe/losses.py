@@ -1,0 +1,54 @@
+"""Auxiliary losses of MoE routing, in fp32.
+
+Legend: T tokens, E experts, K experts per token, B sequences, S tokens per sequence.
+Each function returns the unweighted term; the layer multiplies by its coefficient.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _fp32(t: torch.Tensor) -> torch.Tensor:
+    """At least fp32 (fp64 stays fp64 for gradcheck)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
+def load_balancing_loss(probs_TE: torch.Tensor, routed_E: torch.Tensor, top_k: int,
+                        convention: str = "standard") -> torch.Tensor:
+    """L = E · Σ_i f_i · P_i  (Shazeer et al. 2017; Switch, Fedus et al. 2021 eq. 4-6; GShard).
+
+    P_i = mean_t p_{t,i} (differentiable); f_i = c_i / (T·K) with c_i the assignments routed to
+    expert i before any capacity drop (Megatron-Core, MegaBlocks, OLMo-core): perfect balance gives
+    exactly 1, collapse onto one expert gives E.
+    ``convention="hf_compat"``: f_i = c_i / T, the value transformers' Mixtral
+    ``load_balancing_loss_func`` returns for one layer (balance gives K). NOTE: transformers
+    concatenates all layers' tokens before the formula; per layer the two agree.
+    """
+    T, E = probs_TE.shape
+    denom = T if convention == "hf_compat" else T * top_k
+    P_E = _fp32(probs_TE).mean(dim=0)
+    f_E = routed_E.to(P_E.dtype) / denom
+    return E * torch.sum(f_E * P_E)
+
+
+def router_z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
+    """ST-MoE router z-loss (Zoph et al. 2022 eq. 5): mean_t (logsumexp_j z_{t,j})²."""
+    return torch.logsumexp(_fp32(logits_TE), dim=-1).square().mean()
+
+
+def sequence_balance_loss(probs_BSE: torch.Tensor, expert_ids_BSK: torch.Tensor) -> torch.Tensor:
+    """DeepSeek-V3 complementary sequence-wise balance loss (DeepSeek-AI 2024 eq. 17-20), unweighted.
+
+    Per sequence: f_i = E/(K·S) · Σ_t 1[i ∈ TopK(t)], P_i = (1/S) Σ_t s'_{t,i} with s' the
+    normalised scores s/Σ_j s_j; L = Σ_i f_i P_i. Averaged over the B sequences.
+    Balance gives 1, as with :func:`load_balancing_loss`.
+    """
+    B, S, E = probs_BSE.shape
+    K = expert_ids_BSK.shape[-1]
+    P_BE = _fp32(probs_BSE).mean(dim=1)
+    counts_BE = torch.zeros(B, E, device=P_BE.device, dtype=P_BE.dtype)
+    counts_BE.scatter_add_(1, expert_ids_BSK.reshape(B, S * K), torch.ones(B, S * K, device=P_BE.device,
+                                                                              dtype=P_BE.dtype))
+    f_BE = counts_BE * (E / (K * S))
+    return (f_BE * P_BE).sum(dim=-1).mean()

@@ -1,0 +1,200 @@
+"""A slow, obviously-correct MoE forward: one token and one assignment at a time.
+
+Tests and benchmarks compare :class:`moekit.MoELayer` against :func:`reference_forward`. It reads
+the layer's parameters (so gradients can be compared) but shares none of its routing, dispatch,
+expert or loss code: selection is a Python sort per token, capacity a per-expert queue, every expert
+a matrix-vector product per assignment, and each loss is written out from its paper's formula.
+Random draws (Switch jitter, noisy-gating noise) are made with the same calls in the same order as
+the fast path, so a test that seeds both gets the same noise.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from moekit.config import MoEConfig
+
+
+@dataclass
+class ReferenceOutput:
+    output: torch.Tensor
+    aux_loss: torch.Tensor
+    aux_terms: dict[str, torch.Tensor]
+    tokens_per_expert: list[int]
+    routed_per_expert: list[int]
+    dropped_assignments: int
+    dropped_tokens: int
+    assignments: list[tuple[int, int]]  # kept (token, expert) pairs
+
+
+def _act(name: str, h: torch.Tensor) -> torch.Tensor:
+    if name in ("swiglu", "geglu"):
+        gate, up = h[: h.shape[0] // 2], h[h.shape[0] // 2:]
+        if name == "swiglu":
+            return gate * torch.sigmoid(gate) * up
+        return 0.5 * gate * (1 + torch.erf(gate / math.sqrt(2.0))) * up
+    if name == "gelu":
+        return 0.5 * h * (1 + torch.erf(h / math.sqrt(2.0)))
+    return torch.clamp(h, min=0)
+
+
+def _mlp(x_D, w_in_HD, w_out_DF, b_in, b_out, act):
+    h = w_in_HD @ x_D
+    if b_in is not None:
+        h = h + b_in
+    y = w_out_DF @ _act(act, h)
+    return y + b_out if b_out is not None else y
+
+
+def _top(values: list[float], k: int) -> list[int]:
+    """Indices of the k largest values, largest first (ties: lower index first)."""
+    return sorted(range(len(values)), key=lambda i: (-values[i], i))[:k]
+
+
+def _choose(cfg: MoEConfig, sel: list[float]) -> list[int]:
+    E = cfg.num_experts
+    allowed = list(range(E))
+    if cfg.n_group > 1:
+        size = E // cfg.n_group
+        group_scores = []
+        for g in range(cfg.n_group):
+            members = sorted(sel[g * size:(g + 1) * size], reverse=True)
+            group_scores.append(members[0] if cfg.group_score == "max" else members[0] + members[1])
+        groups = _top(group_scores, cfg.topk_group)
+        allowed = [e for e in range(E) if e // size in groups]
+    masked = [sel[e] if e in allowed else -math.inf for e in range(E)]
+    return _top(masked, cfg.top_k)
+
+
+def reference_forward(layer, x: torch.Tensor) -> ReferenceOutput:
+    """The MoE layer's output, aux loss and drop counts, computed the slow way."""
+    cfg: MoEConfig = layer.cfg
+    router, experts = layer.router, layer.experts
+    E, K, D = cfg.num_experts, cfg.top_k, cfg.d_model
+    x_TD = x.reshape(-1, D)
+    T = x_TD.shape[0]
+
+    # Router logits in fp32, with the same random draws as the fast path.
+    rdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xr = x_TD.to(rdt)
+    if cfg.router == "switch" and layer.training and cfg.router_jitter > 0:
+        eps = cfg.router_jitter
+        xr = xr * torch.empty_like(x_TD, dtype=torch.float32).uniform_(1 - eps, 1 + eps)
+    logits = xr @ router.weight_ED.to(rdt).t()
+    sel_logits = logits
+    if cfg.router == "noisy_topk" and layer.training:
+        scale = F.softplus(x_TD.to(rdt) @ router.noise_weight_ED.to(rdt).t())
+        sel_logits = logits + torch.randn_like(logits, dtype=torch.float32) * scale
+
+    # Per-token scores: probabilities (softmax) or sigmoid scores.
+    probs = []  # the distribution the balance losses average (list of [E] tensors)
+    routes = []  # per token: list of (expert, weight tensor, priority float)
+    bias = router.expert_bias.tolist() if hasattr(router, "expert_bias") else [0.0] * E
+    for t in range(T):
+        z = sel_logits[t]
+        ez = torch.exp(z - z.max())
+        if cfg.router == "sigmoid":
+            s = 1 / (1 + torch.exp(-z))
+            probs.append(s / s.sum())
+        else:
+            s = ez / ez.sum()
+            probs.append(s)
+        if cfg.router == "expert_choice":
+            continue
+        if cfg.router == "soft":
+            routes.append([(e, s[e] * cfg.routed_scaling_factor, float(s[e].detach())) for e in range(E)])
+            continue
+        sel_values = z.tolist() if cfg.router == "noisy_topk" else (s.detach() + 0).tolist()
+        chosen = _choose(cfg, [sel_values[e] + bias[e] for e in range(E)])
+        if cfg.router == "noisy_topk":
+            ek = torch.stack([torch.exp(z[e] - z.max()) for e in chosen])
+            w = [ek[i] / ek.sum() for i in range(K)]
+        elif cfg.router == "switch":
+            w = [s[chosen[0]]]
+        elif cfg.softmax_order == "after":
+            ek = torch.stack([torch.exp(z[e] - z.max()) for e in chosen])
+            w = [ek[i] / ek.sum() for i in range(K)]
+        else:
+            w = [s[e] for e in chosen]
+            if cfg.normalize_weights:
+                total = sum(w) + 1e-20
+                w = [wi / total for wi in w]
+        routes.append([(e, w[i] * cfg.routed_scaling_factor, float(s[e].detach())) for i, e in enumerate(chosen)])
+
+    # Capacity: per-expert queues in token order (or router-score order); overflow is dropped.
+    if cfg.router == "expert_choice":
+        C = cfg.capacity(T, layer.training)
+        kept = []
+        for e in range(E):
+            col = [float(probs[t][e]) for t in range(T)]
+            for t in _top(col, C):
+                kept.append((t, e, probs[t][e] * cfg.routed_scaling_factor))
+        routed = [C] * E
+    else:
+        capacity = cfg.capacity(T, layer.training)
+        queues: list[list] = [[] for _ in range(E)]
+        for t in range(T):
+            for e, w, prio in routes[t]:
+                queues[e].append((t, e, w, prio))
+        routed = [len(q) for q in queues]
+        kept = []
+        for q in queues:
+            if capacity is not None and cfg.drop_policy == "score":
+                q = sorted(q, key=lambda a: -a[3])
+            kept.extend((t, e, w) for t, e, w, _ in (q if capacity is None else q[:capacity]))
+
+    # Experts, one assignment at a time.
+    out = [torch.zeros(D, dtype=x.dtype) for _ in range(T)]
+    b_in = experts.b_in
+    b_out = experts.b_out
+    for t, e, w in kept:
+        y = _mlp(x_TD[t], experts.w_in[e], experts.w_out[e], None if b_in is None else b_in[e],
+                 None if b_out is None else b_out[e], cfg.activation)
+        out[t] = out[t] + w.to(x.dtype) * y
+    for t in range(T):
+        if layer.shared is not None:
+            sh = layer.shared
+            y = _mlp(x_TD[t], sh.in_proj.weight, sh.down_proj.weight, sh.in_proj.bias, sh.down_proj.bias,
+                     cfg.activation)
+            if layer.shared_gate is not None:
+                y = y * torch.sigmoid(layer.shared_gate.weight[0] @ x_TD[t])
+            out[t] = out[t] + y
+        if layer.dense is not None:
+            dn = layer.dense
+            out[t] = out[t] + _mlp(x_TD[t], dn.in_proj.weight, dn.down_proj.weight, dn.in_proj.bias,
+                                   dn.down_proj.bias, cfg.activation)
+    output = torch.stack(out).reshape(x.shape)
+
+    # Auxiliary losses, from their formulas.
+    terms: dict[str, torch.Tensor] = {}
+    if cfg.aux_loss_coef > 0:
+        denom = T if cfg.lb_convention == "hf_compat" else T * K
+        P = [sum(probs[t][e] for t in range(T)) / T for e in range(E)]
+        terms["load_balancing"] = E * sum((routed[e] / denom) * P[e] for e in range(E))
+    if cfg.z_loss_coef > 0:
+        terms["z_loss"] = sum(torch.log(torch.exp(logits[t]).sum()) ** 2 for t in range(T)) / T
+    if cfg.seq_aux_loss_coef > 0:
+        S = x.shape[-2] if x.dim() >= 3 else T
+        per_seq = []
+        for b in range(T // S):
+            toks = range(b * S, (b + 1) * S)
+            loss_b = 0
+            for e in range(E):
+                hits = sum(1 for t in toks for ee, _, _ in routes[t] if ee == e)
+                f = E / (K * S) * hits
+                P = sum(probs[t][e] for t in toks) / S
+                loss_b = loss_b + f * P
+            per_seq.append(loss_b)
+        terms["seq_balance"] = sum(per_seq) / len(per_seq)
+    coefs = {"load_balancing": cfg.aux_loss_coef, "z_loss": cfg.z_loss_coef, "seq_balance": cfg.seq_aux_loss_coef}
+    aux = sum((coefs[k] * v for k, v in terms.items()), torch.zeros(()))
+
+    kept_counts = [sum(1 for _, e, _ in kept if e == i) for i in range(E)]
+    kept_tokens = {t for t, _, _ in kept}
+    return ReferenceOutput(output, aux, terms, kept_counts, routed, sum(routed) - len(kept)
+                           if cfg.router != "expert_choice" else 0, T - len(kept_tokens),
+                           [(t, e) for t, e, _ in kept])

@@ -1,0 +1,243 @@
+"""Routers: map tokens to experts and weights. All router maths runs in fp32.
+
+Legend: T tokens, D model width, E experts, K experts per token, C slots per expert (expert choice).
+
+Every router owns the gate weight ``weight_ED`` and returns a :class:`RouterOutput`. Token-choice
+routers (softmax top-k, Switch, noisy top-k, sigmoid) fill ``expert_ids_TK``/``weights_TK``; the
+expert-choice router fills ``token_ids_EC``/``weights_EC`` instead. Token-choice routers also own the
+selection bias of DeepSeek-V3's aux-loss-free balancing (``expert_bias``, zeros unless updated) and
+the load counted in training passes since the last update.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moekit.config import MoEConfig
+
+
+@dataclass
+class RouterOutput:
+    logits_TE: torch.Tensor  # fp32 clean router logits (z-loss)
+    probs_TE: torch.Tensor  # fp32 per-token distribution over experts (P_i of the balance losses, entropy)
+    expert_ids_TK: torch.Tensor | None = None  # token choice: chosen experts
+    weights_TK: torch.Tensor | None = None  # token choice: their combine weights (fp32)
+    priority_TK: torch.Tensor | None = None  # token choice: unbiased score of each choice (score drop policy)
+    token_ids_EC: torch.Tensor | None = None  # expert choice: chosen tokens per expert
+    weights_EC: torch.Tensor | None = None  # expert choice: their combine weights (fp32)
+
+
+def group_limited_mask(scores_TE: torch.Tensor, n_group: int, topk_group: int, group_score: str) -> torch.Tensor:
+    """Boolean [T, E] mask of the experts inside each token's ``topk_group`` best groups.
+
+    DeepSeek-V2 scores a group by its best expert (``max``); DeepSeek-V3 by the sum of its two best
+    (bias-corrected) scores (``top2_sum``).
+    """
+    T, E = scores_TE.shape
+    grouped_TGe = scores_TE.view(T, n_group, E // n_group)
+    if group_score == "max":
+        group_scores_TG = grouped_TGe.amax(dim=-1)
+    else:
+        group_scores_TG = grouped_TGe.topk(2, dim=-1).values.sum(dim=-1)
+    kept_TG = group_scores_TG.topk(topk_group, dim=-1).indices
+    mask_TG = torch.zeros_like(group_scores_TG, dtype=torch.bool).scatter_(1, kept_TG, True)
+    return mask_TG.repeat_interleave(E // n_group, dim=1)
+
+
+def router_dtype(x: torch.Tensor) -> torch.dtype:
+    """Router maths run in fp32, or fp64 when the input is fp64 (gradcheck)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+class Router(nn.Module):
+    """Base: the gate projection in fp32 and the balancing state of token-choice routers."""
+
+    def __init__(self, cfg: MoEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.weight_ED = nn.Parameter(torch.empty(cfg.num_experts, cfg.d_model))
+        if cfg.is_token_choice:
+            # Aux-loss-free balancing (DeepSeek-V3 §2.1.2): selection-only bias and the load counted
+            # in training forward passes since the last update.
+            self.register_buffer("expert_bias", torch.zeros(cfg.num_experts))
+            self.register_buffer("load_since_update", torch.zeros(cfg.num_experts))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight_ED, std=self.cfg.init_std)
+
+    def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
+        # NOTE: fp32 (fp64 for fp64 inputs) even under bf16 autocast: softmax/top-k on bf16 logits
+        # flip near-ties.
+        with torch.autocast(device_type=x_TD.device.type, enabled=False):
+            dtype = router_dtype(x_TD)
+            return F.linear(x_TD.to(dtype), self.weight_ED.to(dtype))
+
+    # ---- token-choice selection shared by the routers ----------------------------------------
+    def select(self, scores_TE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k of ``scores + bias`` (restricted to the best groups when group-limited).
+
+        Returns (expert_ids_TK, unbiased scores of the chosen experts): the bias picks, never weighs.
+        """
+        cfg = self.cfg
+        # The bias is zeros unless updated or loaded (DeepSeek-V3's e_score_correction_bias).
+        select_TE = scores_TE + self.expert_bias
+        if cfg.n_group > 1:
+            mask_TE = group_limited_mask(select_TE, cfg.n_group, cfg.topk_group, cfg.group_score)
+            select_TE = select_TE.masked_fill(~mask_TE, float("-inf"))
+        expert_ids_TK = select_TE.topk(cfg.top_k, dim=-1).indices
+        return expert_ids_TK, scores_TE.gather(1, expert_ids_TK)
+
+    def finish_weights(self, weights_TK: torch.Tensor) -> torch.Tensor:
+        if self.cfg.normalize_weights and self.cfg.softmax_order == "before":
+            weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
+        if self.cfg.routed_scaling_factor != 1.0:
+            weights_TK = weights_TK * self.cfg.routed_scaling_factor
+        return weights_TK
+
+    @torch.no_grad()
+    def record_load(self, expert_ids_TK: torch.Tensor) -> None:
+        """Counts a training pass's routed assignments per expert (for the bias update)."""
+        self.load_since_update += torch.bincount(expert_ids_TK.flatten(), minlength=self.cfg.num_experts)
+
+    @torch.no_grad()
+    def update_bias(self, load_E: torch.Tensor | None = None) -> None:
+        """b_i <- b_i + gamma · sign(mean load - load_i) (DeepSeek-V3 §2.1.2), then resets the count.
+
+        ``load_E`` overrides the locally counted load (e.g. the count all-reduced over ranks).
+        """
+        load_E = self.load_since_update if load_E is None else load_E
+        if load_E.sum() > 0:
+            self.expert_bias += self.cfg.bias_update_rate * torch.sign(load_E.mean() - load_E)
+        self.load_since_update.zero_()
+
+
+class SoftmaxTopKRouter(Router):
+    """Softmax scores, top-k (Shazeer et al. 2017 eq. 3-5 without noise; GShard; Mixtral).
+
+    ``softmax_order='before'``: p = softmax(z) over all E, keep the top-k p, optionally renormalise.
+    ``softmax_order='after'``: weights = softmax over the K chosen logits (equal to the above with
+    renormalisation). Group-limited selection with group score ``max`` is DeepSeek-V2's.
+    """
+
+    def forward(self, x_TD: torch.Tensor) -> RouterOutput:
+        logits_TE = self.logits(x_TD)
+        probs_TE = logits_TE.softmax(dim=-1)
+        expert_ids_TK, chosen_TK = self.select(probs_TE)
+        if self.cfg.softmax_order == "after":
+            weights_TK = logits_TE.gather(1, expert_ids_TK).softmax(dim=-1)
+        else:
+            weights_TK = chosen_TK
+        return RouterOutput(logits_TE, probs_TE, expert_ids_TK, self.finish_weights(weights_TK), chosen_TK)
+
+
+class SwitchRouter(Router):
+    """Switch Transformer top-1 (Fedus et al. 2021 §2.1): weight = p_i(x), the router probability.
+
+    In training the router input is multiplied by uniform noise in [1-eps, 1+eps] (Switch's
+    "multiplicative jitter", applied to the router input only).
+    """
+
+    def forward(self, x_TD: torch.Tensor) -> RouterOutput:
+        eps = self.cfg.router_jitter
+        if self.training and eps > 0:
+            x_TD = x_TD.to(router_dtype(x_TD)) * torch.empty_like(x_TD, dtype=torch.float32).uniform_(1 - eps, 1 + eps)
+        logits_TE = self.logits(x_TD)
+        probs_TE = logits_TE.softmax(dim=-1)
+        expert_ids_TK, chosen_TK = self.select(probs_TE)
+        weights_TK = chosen_TK * self.cfg.routed_scaling_factor  # never renormalised: top-1 would give 1
+        return RouterOutput(logits_TE, probs_TE, expert_ids_TK, weights_TK, chosen_TK)
+
+
+class NoisyTopKRouter(Router):
+    """Noisy top-k gating (Shazeer et al. 2017 eq. 3-5).
+
+    H(x) = x·W_g + N(0,1) · softplus(x·W_noise) in training (clean logits in eval);
+    G(x) = softmax(KeepTopK(H(x), k)). The balance losses use softmax(H) over all experts.
+    """
+
+    def __init__(self, cfg: MoEConfig):
+        super().__init__(cfg)
+        self.noise_weight_ED = nn.Parameter(torch.zeros(cfg.num_experts, cfg.d_model))
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        if hasattr(self, "noise_weight_ED"):
+            # Zero noise weights start at softplus(0) = 0.69 noise scale, as in the paper's code.
+            nn.init.zeros_(self.noise_weight_ED)
+
+    def forward(self, x_TD: torch.Tensor) -> RouterOutput:
+        logits_TE = self.logits(x_TD)
+        noisy_TE = logits_TE
+        if self.training:
+            with torch.autocast(device_type=x_TD.device.type, enabled=False):
+                dtype = router_dtype(x_TD)
+                scale_TE = F.softplus(F.linear(x_TD.to(dtype), self.noise_weight_ED.to(dtype)))
+            noisy_TE = logits_TE + torch.randn_like(logits_TE, dtype=torch.float32) * scale_TE
+        probs_TE = noisy_TE.softmax(dim=-1)
+        expert_ids_TK, _ = self.select(noisy_TE)
+        weights_TK = noisy_TE.gather(1, expert_ids_TK).softmax(dim=-1) * self.cfg.routed_scaling_factor
+        return RouterOutput(logits_TE, probs_TE, expert_ids_TK, weights_TK, probs_TE.gather(1, expert_ids_TK))
+
+
+class SigmoidRouter(Router):
+    """DeepSeek-V3 routing (DeepSeek-AI 2024, eq. 12-16 and §2.1.2).
+
+    s = sigmoid(z); experts are chosen by top-k of s + b (b: the aux-loss-free bias, restricted to
+    the best groups, group score = sum of the two best biased scores); the weights are the unbiased s
+    of the chosen experts, normalised to sum to 1 when ``normalize_weights``, times
+    ``routed_scaling_factor``. The balance losses use the normalised scores s / Σ_j s_j.
+    """
+
+    def forward(self, x_TD: torch.Tensor) -> RouterOutput:
+        logits_TE = self.logits(x_TD)
+        scores_TE = logits_TE.sigmoid()
+        probs_TE = scores_TE / scores_TE.sum(dim=-1, keepdim=True)
+        expert_ids_TK, chosen_TK = self.select(scores_TE)
+        return RouterOutput(logits_TE, probs_TE, expert_ids_TK, self.finish_weights(chosen_TK), chosen_TK)
+
+
+class ExpertChoiceRouter(Router):
+    """Expert-choice routing (Zhou et al. 2022 §3.2): S = softmax(x·W_g) over experts; each expert
+    takes its top-C tokens by S (columns of S), weights = the chosen entries of S.
+
+    C = ceil(capacity_factor · T · top_k / E) (``top_k`` = mean experts per token). NOTE: an expert
+    sees the whole batch to choose, so in a causal LM a token's routing depends on later tokens.
+    """
+
+    def forward(self, x_TD: torch.Tensor, capacity: int) -> RouterOutput:
+        logits_TE = self.logits(x_TD)
+        probs_TE = logits_TE.softmax(dim=-1)
+        weights_EC, token_ids_EC = probs_TE.t().topk(capacity, dim=-1)
+        return RouterOutput(logits_TE, probs_TE, token_ids_EC=token_ids_EC,
+                            weights_EC=weights_EC * self.cfg.routed_scaling_factor)
+
+
+class SoftRouter(Router):
+    """Dense soft gating (Jacobs et al. 1991): every expert, weighted by softmax(x·W_g)."""
+
+    def forward(self, x_TD: torch.Tensor) -> RouterOutput:
+        logits_TE = self.logits(x_TD)
+        probs_TE = logits_TE.softmax(dim=-1)
+        T, E = probs_TE.shape
+        expert_ids_TK = torch.arange(E, device=x_TD.device).expand(T, E)
+        weights_TE = probs_TE * self.cfg.routed_scaling_factor
+        return RouterOutput(logits_TE, probs_TE, expert_ids_TK, weights_TE, probs_TE)
+
+
+ROUTER_CLASSES: dict[str, type[Router]] = {
+    "softmax_topk": SoftmaxTopKRouter,
+    "switch": SwitchRouter,
+    "noisy_topk": NoisyTopKRouter,
+    "sigmoid": SigmoidRouter,
+    "expert_choice": ExpertChoiceRouter,
+    "soft": SoftRouter,
+}
+
+
+def build_router(cfg: MoEConfig) -> Router:
+    return ROUTER_CLASSES[cfg.router](cfg)

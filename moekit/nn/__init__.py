@@ -1,0 +1,3 @@
+from moekit.nn.mlp import MLP, activation_fn
+
+__all__ = ["MLP", "activation_fn"]
