@@ -130,7 +130,7 @@ def reference_forward(layer, x: torch.Tensor) -> ReferenceOutput:
         C = cfg.capacity(T, layer.training)
         kept = []
         for e in range(E):
-            col = [float(probs[t][e]) for t in range(T)]
+            col = [float(probs[t][e].detach()) for t in range(T)]
             for t in _top(col, C):
                 kept.append((t, e, probs[t][e] * cfg.routed_scaling_factor))
         routed = [C] * E
@@ -191,7 +191,7 @@ def reference_forward(layer, x: torch.Tensor) -> ReferenceOutput:
             per_seq.append(loss_b)
         terms["seq_balance"] = sum(per_seq) / len(per_seq)
     coefs = {"load_balancing": cfg.aux_loss_coef, "z_loss": cfg.z_loss_coef, "seq_balance": cfg.seq_aux_loss_coef}
-    aux = sum((coefs[k] * v for k, v in terms.items()), torch.zeros(()))
+    aux = sum((coefs[k] * v for k, v in terms.items()), logits.new_zeros(()))
 
     kept_counts = [sum(1 for _, e, _ in kept if e == i) for i in range(E)]
     kept_tokens = {t for t, _, _ in kept}
