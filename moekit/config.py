@@ -244,3 +244,168 @@ class MoEConfig:
         if unknown:
             raise ValueError(f"MoEConfig got unknown field(s) {unknown}; known fields: {sorted(known)}")
         return cls(**data)
+
+
+ATTENTIONS = ("gqa", "mla")
+NORMS = ("rmsnorm", "layernorm")
+QK_NORMS = (None, "head", "full")
+
+
+def _mbad(field: str, value: Any, allowed: str) -> ValueError:
+    return ValueError(f"ModelConfig.{field}={value!r} is invalid: {allowed}")
+
+
+def _mcheck_int(field: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise _mbad(field, value, f"expected an int >= {minimum}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A decoder-only language model whose FFNs are MoE or dense layer by layer.
+
+    Attention: ``gqa`` (multi-head / grouped-query, ``n_kv_heads`` dividing ``n_heads``) or ``mla``
+    (DeepSeek-V2 Multi-head Latent Attention: queries through a ``q_lora_rank`` bottleneck (0 = none),
+    keys and values from a shared ``kv_lora_rank`` latent, ``qk_rope_head_dim`` decoupled rotary dims
+    carried by one shared key head).
+    FFNs: layer i is MoE when ``moe`` is set, i >= ``first_k_dense`` and (i + 1) % ``moe_every`` == 0
+    (GLaM and Switch: every other layer; DeepSeek: the first k layers dense); every other layer is a
+    dense FFN of width ``ffn_hidden``. With ``moe=None`` the model is a plain dense transformer.
+    ``parallel_residual_mlp`` (Arctic): the MoE reads the layer input in parallel with attention and
+    a dense residual MLP of width ``ffn_hidden`` reads the post-attention stream; the two are summed.
+    ``sandwich_norm`` (Grok-1): a norm after attention and after the FFN as well as before.
+    ``embedding_multiplier``, ``logit_multiplier`` and ``attn_logit_softcap`` (Grok-1: √d, 1/√3·…,
+    30) scale the embeddings, the output logits and cap attention logits with c·tanh(x/c).
+    """
+
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int | None = None
+    head_dim: int | None = None
+    max_seq_len: int = 2048
+    attention: str = "gqa"
+    qkv_bias: bool = False
+    qk_norm: str | None = None
+    # MLA
+    q_lora_rank: int = 0
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+    # position and norm
+    rope_theta: float = 10000.0
+    rope_interleave: bool = False
+    norm: str = "rmsnorm"
+    norm_eps: float = 1e-6
+    # FFN
+    ffn_hidden: int = 0
+    activation: str = "swiglu"
+    moe: MoEConfig | None = None
+    moe_every: int = 1
+    first_k_dense: int = 0
+    parallel_residual_mlp: bool = False
+    sandwich_norm: bool = False
+    # embeddings and output
+    tie_embeddings: bool = False
+    embedding_multiplier: float = 1.0
+    logit_multiplier: float = 1.0
+    attn_logit_softcap: float = 0.0
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
+            _mcheck_int(name, getattr(self, name), 1)
+        _check_choice_m("attention", self.attention, ATTENTIONS)
+        _check_choice_m("norm", self.norm, NORMS)
+        _check_choice_m("qk_norm", self.qk_norm, QK_NORMS)
+        _check_choice_m("activation", self.activation, ACTIVATIONS)
+        if self.n_kv_heads is None:
+            object.__setattr__(self, "n_kv_heads", self.n_heads)
+        _mcheck_int("n_kv_heads", self.n_kv_heads, 1)
+        if self.n_heads % self.n_kv_heads:
+            raise _mbad("n_kv_heads", self.n_kv_heads, f"must divide n_heads={self.n_heads}")
+        if self.head_dim is None:
+            if self.attention == "gqa" and self.d_model % self.n_heads:
+                raise _mbad("n_heads", self.n_heads, f"must divide d_model={self.d_model} (or set head_dim)")
+            object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
+        _mcheck_int("head_dim", self.head_dim, 1)
+        if self.attention == "gqa" and self.head_dim % 2:
+            raise _mbad("head_dim", self.head_dim, "rotary embeddings need an even head_dim")
+        if self.attention == "mla":
+            if self.q_lora_rank < 0 or isinstance(self.q_lora_rank, bool):
+                raise _mbad("q_lora_rank", self.q_lora_rank, "expected an int >= 0 (0 = no query compression)")
+            for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+                _mcheck_int(name, getattr(self, name), 1)
+            if self.qk_rope_head_dim % 2:
+                raise _mbad("qk_rope_head_dim", self.qk_rope_head_dim, "rotary dims must be even")
+            if self.qk_norm is not None:
+                raise _mbad("qk_norm", self.qk_norm, "q/k norms are not defined for attention='mla'")
+        if not (isinstance(self.rope_theta, (int, float)) and self.rope_theta > 0):
+            raise _mbad("rope_theta", self.rope_theta, "expected a number > 0")
+        if not (isinstance(self.norm_eps, (int, float)) and self.norm_eps > 0):
+            raise _mbad("norm_eps", self.norm_eps, "expected a number > 0")
+        _mcheck_int("moe_every", self.moe_every, 1)
+        _mcheck_int("first_k_dense", self.first_k_dense, 0)
+        if self.first_k_dense > self.n_layers:
+            raise _mbad("first_k_dense", self.first_k_dense, f"expected <= n_layers={self.n_layers}")
+        if self.moe is not None:
+            if not isinstance(self.moe, MoEConfig):
+                raise _mbad("moe", type(self.moe).__name__, "expected a MoEConfig or None")
+            if self.moe.d_model != self.d_model:
+                raise _mbad("moe", f"MoEConfig(d_model={self.moe.d_model})", f"its d_model must equal {self.d_model}")
+            if not any(self.is_moe_layer(i) for i in range(self.n_layers)):
+                raise _mbad("first_k_dense", self.first_k_dense, "no layer is left for the MoE")
+        needs_dense = self.moe is None or self.parallel_residual_mlp or any(
+            not self.is_moe_layer(i) for i in range(self.n_layers))
+        if needs_dense:
+            _mcheck_int("ffn_hidden", self.ffn_hidden, 1)
+        if self.parallel_residual_mlp and self.moe is None:
+            raise _mbad("parallel_residual_mlp", True, "needs a moe config")
+        for name in ("embedding_multiplier", "logit_multiplier", "init_std"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                raise _mbad(name, v, "expected a finite number > 0")
+        if not (isinstance(self.attn_logit_softcap, (int, float)) and self.attn_logit_softcap >= 0):
+            raise _mbad("attn_logit_softcap", self.attn_logit_softcap, "expected a number >= 0 (0 = off)")
+
+    # ---- derived -----------------------------------------------------------------------------
+    def is_moe_layer(self, i: int) -> bool:
+        return self.moe is not None and i >= self.first_k_dense and (i + 1) % self.moe_every == 0
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim if self.attention == "mla" else self.head_dim
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["moe"] = self.moe.to_dict() if self.moe is not None else None
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"ModelConfig got unknown field(s) {unknown}; known fields: {sorted(known)}")
+        data = dict(data)
+        if isinstance(data.get("moe"), dict):
+            data["moe"] = MoEConfig.from_dict(data["moe"])
+        return cls(**data)
+
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> "ModelConfig":
+        """A named preset (``moekit.presets.PRESETS``), optionally with fields overridden."""
+        from moekit.presets import get_preset
+
+        cfg = get_preset(name)
+        return cfg.replace(**overrides) if overrides else cfg
+
+
+def _check_choice_m(field: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise _mbad(field, value, f"allowed values are {', '.join(repr(a) for a in allowed)}")

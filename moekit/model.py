@@ -1,0 +1,217 @@
+"""The decoder-only language model: dense or MoE FFN layer by layer.
+
+Legend: B batch, S sequence, D model width, V vocabulary.
+
+Usage::
+
+    model = MoETransformer(ModelConfig.from_name("tiny"))
+    out = model(input_ids_BS, targets=targets_BS)     # out.loss includes the aux losses
+    out.loss.backward()
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moekit.config import MoEConfig, ModelConfig
+from moekit.moe.layer import MoELayer, RoutingStats
+from moekit.nn.attention import build_attention
+from moekit.nn.mlp import MLP
+from moekit.nn.norm import build_norm
+from moekit.nn.rope import rope_cos_sin, rope_frequencies
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # [B, S, V]
+    aux_loss: torch.Tensor  # () sum of every MoE layer's weighted aux losses
+    loss: torch.Tensor | None = None  # () cross-entropy + aux_loss, when targets are given
+    ce_loss: torch.Tensor | None = None  # () cross-entropy alone
+    routing: dict[int, RoutingStats] = field(default_factory=dict)  # layer index -> stats
+    aux_terms: dict[str, torch.Tensor] = field(default_factory=dict)  # unweighted, summed over layers
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block; the FFN is an :class:`MoELayer` or a dense :class:`MLP`."""
+
+    def __init__(self, cfg: ModelConfig, index: int):
+        super().__init__()
+        self.cfg = cfg
+        self.index = index
+        self.is_moe = cfg.is_moe_layer(index)
+        self.attn_norm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
+        self.attn = build_attention(cfg)
+        self.ffn_norm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
+        if self.is_moe:
+            self.ffn = MoELayer(cfg.moe)
+        else:
+            self.ffn = MLP(cfg.d_model, cfg.ffn_hidden, cfg.activation)
+        if cfg.sandwich_norm:
+            self.post_attn_norm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
+            self.post_ffn_norm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
+        if cfg.parallel_residual_mlp and self.is_moe:
+            self.residual_norm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
+            self.residual_mlp = MLP(cfg.d_model, cfg.ffn_hidden, cfg.activation)
+
+    def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        cfg = self.cfg
+        h = self.attn(self.attn_norm(x_BSD), cos, sin)
+        if cfg.sandwich_norm:
+            h = self.post_attn_norm(h)
+        if cfg.parallel_residual_mlp and self.is_moe:
+            # Arctic: the MoE reads the block input, the residual MLP the post-attention stream.
+            attended = x_BSD + h
+            res = self.ffn(self.ffn_norm(x_BSD))
+            return attended + self.residual_mlp(self.residual_norm(attended)) + res.output, res
+        x_BSD = x_BSD + h
+        ffn_in = self.ffn_norm(x_BSD)
+        res = self.ffn(ffn_in) if self.is_moe else None
+        y = res.output if res is not None else self.ffn(ffn_in)
+        if cfg.sandwich_norm:
+            y = self.post_ffn_norm(y)
+        return x_BSD + y, res
+
+
+class MoETransformer(nn.Module):
+    """Token embedding, ``n_layers`` :class:`Block` s, final norm and LM head (optionally tied)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if not isinstance(cfg, ModelConfig):
+            raise TypeError(f"MoETransformer expects a ModelConfig, got {type(cfg).__name__}")
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """All initialisation, in one place.
+
+        * Embeddings and every linear weight: N(0, init_std²) (GPT-2 / Mixtral / DeepSeek use 0.02);
+        * the output projections of attention and of every FFN (``o_proj``, ``down_proj``, the
+          experts' ``w_out``): N(0, (init_std / sqrt(2 · n_layers))²), GPT-2's residual scaling, so
+          the residual stream's variance does not grow with depth;
+        * biases zero, norm weights one, the routers' selection bias zero.
+        """
+        cfg = self.cfg
+        std, out_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.n_layers)
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                is_out = name.endswith(("o_proj", "down_proj"))
+                nn.init.normal_(module.weight, std=out_std if is_out else std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif hasattr(module, "weight") and module.__class__.__name__ in ("RMSNorm", "LayerNorm"):
+                nn.init.ones_(module.weight)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, MoELayer):
+                module.router.reset_parameters()
+                if hasattr(module.router, "expert_bias"):
+                    module.router.expert_bias.zero_()
+                    module.router.load_since_update.zero_()
+                nn.init.normal_(module.experts.w_in, std=std)
+                nn.init.normal_(module.experts.w_out, std=out_std)
+                for b in (module.experts.b_in, module.experts.b_out):
+                    if b is not None:
+                        nn.init.zeros_(b)
+
+    def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin tables for the given positions, in fp32 (fp64 for an fp64 model)."""
+        cfg = self.cfg
+        rot = cfg.qk_rope_head_dim if cfg.attention == "mla" else cfg.head_dim
+        table_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        return rope_cos_sin(positions, rope_frequencies(rot, cfg.rope_theta, positions.device, table_dtype))
+
+    @property
+    def moe_layers(self) -> list[MoELayer]:
+        return [blk.ffn for blk in self.layers if blk.is_moe]
+
+    def output_weight(self) -> torch.Tensor:
+        return self.embed.weight if self.lm_head is None else self.lm_head.weight
+
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
+                ignore_index: int = -100) -> ModelOutput:
+        cfg = self.cfg
+        if input_ids.dim() == 1:
+            input_ids = input_ids[None]
+        if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"input_ids must be an integer tensor of shape [batch, seq], got "
+                             f"{input_ids.dtype} {tuple(input_ids.shape)}")
+        B, S = input_ids.shape
+        if S > cfg.max_seq_len:
+            raise ValueError(f"sequence length {S} exceeds ModelConfig.max_seq_len={cfg.max_seq_len}")
+        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= cfg.vocab_size):
+            raise ValueError(f"token ids must lie in [0, vocab_size={cfg.vocab_size}); got values in "
+                             f"[{int(input_ids.min())}, {int(input_ids.max())}]")
+
+        x = self.embed(input_ids)
+        if cfg.embedding_multiplier != 1.0:
+            x = x * cfg.embedding_multiplier
+        cos, sin = self.rope(torch.arange(S, device=input_ids.device), x.dtype)
+        aux = x.new_zeros((), dtype=torch.float32)
+        routing: dict[int, RoutingStats] = {}
+        terms: dict[str, torch.Tensor] = {}
+        for blk in self.layers:
+            x, res = blk(x, cos, sin)
+            if res is not None:
+                aux = aux + res.aux_loss
+                routing[blk.index] = res.stats
+                for k, v in res.aux_terms.items():
+                    terms[k] = terms.get(k, 0) + v
+        logits = F.linear(self.norm(x), self.output_weight())
+        if cfg.logit_multiplier != 1.0:
+            logits = logits * cfg.logit_multiplier
+        out = ModelOutput(logits, aux, routing=routing, aux_terms=terms)
+        if targets is not None:
+            out.ce_loss = F.cross_entropy(logits.float().view(B * S, -1), targets.reshape(B * S),
+                                          ignore_index=ignore_index)
+            out.loss = out.ce_loss + aux
+        return out
+
+
+@dataclass
+class ParamCount:
+    total: int
+    active: int  # parameters a token uses: all but the routed experts it is not sent to
+    embedding: int  # input embedding (+ untied output head)
+    experts: int  # routed-expert parameters
+
+    def to_dict(self) -> dict[str, int]:
+        return dict(total=self.total, active=self.active, embedding=self.embedding, experts=self.experts)
+
+
+def _expert_params(moe: MoEConfig) -> int:
+    """Parameters of one routed expert."""
+    h_in = (2 if moe.gated else 1) * moe.expert_hidden
+    n = moe.d_model * h_in + moe.expert_hidden * moe.d_model
+    if moe.mlp_bias:
+        n += h_in + moe.d_model
+    return n
+
+
+def count_parameters(cfg: ModelConfig) -> ParamCount:
+    """Total and active parameters, built on the meta device (no memory, even for 671B).
+
+    Active = total - (E - K) · (one routed expert) per MoE layer: a token runs K routed experts and
+    everything else (attention, shared and dense FFNs, routers, norms, embeddings and head).
+    """
+    with torch.device("meta"):
+        model = MoETransformer(cfg)
+    total = sum(p.numel() for p in model.parameters())
+    embedding = model.embed.weight.numel() + (model.lm_head.weight.numel() if model.lm_head is not None else 0)
+    n_moe = len(model.moe_layers)
+    experts, inactive = 0, 0
+    if n_moe:
+        per = _expert_params(cfg.moe)
+        experts = n_moe * cfg.moe.num_experts * per
+        inactive = n_moe * (cfg.moe.num_experts - cfg.moe.top_k) * per
+    return ParamCount(total, total - inactive, embedding, experts)

@@ -1,0 +1,100 @@
+"""The two expert paths (slice loop and grouped_mm) against each other and the reference."""
+
+import pytest
+import torch
+
+from moekit import MoEConfig, MoELayer, reference_forward
+from moekit.moe.dispatch import plan_token_choice
+from moekit.moe.experts import Experts
+
+from conftest import grads_of, make_layer
+
+
+def _fast(layer, x):
+    res = layer(x)
+    return res.output, res.aux_loss
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(),
+    dict(capacity_factor=0.5),
+    dict(capacity_factor=0.5, mlp_bias=True, activation="geglu"),
+    dict(router="expert_choice", capacity_factor=1.0),
+    dict(router="soft", top_k=4, activation="relu"),
+    dict(router="sigmoid", num_experts=8, n_group=4, topk_group=2, mlp_bias=True),
+], ids=["dropless", "capacity", "capacity_bias_geglu", "expert_choice", "soft_relu", "sigmoid_grouped_bias"])
+def test_grouped_mm_matches_loop_and_reference(overrides):
+    loop = make_layer(dtype=torch.float32, std=0.2, expert_impl="loop", **overrides)
+    grouped = MoELayer(loop.cfg.replace(expert_impl="grouped_mm"))
+    grouped.load_state_dict(loop.state_dict())
+    x = torch.randn(3, 10, 16)
+    out_l, _, g_l = grads_of(loop, x, _fast)
+    out_g, _, g_g = grads_of(grouped, x, _fast)
+    ref = reference_forward(loop, x).output.detach()
+    torch.testing.assert_close(out_l, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out_g, ref, atol=1e-5, rtol=1e-5)
+    for k in g_l:
+        torch.testing.assert_close(g_g[k], g_l[k], atol=1e-5, rtol=1e-4, msg=lambda m: f"{k}: {m}")
+
+
+def test_grouped_mm_needs_aligned_widths():
+    layer = make_layer(dtype=torch.float32, d_model=12, expert_impl="grouped_mm")
+    with pytest.raises(ValueError, match="divisible by 8"):
+        layer(torch.randn(4, 12))
+
+
+def test_auto_uses_loop_on_cpu():
+    layer = make_layer(dtype=torch.float32)
+    assert layer.experts.impl_for(torch.randn(2, 16)) == "loop"
+    assert layer.experts.impl_for(torch.randn(2, 16, dtype=torch.bfloat16)) == "loop"
+
+
+def test_idle_experts_get_exact_zero_gradients():
+    cfg = MoEConfig(d_model=8, expert_hidden=8, num_experts=6, top_k=1)
+    experts = Experts(cfg).double()
+    x = torch.randn(5, 8, dtype=torch.float64, requires_grad=True)
+    ids = torch.tensor([[0], [0], [3], [3], [0]])
+    plan = plan_token_choice(ids, torch.ones(5, 1, dtype=torch.float64), 6)
+    experts(x, plan).sum().backward()
+    for e in (1, 2, 4, 5):
+        assert experts.w_in.grad[e].abs().sum() == 0 and experts.w_out.grad[e].abs().sum() == 0
+    for e in (0, 3):
+        assert experts.w_in.grad[e].abs().sum() > 0
+
+
+def test_combine_is_deterministic():
+    layer = make_layer(dtype=torch.float32, num_experts=8, top_k=3)
+    x = torch.randn(200, 16)
+    a, b = layer(x).output, layer(x).output
+    assert torch.equal(a, b)
+
+
+def test_weight_gradient_reaches_router_through_experts():
+    layer = make_layer(dtype=torch.float64)
+    x = torch.randn(20, 16, dtype=torch.float64)
+    layer(x).output.pow(2).sum().backward()
+    assert layer.router.weight_ED.grad.abs().sum() > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("capacity_factor", [None, 0.75])
+def test_cuda_bf16_grouped_mm_matches_fp32_loop(capacity_factor):
+    """The CUDA training path: fp32 parameters, bf16 autocast -> grouped_mm experts, fp32 router."""
+    cfg = MoEConfig(d_model=256, expert_hidden=128, num_experts=8, top_k=2, capacity_factor=capacity_factor)
+    ref = MoELayer(cfg)
+    fast = MoELayer(cfg).cuda()
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(512, 256).bfloat16().float()  # representable in bf16: same routing on both sides
+    assert fast.experts.impl_for(x.cuda().bfloat16()) == "grouped_mm"
+    xr = x.clone().requires_grad_(True)
+    xf = x.cuda().requires_grad_(True)
+    out_r = ref(xr).output
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        res_f = fast(xf)
+    assert res_f.router_logits.dtype == torch.float32
+    torch.testing.assert_close(res_f.output.float().cpu(), out_r, atol=5e-2, rtol=5e-2)
+    out_r.sum().backward()
+    res_f.output.float().sum().backward()
+    torch.testing.assert_close(xf.grad.float().cpu(), xr.grad, atol=5e-2, rtol=5e-2)
+    torch.testing.assert_close(fast.experts.w_in.grad.cpu(), ref.experts.w_in.grad, atol=5e-2, rtol=5e-2)
