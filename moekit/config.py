@@ -273,6 +273,7 @@ class ModelConfig:
     dense FFN of width ``ffn_hidden``. With ``moe=None`` the model is a plain dense transformer.
     ``parallel_residual_mlp`` (Arctic): the MoE reads the layer input in parallel with attention and
     a dense residual MLP of width ``ffn_hidden`` reads the post-attention stream; the two are summed.
+    ``clip_qkv`` (DBRX): q, k and v projections clamped to [-c, c].
     ``sandwich_norm`` (Grok-1): a norm after attention and after the FFN as well as before.
     ``embedding_multiplier``, ``logit_multiplier`` and ``attn_logit_softcap`` (Grok-1: √d, 1/√3·…,
     30) scale the embeddings, the output logits and cap attention logits with c·tanh(x/c).
@@ -288,6 +289,7 @@ class ModelConfig:
     attention: str = "gqa"
     qkv_bias: bool = False
     qk_norm: str | None = None
+    clip_qkv: float = 0.0
     # MLA
     q_lora_rank: int = 0
     kv_lora_rank: int = 0
@@ -367,6 +369,10 @@ class ModelConfig:
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
                 raise _mbad(name, v, "expected a finite number > 0")
+        if not (isinstance(self.clip_qkv, (int, float)) and self.clip_qkv >= 0):
+            raise _mbad("clip_qkv", self.clip_qkv, "expected a number >= 0 (0 = off)")
+        if self.clip_qkv and self.attention == "mla":
+            raise _mbad("clip_qkv", self.clip_qkv, "clipping q/k/v is defined for attention='gqa' only")
         if not (isinstance(self.attn_logit_softcap, (int, float)) and self.attn_logit_softcap >= 0):
             raise _mbad("attn_logit_softcap", self.attn_logit_softcap, "expected a number >= 0 (0 = off)")
 

@@ -91,7 +91,7 @@ def _presets() -> dict[str, Preset]:
 
     p["dbrx"] = Preset(ModelConfig(
         vocab_size=100352, d_model=6144, n_layers=40, n_heads=48, n_kv_heads=8, max_seq_len=32768,
-        rope_theta=5e5, norm="layernorm", norm_eps=1e-5,
+        rope_theta=5e5, norm="layernorm", norm_eps=1e-5, clip_qkv=8.0,
         moe=_moe(6144, 10752, 16, 4, aux_loss_coef=0.05)),
         "Databricks, dbrx-base config.json (softmax then L1 renormalisation; clip_qkv 8)", "132B", "36B")
 

@@ -16,6 +16,7 @@ CASES = {
     "qkv_bias": dict(qkv_bias=True, n_kv_heads=2),
     "qk_norm_head": dict(qk_norm="head", n_kv_heads=2, head_dim=8),
     "qk_norm_full": dict(qk_norm="full"),
+    "clip_qkv": dict(clip_qkv=0.3, n_kv_heads=2),
     "softcap_interleave": dict(attn_logit_softcap=2.0, rope_interleave=True, n_kv_heads=2),
     "mla": dict(attention="mla", q_lora_rank=12, kv_lora_rank=10, qk_nope_head_dim=6, qk_rope_head_dim=4,
                 v_head_dim=5),

@@ -70,6 +70,8 @@ class GroupedQueryAttention(nn.Module):
         B, S, _ = x_BSD.shape
         H, G, Dh = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         q, k, v = self.q_proj(x_BSD), self.k_proj(x_BSD), self.v_proj(x_BSD)
+        if cfg.clip_qkv:
+            q, k, v = (t.clamp(-cfg.clip_qkv, cfg.clip_qkv) for t in (q, k, v))
         if cfg.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         q = q.view(B, S, H, Dh).transpose(1, 2)

@@ -61,6 +61,9 @@ def reference_gqa(attn, x_BSD: torch.Tensor) -> torch.Tensor:
         q_all = [attn.q_proj(x_BSD[b, s]) for s in range(S)]
         k_all = [attn.k_proj(x_BSD[b, s]) for s in range(S)]
         v_all = [attn.v_proj(x_BSD[b, s]) for s in range(S)]
+        if cfg.clip_qkv:
+            c = cfg.clip_qkv
+            q_all, k_all, v_all = ([torch.clamp(t, -c, c) for t in ts] for ts in (q_all, k_all, v_all))
         if cfg.qk_norm == "full":
             q_all = [_norm(attn.q_norm, q) for q in q_all]
             k_all = [_norm(attn.k_norm, k) for k in k_all]
