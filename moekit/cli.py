@@ -2,6 +2,8 @@
 
     moekit demo [--quick]             the main job (for now: the MoE layer against a dense FFN)
     moekit bench layer [options]      the layer benchmark, JSON on stdout
+    moekit train [options]            train a model (moekit train --help)
+    moekit eval --model DIR           validation loss of a checkpoint
     moekit params PRESET [--json]     total and active parameters of a preset (meta device)
     moekit presets                    the known presets with their parameter counts
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 
 def _fmt(n: int) -> str:
@@ -59,6 +62,48 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return bench.main(["--quick"] if args.quick else []) or 0
 
 
+def _train_config(args: argparse.Namespace):
+    from moekit.train import TrainConfig
+
+    if args.resume:
+        saved = Path(args.out) / "train_config.json"
+        if not saved.is_file():
+            raise FileNotFoundError(f"--resume: {saved} not found; is {args.out} a moekit run directory?")
+        data = json.loads(saved.read_text())
+        if args.steps is not None:
+            data["steps"] = args.steps
+        return TrainConfig(**{**data, "out": args.out})
+    fields = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__ and v is not None}
+    return TrainConfig(**fields)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from moekit.train import train
+
+    result = train(_train_config(args), resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+    summary = {"run_dir": str(result.run_dir), "step": result.step, "loss": result.final_loss,
+               "val_loss": result.val_loss, "interrupted": result.interrupted}
+    print(json.dumps(summary))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from moekit.checkpoint import load_model
+    from moekit.train import evaluate
+    from moekit.train.data import load_tokens, open_corpus
+
+    model, tokenizer, config = load_model(Path(args.model))
+    train_cfg = config.get("train") or {}
+    data = args.data if args.data is not None else train_cfg.get("data")
+    seq_len = args.seq_len or train_cfg.get("seq_len", 256)
+    if seq_len > model.cfg.max_seq_len:
+        raise ValueError(f"--seq-len={seq_len} exceeds the model's max_seq_len={model.cfg.max_seq_len}")
+    tokens = load_tokens(open_corpus(data, train_cfg.get("val_fraction", 0.02)), tokenizer)
+    result = evaluate(model, tokens.val, args.batch_size, seq_len, args.max_tokens)
+    print(json.dumps(result))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from moekit import __version__
 
@@ -81,6 +126,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_params)
 
+    p = sub.add_parser("train", help="train a model (default: the small preset on the embedded corpus)")
+    p.add_argument("--preset", help="model preset (moekit presets lists them); default small")
+    p.add_argument("--miniature", action="store_true", default=None,
+                   help="a CPU-sized sibling of the preset, same architecture")
+    p.add_argument("--data", help="text file, directory of text files, or JSONL with a 'text' field")
+    p.add_argument("--out", default="runs/train", help="run directory (never overwritten without --overwrite)")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--batch-size", dest="batch_size", type=int, help="sequences per micro-batch")
+    p.add_argument("--seq-len", dest="seq_len", type=int)
+    p.add_argument("--grad-accum", dest="grad_accum", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--warmup", type=int)
+    p.add_argument("--weight-decay", dest="weight_decay", type=float)
+    p.add_argument("--grad-clip", dest="grad_clip", type=float)
+    p.add_argument("--dtype", choices=["fp32", "bf16"])
+    p.add_argument("--compile", action="store_true", default=None)
+    p.add_argument("--tokenizer", help="'byte' (default), 'bpe', or a path to a tokenizer.json")
+    p.add_argument("--vocab-size", dest="vocab_size", type=int, help="BPE vocabulary size")
+    p.add_argument("--eval-every", dest="eval_every", type=int)
+    p.add_argument("--eval-tokens", dest="eval_tokens", type=int)
+    p.add_argument("--log-every", dest="log_every", type=int)
+    p.add_argument("--save-every", dest="save_every", type=int)
+    p.add_argument("--keep-last", dest="keep_last", type=int)
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    p.add_argument("--no-progress", dest="no_progress", action="store_true", help="no progress bar")
+    p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("eval", help="validation loss of a checkpoint (JSON: loss, ppl, tokens)")
+    p.add_argument("--model", required=True, help="a checkpoint or run directory")
+    p.add_argument("--data", help="default: the data the model was trained on")
+    p.add_argument("--seq-len", dest="seq_len", type=int)
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=8)
+    p.add_argument("--max-tokens", dest="max_tokens", type=int, default=262144)
+    p.set_defaults(fn=cmd_eval)
+
     p = sub.add_parser("presets", help="list the presets")
     p.set_defaults(fn=cmd_presets)
     return parser
@@ -93,11 +175,14 @@ def main(argv: list[str] | None = None) -> int:
         args.fn, args.quick = cmd_demo, False
     try:
         return args.fn(args)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, FloatingPointError) as err:
         if args.debug:
             raise
         print(f"moekit: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("moekit: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

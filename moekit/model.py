@@ -198,6 +198,17 @@ def _expert_params(moe: MoEConfig) -> int:
     return n
 
 
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward): 6 · (active non-embedding parameters + the
+    output head) + 12 · layers · seq_len · attention width (Chinchilla / PaLM appendix B accounting;
+    the causal mask's halving is ignored, as there)."""
+    c = count_parameters(cfg)
+    head = cfg.vocab_size * cfg.d_model
+    non_embedding = c.active - c.embedding
+    attn_width = cfg.n_heads * (cfg.qk_head_dim if cfg.attention == "mla" else cfg.head_dim)
+    return 6.0 * (non_embedding + head) + 12.0 * cfg.n_layers * seq_len * attn_width
+
+
 def count_parameters(cfg: ModelConfig) -> ParamCount:
     """Total and active parameters, built on the meta device (no memory, even for 671B).
 

@@ -1,0 +1,219 @@
+"""Crash-safe checkpoints: safetensors weights, JSON config, optimizer/RNG state, checksums.
+
+A checkpoint is a directory ``ckpt-XXXXXXXX`` (the step, zero-padded) holding
+
+    model.safetensors   weights and persistent buffers (the routers' selection bias included)
+    config.json         {"model": ModelConfig, "train": TrainConfig or null, "format": 1}
+    trainer.safetensors optimizer state tensors and the torch RNG state (training checkpoints)
+    state.json          step, tokens, elapsed time, optimizer hyper-parameters
+    tokenizer.json / tokenizer_config.json
+    manifest.json       size and sha256 of every file above
+
+It is written into a hidden temporary directory, every file fsync'ed, then renamed into place in
+one atomic step, so a directory named ``ckpt-*`` is always complete; the manifest proves it on
+load. Nothing goes through pickle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from moekit.config import ModelConfig
+
+FORMAT = 1
+PREFIX = "ckpt-"
+
+
+class CheckpointError(ValueError):
+    """A missing, incomplete or corrupt checkpoint; the message names the path."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    return sorted(p for p in run_dir.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    dirs = checkpoint_dirs(run_dir)
+    return dirs[-1] if dirs else None
+
+
+def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, model_cfg: ModelConfig, tokenizer,
+                    train_cfg: dict | None = None, optimizer: torch.optim.Optimizer | None = None,
+                    state: dict | None = None, keep_last: int | None = None) -> Path:
+    """Writes ``run_dir/ckpt-{step}`` atomically and keeps the newest ``keep_last`` checkpoints."""
+    run_dir = Path(run_dir)
+    final = run_dir / f"{PREFIX}{step:08d}"
+    tmp = run_dir / f".tmp-{PREFIX}{step:08d}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+
+    weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(weights, str(tmp / "model.safetensors"), metadata={"format": str(FORMAT)})
+    _write_json(tmp / "config.json", {"format": FORMAT, "model": model_cfg.to_dict(), "train": train_cfg})
+    tokenizer.save(tmp)
+    if optimizer is not None:
+        tensors, opt_meta = _flatten_optimizer(optimizer)
+        tensors["rng.torch"] = torch.get_rng_state()
+        save_file(tensors, str(tmp / "trainer.safetensors"))
+        _write_json(tmp / "state.json", {**(state or {}), "step": step, "optimizer": opt_meta})
+
+    manifest = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
+    _write_json(tmp / "manifest.json", manifest)
+    for p in tmp.iterdir():
+        with open(p, "rb") as fh:
+            os.fsync(fh.fileno())
+    _fsync_dir(tmp)
+    if final.exists():  # re-saving the same step (e.g. a signal right after a periodic save)
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync_dir(run_dir)
+
+    if keep_last:
+        for old in checkpoint_dirs(run_dir)[:-keep_last]:
+            shutil.rmtree(old)
+    return final
+
+
+def clean_partial(run_dir: Path) -> None:
+    """Removes temporary directories a killed save left behind (never a complete checkpoint)."""
+    for p in Path(run_dir).glob(f".tmp-{PREFIX}*"):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def verify(ckpt: Path) -> dict:
+    """Checks every file against the manifest; returns the parsed config.json."""
+    ckpt = Path(ckpt)
+    manifest_path = ckpt / "manifest.json"
+    if not ckpt.is_dir():
+        raise CheckpointError(f"checkpoint directory not found: {ckpt}")
+    if not manifest_path.is_file():
+        raise CheckpointError(f"{ckpt} is not a moekit checkpoint (no manifest.json)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{manifest_path} is corrupt: {err}") from None
+    for name, entry in manifest.items():
+        path = ckpt / name
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing (listed in the manifest)")
+        if path.stat().st_size != entry["size"] or _sha256(path) != entry["sha256"]:
+            raise CheckpointError(f"{path} is corrupt: its size or checksum differs from the manifest")
+    try:
+        config = json.loads((ckpt / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{ckpt / 'config.json'} cannot be read: {err}") from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT or not isinstance(config.get("model"), dict):
+        raise CheckpointError(f"{ckpt / 'config.json'} is not a moekit checkpoint config (format {FORMAT})")
+    return config
+
+
+def resolve(path: Path) -> Path:
+    """A checkpoint directory itself, or the newest checkpoint of a run directory."""
+    path = Path(path)
+    if (path / "manifest.json").is_file():
+        return path
+    latest = latest_checkpoint(path)
+    if latest is None:
+        if not path.exists():
+            raise CheckpointError(f"model path not found: {path}")
+        raise CheckpointError(f"{path} is not a moekit checkpoint or run directory (no ckpt-* inside)")
+    return latest
+
+
+def load_weights(ckpt: Path, model: torch.nn.Module) -> None:
+    path = Path(ckpt) / "model.safetensors"
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{path} cannot be read: {err}") from None
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{path} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
+def load_model(path: Path, dtype: torch.dtype | None = None):
+    """(model, tokenizer, config dict) of a checkpoint or run directory, verified first."""
+    from moekit.model import MoETransformer
+    from moekit.tokenizer import load_tokenizer
+
+    ckpt = resolve(path)
+    config = verify(ckpt)
+    try:
+        model_cfg = ModelConfig.from_dict(config["model"])
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{ckpt / 'config.json'}: invalid model config: {err}") from None
+    model = MoETransformer(model_cfg)
+    load_weights(ckpt, model)
+    if dtype is not None:
+        model = model.to(dtype)
+    return model.eval(), load_tokenizer(ckpt), config
+
+
+def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, st in sd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"opt.{idx}.{k}"] = v.detach().contiguous().cpu()
+            else:
+                scalars.setdefault(str(idx), {})[k] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def load_trainer_state(ckpt: Path, optimizer: torch.optim.Optimizer) -> dict:
+    """Restores the optimizer and the torch RNG; returns state.json."""
+    ckpt = Path(ckpt)
+    state = json.loads((ckpt / "state.json").read_text())
+    path = ckpt / "trainer.safetensors"
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{path} cannot be read: {err}") from None
+    per_param: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith("opt."):
+            _, idx, name = key.split(".", 2)
+            per_param.setdefault(int(idx), {})[name] = value
+    for idx, extra in state["optimizer"]["scalars"].items():
+        per_param.setdefault(int(idx), {}).update(extra)
+    try:
+        optimizer.load_state_dict({"state": per_param, "param_groups": state["optimizer"]["param_groups"]})
+    except (ValueError, KeyError) as err:
+        raise CheckpointError(f"{path}: optimizer state does not fit this model: {err}") from None
+    torch.set_rng_state(tensors["rng.torch"])
+    return state

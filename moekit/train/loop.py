@@ -1,0 +1,323 @@
+"""The training loop: ``moekit train``.
+
+    moekit train --preset small --steps 600 --out runs/small        # byte-level stdlib text
+    moekit train --out runs/small --resume                          # continue after any interruption
+
+AdamW with decoupled weight decay (none on norms, biases, embeddings by default), linear warmup then
+cosine decay to ``min_lr_ratio`` · lr, gradient clipping and accumulation, optional bf16 autocast and
+``torch.compile``; the MoE aux losses are part of the loss; the aux-loss-free bias update runs once
+per optimizer step. A run interrupted at any point (SIGINT, SIGTERM, SIGKILL) and resumed ends
+with exactly the weights and losses of an uninterrupted run on the CPU: batches are a pure function
+of (seed, step), and checkpoints carry the optimizer state and the RNG.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from moekit import checkpoint as ckpt_io
+from moekit.config import ModelConfig
+from moekit.model import MoETransformer, flops_per_token
+from moekit.moe.layer import update_expert_biases
+from moekit.presets import get_preset, miniature
+from moekit.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer, train_bpe
+from moekit.train.data import eval_batches, get_batch, iter_texts, load_tokens, open_corpus
+from moekit.train.metrics import MetricsLog, layer_metrics
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a run needs besides the model; validated at construction."""
+
+    preset: str = "small"
+    miniature: bool = False  # a CPU-sized sibling of the preset (moekit.presets.miniature)
+    data: str | None = None  # None: the embedded default corpus
+    out: str = "runs/train"
+    tokenizer: str = "byte"  # "byte", "bpe", or a path to a tokenizer.json
+    vocab_size: int = 4096  # BPE only
+    val_fraction: float = 0.02
+    steps: int = 600
+    batch_size: int = 16  # sequences per micro-batch
+    seq_len: int = 256
+    grad_accum: int = 1
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup: int = 50
+    weight_decay: float = 0.1
+    decay_embeddings: bool = False
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    dtype: str = "fp32"  # "fp32" or "bf16" (autocast)
+    compile: bool = False
+    eval_every: int = 100
+    eval_tokens: int = 65536
+    log_every: int = 10
+    save_every: int = 200
+    keep_last: int = 2
+    seed: int = 0
+    model_overrides: dict | None = None  # ModelConfig fields replaced on the preset
+
+    def __post_init__(self) -> None:
+        def bad(field, allowed):
+            return ValueError(f"--{field.replace('_', '-')}={getattr(self, field)!r} is invalid: {allowed}")
+
+        for f in ("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "log_every", "save_every",
+                  "keep_last", "eval_tokens"):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise bad(f, "expected an integer >= 1")
+        if not isinstance(self.warmup, int) or self.warmup < 0:
+            raise bad("warmup", "expected an integer >= 0")
+        for f in ("lr", "beta1", "beta2"):
+            if not 0 < getattr(self, f) < (1 if f != "lr" else math.inf):
+                raise bad(f, "expected a number > 0" + (" and < 1" if f != "lr" else ""))
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise bad("min_lr_ratio", "expected 0 <= value <= 1")
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            raise bad("weight_decay" if self.weight_decay < 0 else "grad_clip", "expected a number >= 0")
+        if self.dtype not in ("fp32", "bf16"):
+            raise bad("dtype", "allowed: 'fp32', 'bf16'")
+        get_preset(self.preset)  # unknown preset: a clear error listing the known ones
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.seq_len * self.grad_accum
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Linear warmup over ``warmup`` steps, then cosine from lr to min_lr_ratio · lr at the last step."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def param_groups(model: MoETransformer, cfg: TrainConfig) -> list[dict]:
+    """Weight decay on matrices only: never on norms or biases, on embeddings when configured."""
+    decay, no_decay = [], []
+    embed_ids = {id(model.embed.weight)}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.dim() < 2 or (id(p) in embed_ids and not cfg.decay_embeddings):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def model_config_for(cfg: TrainConfig, vocab_size: int) -> ModelConfig:
+    base = miniature(cfg.preset) if cfg.miniature else get_preset(cfg.preset)
+    mcfg = base.replace(**(cfg.model_overrides or {}))
+    mcfg = mcfg.replace(vocab_size=vocab_size, max_seq_len=max(mcfg.max_seq_len, cfg.seq_len))
+    return mcfg
+
+
+def _build_tokenizer(cfg: TrainConfig, corpus):
+    if cfg.tokenizer == "byte":
+        return ByteTokenizer()
+    if cfg.tokenizer == "bpe":
+        return train_bpe(iter_texts(corpus.train_docs), cfg.vocab_size)
+    return HFTokenizer.from_file(cfg.tokenizer)
+
+
+def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> bool:
+    """True when resuming from a checkpoint. Never deletes a run without ``overwrite``."""
+    if resume and overwrite:
+        raise ValueError("--resume and --overwrite exclude each other")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a directory")
+    has_content = out.is_dir() and any(out.iterdir())
+    if resume:
+        if ckpt_io.latest_checkpoint(out) is None:
+            raise ValueError(f"--resume: no checkpoint in {out} to resume from")
+        ckpt_io.clean_partial(out)
+        return True
+    if has_content:
+        if not overwrite:
+            raise ValueError(f"run directory {out} already exists; pass --resume to continue it or "
+                             f"--overwrite to replace it")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return False
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    final_loss: float | None
+    val_loss: float | None
+    interrupted: bool
+
+
+@torch.no_grad()
+def evaluate(model: MoETransformer, tokens, batch_size: int, seq_len: int, max_tokens: int,
+             autocast_dtype: torch.dtype | None = None) -> dict[str, float]:
+    """Mean cross-entropy over fixed validation windows (eval mode: no noise, eval capacity)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for x, y in eval_batches(tokens, batch_size, seq_len, max_tokens):
+        with torch.autocast("cpu", dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+            out = model(x, targets=y)
+        total += out.ce_loss.item() * y.numel()
+        count += y.numel()
+    model.train(was_training)
+    loss = total / count
+    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": count}
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM ask for a clean stop: the loop saves a checkpoint after the current step."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: no handlers, the caller stops us instead
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progress: bool = True,
+          on_eval: Callable[[dict], None] | None = None) -> TrainResult:
+    """Runs (or resumes) a training run in ``cfg.out``; see the module docstring."""
+    out = Path(cfg.out)
+    resuming = prepare_run_dir(out, resume, overwrite)
+    corpus = open_corpus(cfg.data, cfg.val_fraction)
+    if resuming:
+        latest = ckpt_io.resolve(out)
+        saved = ckpt_io.verify(latest)
+        saved_train = saved.get("train") or {}
+        mine = cfg.to_dict()
+        differ = sorted(k for k in mine if k not in ("out", "steps") and saved_train.get(k, mine[k]) != mine[k])
+        if differ:
+            raise ValueError(f"--resume: option(s) {differ} differ from the run saved in {latest}; "
+                             f"resume with the run's own options (only --steps may change)")
+        tokenizer = load_tokenizer(latest)
+    else:
+        tokenizer = _build_tokenizer(cfg, corpus)
+        tokenizer.save(out)
+    data = load_tokens(corpus, tokenizer)
+
+    mcfg = model_config_for(cfg, tokenizer.vocab_size)
+    torch.manual_seed(cfg.seed)
+    model = MoETransformer(mcfg)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8,
+                                  fused=False, foreach=False)
+    start_step, tokens_seen, elapsed = 0, 0, 0.0
+    metrics = MetricsLog(out / "metrics.jsonl")
+    if resuming:
+        ckpt_io.load_weights(latest, model)
+        state = ckpt_io.load_trainer_state(latest, optimizer)
+        start_step, tokens_seen, elapsed = state["step"], state["tokens"], state["elapsed"]
+        metrics.truncate_after(start_step)
+    else:
+        (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        (out / "model_config.json").write_text(json.dumps(mcfg.to_dict(), indent=2) + "\n")
+    model.train()
+    step_fn = torch.compile(model) if cfg.compile else model
+    autocast_dtype = torch.bfloat16 if cfg.dtype == "bf16" else None
+    fpt = flops_per_token(mcfg, cfg.seq_len)
+
+    def save(step):
+        ckpt_io.save_checkpoint(out, step, model, mcfg, tokenizer, cfg.to_dict(), optimizer,
+                                {"tokens": tokens_seen, "elapsed": elapsed}, cfg.keep_last)
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=start_step, unit="step", dynamic_ncols=True)
+    last_loss = last_val = None
+    interrupted = False
+    done = start_step
+    with _StopFlag() as stop:
+        for step in range(start_step, cfg.steps):
+            t0 = time.perf_counter()
+            lr = lr_at(cfg, step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum, ce_sum, outs = 0.0, 0.0, []
+            for micro in range(cfg.grad_accum):
+                x, y = get_batch(data.train, cfg.batch_size, cfg.seq_len, cfg.seed, step, micro)
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast_dtype is not None):
+                    res = step_fn(x, targets=y)
+                (res.loss / cfg.grad_accum).backward()
+                loss_sum += res.loss.item() / cfg.grad_accum
+                ce_sum += res.ce_loss.item() / cfg.grad_accum
+                outs.append(res)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+            if not torch.isfinite(grad_norm):
+                raise FloatingPointError(f"step {step}: the gradient norm is {grad_norm.item()} (non-finite loss "
+                                         f"{loss_sum}); the last good checkpoint is kept in {out}")
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            update_expert_biases(model)
+            dt = time.perf_counter() - t0
+            elapsed += dt
+            tokens_seen += cfg.tokens_per_step
+            done = step + 1
+            last_loss = ce_sum
+
+            record = None
+            if done % cfg.log_every == 0 or done == cfg.steps:
+                record = {"step": done, "loss": loss_sum, "ce_loss": ce_sum, "lr": lr, "tokens": tokens_seen,
+                          "flops": fpt * tokens_seen, "tokens_per_s": cfg.tokens_per_step / dt, "elapsed_s": elapsed,
+                          "grad_norm": grad_norm.item(), **layer_metrics(outs)}
+            if done % cfg.eval_every == 0 or done == cfg.steps:
+                ev = evaluate(model, data.val, cfg.batch_size, cfg.seq_len, cfg.eval_tokens, autocast_dtype)
+                last_val = ev["loss"]
+                record = record or {"step": done, "loss": loss_sum, "ce_loss": ce_sum, "lr": lr,
+                                    "tokens": tokens_seen, "flops": fpt * tokens_seen, "elapsed_s": elapsed}
+                record["val_loss"] = ev["loss"]
+                if on_eval:
+                    on_eval(record)
+            if record is not None:
+                metrics.append(record)
+            if bar is not None:
+                bar.update(1)
+                postfix = {"loss": f"{ce_sum:.3f}", "tok/s": f"{cfg.tokens_per_step / dt:,.0f}"}
+                if outs and outs[-1].routing:
+                    ratio = sum(s.max_load_ratio.item() for s in outs[-1].routing.values()) / len(outs[-1].routing)
+                    postfix["imbalance"] = f"{ratio:.2f}"
+                if last_val is not None:
+                    postfix["val"] = f"{last_val:.3f}"
+                bar.set_postfix(postfix)
+            if done % cfg.save_every == 0 or done == cfg.steps or stop.signal is not None:
+                save(done)
+            if stop.signal is not None:
+                interrupted = True
+                break
+    if bar is not None:
+        bar.close()
+    metrics.close()
+    return TrainResult(out, done, last_loss, last_val, interrupted)

@@ -1,0 +1,82 @@
+"""Run metrics: ``metrics.jsonl`` (one JSON object per logged step) and TensorBoard when installed."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+def layer_metrics(outs) -> dict:
+    """Aux terms (mean over micro-batches) and, per MoE layer, the tokens-per-expert fractions, the
+    dropped fraction and the max/mean load, summed over the micro-batches of a step."""
+    rec: dict = {}
+    if not outs:
+        return rec
+    for k in outs[0].aux_terms:
+        rec[f"aux_{k}"] = sum(float(o.aux_terms[k].detach()) for o in outs) / len(outs)
+    if outs[0].routing:
+        rec["aux_loss"] = sum(float(o.aux_loss.detach()) for o in outs) / len(outs)
+    for layer in outs[0].routing:
+        kept = sum(o.routing[layer].tokens_per_expert.double() for o in outs)
+        dropped = sum(float(o.routing[layer].dropped_fraction) for o in outs) / len(outs)
+        frac = (kept / kept.sum().clamp_min(1)).tolist()
+        rec[f"moe_{layer}"] = {
+            "tokens_frac": [round(f, 6) for f in frac],
+            "dropped_frac": dropped,
+            "max_load_ratio": max(frac) * len(frac),
+            "router_entropy": sum(float(o.routing[layer].router_entropy) for o in outs) / len(outs),
+        }
+    return rec
+
+
+class MetricsLog:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._fh = None
+        self._tb = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(self.path.parent / "tensorboard"))
+        except Exception:  # tensorboard is optional: not installed means no event files
+            self._tb = None
+
+    def truncate_after(self, step: int) -> None:
+        """Drops records past ``step`` (written by a run killed after its last checkpoint)."""
+        if not self.path.is_file():
+            return
+        keep = []
+        for line in self.path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    keep.append(line)
+            except (json.JSONDecodeError, KeyError, TypeError):
+                break  # a line cut by a kill: it and anything after are dropped
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(k + "\n" for k in keep))
+        os.replace(tmp, self.path)
+
+    def append(self, record: dict) -> None:
+        if self._fh is None:
+            self._fh = open(self.path, "a")
+        self._fh.write(json.dumps(record) + "\n")
+        self._fh.flush()
+        if self._tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self._tb.add_scalar(k, v, record["step"])
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(path: Path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"metrics file not found: {path}")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
