@@ -1,6 +1,6 @@
 """``moekit <verb>``: a thin command line; every verb calls a library function.
 
-    moekit demo [--quick]             the main job (for now: the MoE layer against a dense FFN)
+    moekit demo [--quick]             the main job: MoE vs dense with equal active parameters, measured
     moekit bench layer [options]      the layer benchmark, JSON on stdout
     moekit train [options]            train a model (moekit train --help)
     moekit eval --model DIR           validation loss of a checkpoint
@@ -57,9 +57,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from moekit import bench
+    from moekit.train.demo import run_demo
 
-    return bench.main(["--quick"] if args.quick else []) or 0
+    summary = run_demo(args.out, quick=args.quick, overwrite=args.overwrite, progress=not args.no_progress)
+    print(json.dumps(summary, indent=2))
+    return 0
 
 
 def _train_config(args: argparse.Namespace):
@@ -112,8 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
 
-    p = sub.add_parser("demo", help="the main job: the MoE layer against a dense FFN of equal active FLOPs")
-    p.add_argument("--quick", action="store_true", help="fewer tokens and repeats (a few seconds)")
+    p = sub.add_parser("demo", help="the main job: train an MoE and a dense model with equal active parameters")
+    p.add_argument("--quick", action="store_true", help="a few minutes instead of about fifteen")
+    p.add_argument("--out", help="output directory (default runs/demo-<time>)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--no-progress", dest="no_progress", action="store_true")
     p.set_defaults(fn=cmd_demo)
 
     p = sub.add_parser("bench", help="benchmarks printing JSON")
@@ -172,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.verb is None:  # no verb: the main job on its defaults
-        args.fn, args.quick = cmd_demo, False
+        args = parser.parse_args([*(["--debug"] if args.debug else []), "demo"])
     try:
         return args.fn(args)
     except (ValueError, FileNotFoundError, FloatingPointError) as err:

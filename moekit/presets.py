@@ -64,6 +64,14 @@ def _presets() -> dict[str, Preset]:
     p["small"] = Preset(small, "moekit: a few minutes a run on 2 CPU cores")
     p["small-dense"] = Preset(small.replace(moe=None), "moekit: small's dense twin (same active parameters)")
 
+    # ---- the demo pair (moekit demo): same active parameters, tokens and schedule ---------------
+    demo_dense = ModelConfig(vocab_size=256, d_model=256, n_layers=4, n_heads=4, max_seq_len=1024, ffn_hidden=1024,
+                             tie_embeddings=True)
+    p["demo-dense"] = Preset(demo_dense, "moekit demo: dense baseline, SwiGLU FFN 1024")
+    p["demo-moe"] = Preset(demo_dense.replace(moe=_moe(
+        256, 128, 64, 6, num_shared_experts=2, normalize_weights=False, aux_loss_coef=0.01, z_loss_coef=1e-3)),
+        "moekit demo: DeepSeekMoE-style fine-grained experts (64 x 128, top-6) + 2 shared, active FFN 1024")
+
     # ---- the published systems -----------------------------------------------------------------
     switch = ModelConfig(
         vocab_size=32128, d_model=768, n_layers=12, n_heads=12, max_seq_len=512, ffn_hidden=3072,

@@ -122,8 +122,10 @@ def param_groups(model: MoETransformer, cfg: TrainConfig) -> list[dict]:
 
 def model_config_for(cfg: TrainConfig, vocab_size: int) -> ModelConfig:
     base = miniature(cfg.preset) if cfg.miniature else get_preset(cfg.preset)
-    mcfg = base.replace(**(cfg.model_overrides or {}))
-    mcfg = mcfg.replace(vocab_size=vocab_size, max_seq_len=max(mcfg.max_seq_len, cfg.seq_len))
+    mcfg = base.replace(**(cfg.model_overrides or {}), vocab_size=vocab_size)
+    if cfg.seq_len > mcfg.max_seq_len:
+        raise ValueError(f"--seq-len={cfg.seq_len} exceeds the model's positions: preset {cfg.preset!r} has "
+                         f"max_seq_len={mcfg.max_seq_len}")
     return mcfg
 
 

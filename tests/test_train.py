@@ -1,0 +1,269 @@
+"""Training: data, tokenizers, the loop, checkpoints, exact resume, and bad input at the CLI."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from moekit import checkpoint as ckpt_io
+from moekit.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer, train_bpe
+from moekit.train import TrainConfig, train
+from moekit.train.data import discover, get_batch, load_tokens, open_corpus, split
+
+TEXT = "def add(a, b):\n    return a + b  # the sum\n\nclass Point:\n    x: int = 0\n" * 40
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOEKIT_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def corpus_dir(tmp_path):
+    d = tmp_path / "corpus"
+    d.mkdir()
+    for i in range(12):
+        (d / f"f{i:02d}.py").write_text(TEXT.replace("Point", f"Point{i}") * (1 + i % 3))
+    return d
+
+
+def tiny_cfg(out, data, **kw):
+    base = dict(preset="tiny", data=str(data), out=str(out), steps=24, batch_size=4, seq_len=32, eval_every=8,
+                eval_tokens=512, save_every=6, log_every=4, warmup=4, val_fraction=0.2)
+    return TrainConfig(**{**base, **kw})
+
+
+def _cli(*args, **kw):
+    env = {**os.environ, **kw.pop("env", {})}
+    return subprocess.run([sys.executable, "-m", "moekit", *args], capture_output=True, text=True, env=env, **kw)
+
+
+# ---- data ---------------------------------------------------------------------------------------
+def test_default_corpus_is_found_split_deterministically_and_cached(tmp_path):
+    docs, source = discover(None)
+    assert source.startswith("python-stdlib:") and len(docs) > 500
+    assert [d.name for d in docs] == sorted(d.name for d in docs)
+    train_a, val_a = split(docs, 0.02)
+    train_b, val_b = split(list(reversed(docs)), 0.02)
+    assert {d.name for d in val_a} == {d.name for d in val_b} and val_a
+    assert not {d.name for d in train_a} & {d.name for d in val_a}
+    corpus = open_corpus(None)
+    t0 = time.perf_counter()
+    first = load_tokens(corpus, ByteTokenizer())
+    t1 = time.perf_counter()
+    second = load_tokens(corpus, ByteTokenizer())
+    t2 = time.perf_counter()
+    assert len(first.train) > 10_000_000 and np.array_equal(first.val, second.val)
+    assert isinstance(second.train, np.memmap)
+    assert t2 - t1 < (t1 - t0)  # the second load reads the cache
+    assert len(list((tmp_path / "cache" / "tokens").glob("*.npy"))) == 2
+
+
+def test_jsonl_and_directory_sources(tmp_path):
+    jl = tmp_path / "d.jsonl"
+    jl.write_text("\n".join(json.dumps({"text": f"doc {i} " * 20}) for i in range(10)) + "\n")
+    docs, _ = discover(jl)
+    assert len(docs) == 10 and docs[3].name == "d.jsonl:4"
+    data = load_tokens(open_corpus(jl, 0.3), ByteTokenizer())
+    assert bytes(data.train[:6]).startswith(b"doc")
+
+
+def test_batches_are_a_pure_function_of_seed_and_step():
+    tokens = np.arange(1000, dtype=np.uint8)
+    a = get_batch(tokens, 4, 16, seed=1, step=7)
+    b = get_batch(tokens, 4, 16, seed=1, step=7)
+    c = get_batch(tokens, 4, 16, seed=1, step=8)
+    assert torch.equal(a[0], b[0]) and not torch.equal(a[0], c[0])
+    assert torch.equal(a[0][:, 1:], a[1][:, :-1])  # targets are inputs shifted by one
+
+
+# ---- tokenizers ---------------------------------------------------------------------------------
+def test_bpe_training_and_tokenizer_json_round_trip(tmp_path):
+    tok = train_bpe(iter([TEXT] * 5), vocab_size=300)
+    assert 257 <= tok.vocab_size <= 300
+    sample = "def add(a, b):\n    return a + b  # ünïcode ✓\n"
+    assert tok.decode(tok.encode(sample)) == sample
+    assert len(tok.encode(TEXT)) < len(TEXT.encode())  # merges compress
+    tok.save(tmp_path)
+    loaded = load_tokenizer(tmp_path)
+    assert isinstance(loaded, HFTokenizer) and loaded.encode(sample) == tok.encode(sample)
+    byte = ByteTokenizer()
+    assert byte.decode(byte.encode(sample)) == sample
+
+
+def test_bad_tokenizer_file(tmp_path):
+    bad = tmp_path / "tokenizer.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="tokenizer.json"):
+        HFTokenizer.from_file(bad)
+
+
+# ---- the loop and checkpoints -------------------------------------------------------------------
+def test_training_lowers_the_loss_and_writes_metrics(tmp_path, corpus_dir):
+    res = train(tiny_cfg(tmp_path / "run", corpus_dir, steps=40, lr=5e-3), progress=False)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["step"] == 40 and res.step == 40
+    assert records[-1]["ce_loss"] < 0.6 * records[0]["ce_loss"]
+    for key in ("step", "loss", "lr", "tokens", "tokens_per_s", "aux_load_balancing", "aux_z_loss"):
+        assert key in records[-1]
+    assert len(records[-1]["moe_0"]["tokens_frac"]) == 8 and "dropped_frac" in records[-1]["moe_1"]
+    assert "val_loss" in records[-1]
+
+
+def test_checkpoint_round_trip_restores_outputs_and_optimizer(tmp_path, corpus_dir):
+    train(tiny_cfg(tmp_path / "run", corpus_dir, steps=6), progress=False)
+    model, tok, config = ckpt_io.load_model(tmp_path / "run")
+    ids = torch.randint(0, 256, (2, 16))
+    state = load_file(str(tmp_path / "run" / "ckpt-00000006" / "model.safetensors"))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    # the optimizer state loads back exactly
+    from moekit.train.loop import param_groups
+
+    cfg = TrainConfig(**config["train"])
+    opt = torch.optim.AdamW(param_groups(model, cfg), lr=1e-3)
+    ckpt_io.load_trainer_state(tmp_path / "run" / "ckpt-00000006", opt)
+    saved = load_file(str(tmp_path / "run" / "ckpt-00000006" / "trainer.safetensors"))
+    assert torch.equal(opt.state_dict()["state"][0]["exp_avg"], saved["opt.0.exp_avg"])
+    model2, _, _ = ckpt_io.load_model(tmp_path / "run" / "ckpt-00000006")
+    torch.testing.assert_close(model(ids).logits, model2(ids).logits, rtol=0, atol=0)
+
+
+def test_corrupt_checkpoint_is_refused(tmp_path, corpus_dir):
+    train(tiny_cfg(tmp_path / "run", corpus_dir, steps=6), progress=False)
+    weights = tmp_path / "run" / "ckpt-00000006" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ckpt_io.CheckpointError, match="model.safetensors is corrupt"):
+        ckpt_io.load_model(tmp_path / "run")
+
+
+def test_run_directory_is_never_overwritten(tmp_path, corpus_dir):
+    cfg = tiny_cfg(tmp_path / "run", corpus_dir, steps=4)
+    train(cfg, progress=False)
+    with pytest.raises(ValueError, match="already exists"):
+        train(cfg, progress=False)
+    assert (tmp_path / "run" / "ckpt-00000004").is_dir()
+    train(cfg, overwrite=True, progress=False)
+
+
+def _weights(run):
+    return load_file(str(ckpt_io.latest_checkpoint(run) / "model.safetensors"))
+
+
+def _losses(run):
+    return [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _start_training(cfg: TrainConfig):
+    code = f"from moekit.train import TrainConfig, train; train(TrainConfig(**{cfg.to_dict()!r}), progress=False)"
+    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _wait_for_checkpoint(run: Path, proc, timeout=60):
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if ckpt_io.latest_checkpoint(run) is not None:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"no checkpoint appeared in {run}: {proc.stderr.read() if proc.poll() else ''}")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_interrupted_run_resumes_to_identical_weights(tmp_path, corpus_dir, sig):
+    cfg_a = tiny_cfg(tmp_path / "a", corpus_dir, steps=60, save_every=4, eval_every=20)
+    train(cfg_a, progress=False)
+    cfg_b = tiny_cfg(tmp_path / "b", corpus_dir, steps=60, save_every=4, eval_every=20)
+    proc = _start_training(cfg_b)
+    _wait_for_checkpoint(tmp_path / "b", proc)
+    os.kill(proc.pid, sig)
+    proc.wait(timeout=60)
+    if sig == signal.SIGTERM:
+        assert proc.returncode == 0  # a clean exit after saving
+    last = ckpt_io.latest_checkpoint(tmp_path / "b")
+    assert last is not None and last.name != "ckpt-00000060", "the run finished before it was interrupted"
+    train(cfg_b, resume=True, progress=False)
+    a, b = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert _losses(tmp_path / "a") == _losses(tmp_path / "b")
+
+
+# ---- bad input at the CLI -----------------------------------------------------------------------
+def _err(result):
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    return result.stderr
+
+
+def test_cli_bad_inputs(tmp_path, corpus_dir):
+    out = str(tmp_path / "r")
+    base = ["train", "--preset", "tiny", "--steps", "2", "--no-progress", "--batch-size", "2", "--seq-len", "16"]
+    assert "does not exist" in _err(_cli(*base, "--data", str(tmp_path / "missing"), "--out", out))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert "empty" in _err(_cli(*base, "--data", str(empty), "--out", out))
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "x.dat").write_bytes(b"\0\1\2" * 100)
+    assert "no text files" in _err(_cli(*base, "--data", str(tmp_path / "bin"), "--out", out))
+    latin = tmp_path / "latin"
+    latin.mkdir()
+    (latin / "a.txt").write_bytes("café ".encode("latin-1") * 200)
+    (latin / "b.txt").write_bytes("café ".encode("latin-1") * 200)
+    assert "not valid UTF-8" in _err(_cli(*base, "--data", str(latin), "--out", out, "--tokenizer", "bpe",
+                                          "--vocab-size", "300"))
+    assert "--batch-size=0" in _err(_cli("train", "--preset", "tiny", "--batch-size", "0", "--out", out))
+    assert "unknown preset 'gpt9'" in _err(_cli("train", "--preset", "gpt9", "--out", out))
+    assert "not a moekit checkpoint" in _err(_cli("eval", "--model", str(corpus_dir)))
+    assert "max_seq_len" in _err(_cli("train", "--preset", "tiny", "--seq-len", "100000", "--steps", "1",
+                                      "--data", str(corpus_dir), "--out", str(tmp_path / "long"),
+                                      "--no-progress"))
+
+
+def test_cli_train_then_eval(tmp_path, corpus_dir):
+    out = tmp_path / "run"
+    args = ["train", "--preset", "tiny", "--data", str(corpus_dir), "--out", str(out), "--steps", "6",
+            "--batch-size", "2", "--seq-len", "32", "--eval-every", "3", "--no-progress"]
+    res = _cli(*args)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["step"] == 6
+    again = _cli(*args)
+    assert "already exists" in _err(again)
+    ev = _cli("eval", "--model", str(out))
+    assert ev.returncode == 0, ev.stderr
+    result = json.loads(ev.stdout)
+    assert set(result) == {"loss", "ppl", "tokens"} and result["tokens"] > 0
+
+
+# ---- the demo -----------------------------------------------------------------------------------
+def test_crossing_interpolates_between_evaluations():
+    from moekit.train.demo import _crossing
+
+    curve = [(10, 100.0, 1.0, 3.0), (20, 200.0, 2.0, 2.0), (30, 300.0, 3.0, 1.0)]
+    assert _crossing(curve, 2.5) == (15.0, 150.0, 1.5)
+    assert _crossing(curve, 3.5) == (10, 100.0, 1.0)
+    assert _crossing(curve, 0.5) is None
+
+
+def test_demo_end_to_end_on_a_short_schedule(tmp_path, monkeypatch):
+    from moekit.train import demo
+
+    monkeypatch.setitem(demo.QUICK, "steps", 4)
+    monkeypatch.setitem(demo.QUICK, "eval_every", 2)
+    monkeypatch.setitem(demo.QUICK, "warmup", 1)
+    summary = demo.run_demo(tmp_path / "demo", quick=True, progress=False)
+    assert (tmp_path / "demo" / "loss.png").stat().st_size > 10_000
+    saved = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    assert saved["dense"]["steps"] == saved["moe"]["steps"] == 4
+    assert saved["moe"]["active_params"] < 1.05 * saved["dense"]["active_params"]
+    assert saved["moe"]["total_params"] > 3 * saved["dense"]["total_params"]
+    assert summary["moe_reached_dense_final_loss"] == ("moe_at_dense_final_loss" in summary)
+    with pytest.raises(ValueError, match="already exists"):
+        demo.run_demo(tmp_path / "demo", quick=True, progress=False)
