@@ -21,13 +21,13 @@ LB_CONVENTIONS = ("standard", "hf_compat")
 EXPERT_IMPLS = ("auto", "loop", "grouped_mm")
 
 
-def _bad(field: str, value: Any, allowed: str) -> ValueError:
-    return ValueError(f"MoEConfig.{field}={value!r} is invalid: {allowed}")
+def _bad(field: str, value: Any, allowed: str, owner: str = "MoEConfig") -> ValueError:
+    return ValueError(f"{owner}.{field}={value!r} is invalid: {allowed}")
 
 
-def _check_int(field: str, value: Any, minimum: int) -> None:
+def _check_int(field: str, value: Any, minimum: int, owner: str = "MoEConfig") -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise _bad(field, value, f"expected an int >= {minimum}")
+        raise _bad(field, value, f"expected an int >= {minimum}", owner)
 
 
 def _check_float(field: str, value: Any, *, positive: bool = False) -> None:
@@ -39,9 +39,18 @@ def _check_float(field: str, value: Any, *, positive: bool = False) -> None:
         raise _bad(field, value, "expected a number >= 0")
 
 
-def _check_choice(field: str, value: Any, allowed: tuple[str, ...]) -> None:
+def _check_known_fields(cls: type, data: dict[str, Any]) -> None:
+    if not isinstance(data, dict):
+        raise ValueError(f"{cls.__name__} expects a mapping of fields, got {type(data).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{cls.__name__} got unknown field(s) {unknown}; known fields: {sorted(known)}")
+
+
+def _check_choice(field: str, value: Any, allowed: tuple, owner: str = "MoEConfig") -> None:
     if value not in allowed:
-        raise _bad(field, value, f"allowed values are {', '.join(repr(a) for a in allowed)}")
+        raise _bad(field, value, f"allowed values are {', '.join(repr(a) for a in allowed)}", owner)
 
 
 @dataclass(frozen=True)
@@ -239,10 +248,7 @@ class MoEConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "MoEConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"MoEConfig got unknown field(s) {unknown}; known fields: {sorted(known)}")
+        _check_known_fields(cls, data)
         return cls(**data)
 
 
@@ -252,12 +258,15 @@ QK_NORMS = (None, "head", "full")
 
 
 def _mbad(field: str, value: Any, allowed: str) -> ValueError:
-    return ValueError(f"ModelConfig.{field}={value!r} is invalid: {allowed}")
+    return _bad(field, value, allowed, "ModelConfig")
 
 
 def _mcheck_int(field: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise _mbad(field, value, f"expected an int >= {minimum}")
+    _check_int(field, value, minimum, "ModelConfig")
+
+
+def _check_choice_m(field: str, value: Any, allowed: tuple) -> None:
+    _check_choice(field, value, allowed, "ModelConfig")
 
 
 @dataclass(frozen=True)
@@ -394,10 +403,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"ModelConfig got unknown field(s) {unknown}; known fields: {sorted(known)}")
+        _check_known_fields(cls, data)
         data = dict(data)
         if isinstance(data.get("moe"), dict):
             data["moe"] = MoEConfig.from_dict(data["moe"])
@@ -411,7 +417,3 @@ class ModelConfig:
         cfg = get_preset(name)
         return cfg.replace(**overrides) if overrides else cfg
 
-
-def _check_choice_m(field: str, value: Any, allowed: tuple) -> None:
-    if value not in allowed:
-        raise _mbad(field, value, f"allowed values are {', '.join(repr(a) for a in allowed)}")

@@ -267,3 +267,21 @@ def test_demo_end_to_end_on_a_short_schedule(tmp_path, monkeypatch):
     assert summary["moe_reached_dense_final_loss"] == ("moe_at_dense_final_loss" in summary)
     with pytest.raises(ValueError, match="already exists"):
         demo.run_demo(tmp_path / "demo", quick=True, progress=False)
+
+
+def test_bf16_autocast_and_bpe_tokenizer_train(tmp_path, corpus_dir):
+    cfg = tiny_cfg(tmp_path / "run", corpus_dir, steps=4, dtype="bf16", tokenizer="bpe", vocab_size=300,
+                   eval_every=2)
+    res = train(cfg, progress=False)
+    assert res.val_loss is not None and res.val_loss == res.val_loss  # finite, not NaN
+    tok = load_tokenizer(tmp_path / "run")
+    assert isinstance(tok, HFTokenizer) and tok.vocab_size <= 300
+    model, _, _ = ckpt_io.load_model(tmp_path / "run")
+    assert model.cfg.vocab_size == tok.vocab_size
+
+
+@pytest.mark.slow
+def test_torch_compile_training_matches_eager(tmp_path, corpus_dir):
+    eager = train(tiny_cfg(tmp_path / "eager", corpus_dir, steps=3), progress=False)
+    compiled = train(tiny_cfg(tmp_path / "compiled", corpus_dir, steps=3, compile=True), progress=False)
+    assert abs(eager.final_loss - compiled.final_loss) < 1e-3
