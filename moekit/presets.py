@@ -69,8 +69,9 @@ def _presets() -> dict[str, Preset]:
                              tie_embeddings=True)
     p["demo-dense"] = Preset(demo_dense, "moekit demo: dense baseline, SwiGLU FFN 1024")
     p["demo-moe"] = Preset(demo_dense.replace(moe=_moe(
-        256, 128, 64, 6, num_shared_experts=2, normalize_weights=False, aux_loss_coef=0.01, z_loss_coef=1e-3)),
-        "moekit demo: DeepSeekMoE-style fine-grained experts (64 x 128, top-6) + 2 shared, active FFN 1024")
+        256, 128, 64, 6, num_shared_experts=2, aux_loss_coef=0.01, z_loss_coef=1e-3)),
+        "moekit demo: DeepSeekMoE-style fine-grained experts (64 x 128, top-6, renormalised) + 2 shared, "
+        "active FFN 1024")
 
     # ---- the published systems -----------------------------------------------------------------
     switch = ModelConfig(
