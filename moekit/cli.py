@@ -76,7 +76,28 @@ def _train_config(args: argparse.Namespace):
             data["steps"] = args.steps
         return TrainConfig(**{**data, "out": args.out})
     fields = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__ and v is not None}
+    if args.set:
+        fields["model_overrides"] = parse_overrides(args.set)
     return TrainConfig(**fields)
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """``["moe.top_k=4", "n_layers=6"]`` -> {"moe": {"top_k": 4}, "n_layers": 6}; values are JSON
+    (numbers, true/false, null, quoted strings) or else plain strings."""
+    out: dict = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set {item!r}: expected FIELD=VALUE (e.g. moe.top_k=4)")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        *parents, leaf = key.split(".")
+        if parents not in ([], ["moe"]):
+            raise ValueError(f"--set {item!r}: only model fields and moe.<field> can be set")
+        (out.setdefault("moe", {}) if parents else out)[leaf] = value
+    return out
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -155,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-every", dest="log_every", type=int)
     p.add_argument("--save-every", dest="save_every", type=int)
     p.add_argument("--keep-last", dest="keep_last", type=int)
+    p.add_argument("--set", action="append", metavar="FIELD=VALUE",
+                   help="override a model field of the preset, e.g. --set n_layers=6 --set moe.top_k=4 (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     p.add_argument("--no-progress", dest="no_progress", action="store_true", help="no progress bar")

@@ -285,3 +285,14 @@ def test_torch_compile_training_matches_eager(tmp_path, corpus_dir):
     eager = train(tiny_cfg(tmp_path / "eager", corpus_dir, steps=3), progress=False)
     compiled = train(tiny_cfg(tmp_path / "compiled", corpus_dir, steps=3, compile=True), progress=False)
     assert abs(eager.final_loss - compiled.final_loss) < 1e-3
+
+
+def test_cli_set_overrides_model_fields(tmp_path, corpus_dir):
+    out = tmp_path / "run"
+    res = _cli("train", "--preset", "tiny", "--data", str(corpus_dir), "--out", str(out), "--steps", "2",
+               "--batch-size", "2", "--seq-len", "16", "--no-progress", "--set", "moe.top_k=3", "--set", "n_layers=3")
+    assert res.returncode == 0, res.stderr
+    saved = json.loads((out / "model_config.json").read_text())
+    assert saved["n_layers"] == 3 and saved["moe"]["top_k"] == 3
+    bad = _cli("train", "--preset", "tiny", "--out", str(tmp_path / "bad"), "--set", "moe.topk=3")
+    assert "topk" in _err(bad) and not (tmp_path / "bad").exists()

@@ -66,7 +66,7 @@ class TrainConfig:
     save_every: int = 200
     keep_last: int = 2
     seed: int = 0
-    model_overrides: dict | None = None  # ModelConfig fields replaced on the preset
+    model_overrides: dict | None = None  # ModelConfig fields replaced on the preset ({"moe": {...}} nests)
 
     def __post_init__(self) -> None:
         def bad(field, allowed):
@@ -120,9 +120,27 @@ def param_groups(model: MoETransformer, cfg: TrainConfig) -> list[dict]:
     return [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def apply_overrides(base: ModelConfig, overrides: dict | None) -> ModelConfig:
+    """ModelConfig fields replaced; ``{"moe": {...}}`` replaces fields of the preset's MoEConfig."""
+    overrides = dict(overrides or {})
+    moe = overrides.pop("moe", None)
+    unknown = sorted(set(overrides) - set(ModelConfig.__dataclass_fields__))
+    if unknown:
+        raise ValueError(f"--set: unknown model field(s) {unknown}")
+    cfg = base.replace(**overrides)
+    if isinstance(moe, dict):
+        if cfg.moe is None:
+            raise ValueError(f"--set moe.*: preset has no MoE layers")
+        unknown = sorted(set(moe) - set(type(cfg.moe).__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"--set: unknown MoE field(s) {unknown}")
+        cfg = cfg.replace(moe=cfg.moe.replace(**moe))
+    return cfg
+
+
 def model_config_for(cfg: TrainConfig, vocab_size: int) -> ModelConfig:
     base = miniature(cfg.preset) if cfg.miniature else get_preset(cfg.preset)
-    mcfg = base.replace(**(cfg.model_overrides or {}), vocab_size=vocab_size)
+    mcfg = apply_overrides(base, cfg.model_overrides).replace(vocab_size=vocab_size)
     if cfg.seq_len > mcfg.max_seq_len:
         raise ValueError(f"--seq-len={cfg.seq_len} exceeds the model's positions: preset {cfg.preset!r} has "
                          f"max_seq_len={mcfg.max_seq_len}")
@@ -213,6 +231,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progr
           on_eval: Callable[[dict], None] | None = None) -> TrainResult:
     """Runs (or resumes) a training run in ``cfg.out``; see the module docstring."""
     out = Path(cfg.out)
+    model_config_for(cfg, vocab_size=256)  # a bad preset, override or seq_len fails before any file is written
     resuming = prepare_run_dir(out, resume, overwrite)
     corpus = open_corpus(cfg.data, cfg.val_fraction)
     if resuming:
