@@ -4,6 +4,7 @@
     moekit bench layer [options]      the layer benchmark, JSON on stdout
     moekit train [options]            train a model (moekit train --help)
     moekit eval --model DIR           validation loss of a checkpoint
+    moekit generate --model DIR --prompt TEXT   continue a prompt (streams; --json for ids)
     moekit params PRESET [--json]     total and active parameters of a preset (meta device)
     moekit presets                    the known presets with their parameter counts
 """
@@ -127,6 +128,36 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    from moekit.checkpoint import load_model
+    from moekit.generate import generate
+
+    model, tokenizer, _ = load_model(Path(args.model))
+    prompt = tokenizer.encode(args.prompt)
+    stop = [tokenizer.eot_id] if getattr(tokenizer, "eot_id", None) is not None else []
+    ids: list[int] = []
+    shown = ""
+
+    def stream(step_tokens: list[int]) -> None:
+        nonlocal shown
+        if step_tokens[0] < 0:
+            return
+        ids.append(step_tokens[0])
+        text = tokenizer.decode(ids)
+        if not text.endswith("\ufffd") and text.startswith(shown):  # wait for a whole UTF-8 character
+            sys.stdout.write(text[len(shown):])
+            sys.stdout.flush()
+            shown = text
+
+    res = generate(model, [prompt], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                   top_p=args.top_p, seed=args.seed, stop_tokens=stop, on_token=None if args.json else stream)
+    if args.json:
+        print(json.dumps({"prompt_ids": prompt, "ids": res.tokens[0], "text": tokenizer.decode(res.tokens[0])}))
+    else:
+        sys.stdout.write(tokenizer.decode(ids)[len(shown):] + "\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from moekit import __version__
 
@@ -190,6 +221,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", dest="batch_size", type=int, default=8)
     p.add_argument("--max-tokens", dest="max_tokens", type=int, default=262144)
     p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("generate", help="continue a prompt with a trained model (streams text)")
+    p.add_argument("--model", required=True, help="a checkpoint or run directory")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", dest="top_k", type=int)
+    p.add_argument("--top-p", dest="top_p", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--json", action="store_true", help="print the token ids and the text as JSON")
+    p.set_defaults(fn=cmd_generate)
 
     p = sub.add_parser("presets", help="list the presets")
     p.set_defaults(fn=cmd_presets)

@@ -21,6 +21,7 @@ from torch import nn
 from moekit.config import MoEConfig, ModelConfig
 from moekit.moe.layer import MoELayer, RoutingStats
 from moekit.nn.attention import build_attention
+from moekit.nn.kv_cache import KVCache
 from moekit.nn.mlp import MLP
 from moekit.nn.norm import build_norm
 from moekit.nn.rope import rope_cos_sin, rope_frequencies
@@ -58,9 +59,9 @@ class Block(nn.Module):
             self.residual_norm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
             self.residual_mlp = MLP(cfg.d_model, cfg.ffn_hidden, cfg.activation)
 
-    def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None, mask=None):
         cfg = self.cfg
-        h = self.attn(self.attn_norm(x_BSD), cos, sin)
+        h = self.attn(self.attn_norm(x_BSD), cos, sin, cache, mask)
         if cfg.sandwich_norm:
             h = self.post_attn_norm(h)
         if cfg.parallel_residual_mlp and self.is_moe:
@@ -131,6 +132,26 @@ class MoETransformer(nn.Module):
         table_dtype = torch.float64 if dtype == torch.float64 else torch.float32
         return rope_cos_sin(positions, rope_frequencies(rot, cfg.rope_theta, positions.device, table_dtype))
 
+    def _positions(self, B, S, start, cached, attention_mask, dtype, device):
+        """RoPE tables and the attention mask (None: plain causal) for positions start .. start+S-1."""
+        end = start + S
+        if attention_mask is None:
+            cos, sin = self.rope(torch.arange(start, end, device=device), dtype)
+            if not cached or start == 0:
+                return cos, sin, None
+            q_pos, k_pos = torch.arange(start, end, device=device)[:, None], torch.arange(end, device=device)[None]
+            return cos, sin, (k_pos <= q_pos)[None, None]
+        if attention_mask.shape != (B, end):
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected ({B}, {end}): "
+                             f"batch x (cached positions + new tokens)")
+        valid = attention_mask.to(device=device, dtype=torch.bool)
+        positions = (valid.long().cumsum(dim=-1) - 1).clamp(min=0)[:, start:]
+        cos, sin = self.rope(positions, dtype)
+        q_pos, k_pos = torch.arange(start, end, device=device)[:, None], torch.arange(end, device=device)[None]
+        # a padding query attends to itself only, so its (unused) row stays finite
+        allowed = ((k_pos <= q_pos)[None] & valid[:, None, :]) | (k_pos == q_pos)[None]
+        return cos[:, None], sin[:, None], allowed[:, None]
+
     @property
     def moe_layers(self) -> list[MoELayer]:
         return [blk.ffn for blk in self.layers if blk.is_moe]
@@ -138,8 +159,14 @@ class MoETransformer(nn.Module):
     def output_weight(self) -> torch.Tensor:
         return self.embed.weight if self.lm_head is None else self.lm_head.weight
 
-    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
-                ignore_index: int = -100) -> ModelOutput:
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, ignore_index: int = -100,
+                cache: KVCache | None = None, attention_mask: torch.Tensor | None = None) -> ModelOutput:
+        """Logits of ``input_ids`` [B, S]; with ``targets`` also the loss.
+
+        Decoding: ``cache`` holds the keys and values of the positions before these ones (its ``pos``
+        advances by S); ``attention_mask`` [B, pos + S] marks real tokens (1) and left padding (0):
+        padded rows get positions counted from their first real token and never attend to padding.
+        """
         cfg = self.cfg
         if input_ids.dim() == 1:
             input_ids = input_ids[None]
@@ -147,8 +174,9 @@ class MoETransformer(nn.Module):
             raise ValueError(f"input_ids must be an integer tensor of shape [batch, seq], got "
                              f"{input_ids.dtype} {tuple(input_ids.shape)}")
         B, S = input_ids.shape
-        if S > cfg.max_seq_len:
-            raise ValueError(f"sequence length {S} exceeds ModelConfig.max_seq_len={cfg.max_seq_len}")
+        start = cache.pos if cache is not None else 0
+        if start + S > cfg.max_seq_len:
+            raise ValueError(f"sequence length {start + S} exceeds ModelConfig.max_seq_len={cfg.max_seq_len}")
         if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= cfg.vocab_size):
             raise ValueError(f"token ids must lie in [0, vocab_size={cfg.vocab_size}); got values in "
                              f"[{int(input_ids.min())}, {int(input_ids.max())}]")
@@ -156,17 +184,20 @@ class MoETransformer(nn.Module):
         x = self.embed(input_ids)
         if cfg.embedding_multiplier != 1.0:
             x = x * cfg.embedding_multiplier
-        cos, sin = self.rope(torch.arange(S, device=input_ids.device), x.dtype)
+        cos, sin, mask = self._positions(B, S, start, cache is not None, attention_mask, x.dtype, input_ids.device)
+        layer_caches = cache.layers if cache is not None else [None] * len(self.layers)
         aux = x.new_zeros((), dtype=torch.float32)
         routing: dict[int, RoutingStats] = {}
         terms: dict[str, torch.Tensor] = {}
-        for blk in self.layers:
-            x, res = blk(x, cos, sin)
+        for blk, layer_cache in zip(self.layers, layer_caches):
+            x, res = blk(x, cos, sin, layer_cache, mask)
             if res is not None:
                 aux = aux + res.aux_loss
                 routing[blk.index] = res.stats
                 for k, v in res.aux_terms.items():
                     terms[k] = terms.get(k, 0) + v
+        if cache is not None:
+            cache.pos += S
         logits = F.linear(self.norm(x), self.output_weight())
         if cfg.logit_multiplier != 1.0:
             logits = logits * cfg.logit_multiplier

@@ -21,26 +21,28 @@ from moekit.nn.rope import apply_rope
 
 
 def sdpa(q_BHSD: torch.Tensor, k_BGSD: torch.Tensor, v_BGSD: torch.Tensor, scale: float,
-         softcap: float = 0.0) -> torch.Tensor:
-    """Causal attention; G key/value heads are shared by H/G query heads each.
+         softcap: float = 0.0, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention; G key/value heads are shared by H/G query heads each.
 
-    With a logit soft cap (Grok-1: c·tanh(s/c)) SDPA's fused kernels do not apply, so the scores are
-    computed explicitly.
+    ``mask`` (bool, broadcastable to [B, H, S_q, S_k], True = attend) replaces the plain causal mask
+    when decoding with a cache or with left padding. With a logit soft cap (Grok-1: c·tanh(s/c))
+    SDPA's fused kernels do not apply, so the scores are computed explicitly.
     """
     H, G = q_BHSD.shape[1], k_BGSD.shape[1]
     if softcap > 0:
         if G != H:
             k_BGSD = k_BGSD.repeat_interleave(H // G, dim=1)
             v_BGSD = v_BGSD.repeat_interleave(H // G, dim=1)
-        S = q_BHSD.shape[2]
+        S, Sk = q_BHSD.shape[2], k_BGSD.shape[2]
         dtype = torch.promote_types(q_BHSD.dtype, torch.float32)
         scores = (q_BHSD.to(dtype) @ k_BGSD.to(dtype).transpose(-1, -2)) * scale
         scores = softcap * torch.tanh(scores / softcap)
-        causal = torch.ones(S, S, dtype=torch.bool, device=q_BHSD.device).tril()
-        scores = scores.masked_fill(~causal, float("-inf"))
+        if mask is None:
+            mask = torch.ones(S, Sk, dtype=torch.bool, device=q_BHSD.device).tril(diagonal=Sk - S)
+        scores = scores.masked_fill(~mask, float("-inf"))
         return (scores.softmax(dim=-1) @ v_BGSD.to(dtype)).to(q_BHSD.dtype)
-    return F.scaled_dot_product_attention(q_BHSD, k_BGSD, v_BGSD, is_causal=True, scale=scale,
-                                          enable_gqa=G != H)
+    return F.scaled_dot_product_attention(q_BHSD, k_BGSD, v_BGSD, attn_mask=mask, is_causal=mask is None,
+                                          scale=scale, enable_gqa=G != H)
 
 
 class GroupedQueryAttention(nn.Module):
@@ -65,7 +67,8 @@ class GroupedQueryAttention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
         cfg = self.cfg
         B, S, _ = x_BSD.shape
         H, G, Dh = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
@@ -81,7 +84,9 @@ class GroupedQueryAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rope(q, cos, sin, cfg.rope_interleave)
         k = apply_rope(k, cos, sin, cfg.rope_interleave)
-        out = sdpa(q, k, v, 1.0 / math.sqrt(Dh), cfg.attn_logit_softcap)
+        if cache is not None:
+            k, v = cache.update(k, v)
+        out = sdpa(q, k, v, 1.0 / math.sqrt(Dh), cfg.attn_logit_softcap, mask)
         return self.o_proj(out.transpose(1, 2).reshape(B, S, H * Dh))
 
 
@@ -110,7 +115,8 @@ class MultiHeadLatentAttention(nn.Module):
         self.kv_b_proj = nn.Linear(C, H * (Dn + Dv), bias=False)
         self.o_proj = nn.Linear(H * Dv, D, bias=False)
 
-    def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
         cfg = self.cfg
         B, S, _ = x_BSD.shape
         H, Dn, R, Dv, C = cfg.n_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
@@ -121,10 +127,12 @@ class MultiHeadLatentAttention(nn.Module):
         kv = self.kv_b_proj(self.kv_a_norm(latent)).view(B, S, H, Dn + Dv).transpose(1, 2)
         k_nope, v = kv.split([Dn, Dv], dim=-1)
         q_rope = apply_rope(q_rope, cos, sin, cfg.rope_interleave)
-        k_rope = apply_rope(k_rope.view(B, 1, S, R), cos, sin, cfg.rope_interleave)
+        k_rope = apply_rope(k_rope.reshape(B, 1, S, R), cos, sin, cfg.rope_interleave)
         q = torch.cat([q_nope, q_rope], dim=-1)
         k = torch.cat([k_nope, k_rope.expand(B, H, S, R)], dim=-1)
-        out = sdpa(q, k, v, 1.0 / math.sqrt(Dn + R), cfg.attn_logit_softcap)
+        if cache is not None:  # NOTE: caches full keys and values, not the compressed latent
+            k, v = cache.update(k, v)
+        out = sdpa(q, k, v, 1.0 / math.sqrt(Dn + R), cfg.attn_logit_softcap, mask)
         return self.o_proj(out.transpose(1, 2).reshape(B, S, H * Dv))
 
 

@@ -18,11 +18,11 @@ def rope_frequencies(rot_dim: int, theta: float, device=None, dtype=torch.float3
 
 
 def rope_cos_sin(positions_S: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of shape [S, R] in ``inv_freq``'s dtype (each frequency repeated for both members
-    of its pair)."""
-    angles_SR2 = positions_S.to(inv_freq.dtype)[:, None] * inv_freq[None, :]
-    angles_SR = torch.cat([angles_SR2, angles_SR2], dim=-1)
-    return angles_SR.cos(), angles_SR.sin()
+    """cos and sin of shape [*positions.shape, R] in ``inv_freq``'s dtype (each frequency repeated for
+    both members of its pair). Per-row positions [B, S] (left-padded batches) give [B, S, R]."""
+    angles = positions_S.to(inv_freq.dtype)[..., None] * inv_freq  # [..., R/2]; positions may be [B, S]
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -32,7 +32,8 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 def apply_rope(x_BHSR: torch.Tensor, cos_SR: torch.Tensor, sin_SR: torch.Tensor,
                interleave: bool = False) -> torch.Tensor:
-    """Rotates the last dim of x by position, in at least fp32, and casts back."""
+    """Rotates the last dim of x by position, in at least fp32, and casts back. cos/sin are [S, R] or
+    [B, 1, S, R]."""
     dtype = x_BHSR.dtype
     x = x_BHSR.to(torch.promote_types(dtype, torch.float32))
     if interleave:
