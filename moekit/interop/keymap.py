@@ -1,0 +1,133 @@
+"""Declarative checkpoint key maps and a lazy, memory-mapped safetensors reader.
+
+A key map lists, for every moekit parameter (names with ``{layer}`` and ``{expert}`` templates),
+where its tensor comes from in a Hugging Face checkpoint: one source key, several concatenated
+along dim 0 (gate and up projections fused), or one per expert stacked into [E, ...].
+Every source key must be consumed and every moekit tensor filled with the right shape; anything
+else is reported by name.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+
+class InteropError(ValueError):
+    """A checkpoint that cannot be read or does not fit; the message names the file or keys."""
+
+
+class SafetensorsDir:
+    """Every tensor of a Hugging Face directory (one file, or shards with their index), opened lazily."""
+
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+        index = self.directory / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as err:
+                raise InteropError(f"{index} is not a valid safetensors index: {err}") from None
+            files = sorted(set(weight_map.values()))
+        else:
+            files = sorted(p.name for p in self.directory.glob("*.safetensors"))
+            weight_map = None
+        if not files:
+            raise InteropError(f"no *.safetensors weights in {self.directory}")
+        self._handles = {}
+        for name in files:
+            path = self.directory / name
+            if not path.is_file():
+                raise InteropError(f"shard {path} named in the index is missing")
+            try:
+                self._handles[name] = safe_open(str(path), framework="pt")
+            except (SafetensorError, OSError) as err:
+                raise InteropError(f"{path} cannot be read: {err}") from None
+        self.where = weight_map or {k: name for name, h in self._handles.items() for k in h.keys()}
+
+    def keys(self) -> set[str]:
+        return set(self.where)
+
+    def get(self, key: str) -> torch.Tensor:
+        return self._handles[self.where[key]].get_tensor(key)
+
+
+@dataclass
+class Rule:
+    """moekit ``target`` <- ``sources`` (concatenated on dim 0), per expert stacked when ``experts``."""
+
+    target: str
+    sources: list[str]
+    experts: bool = False
+
+
+@dataclass
+class KeyMap:
+    per_layer: list[Rule] = field(default_factory=list)
+    global_: list[Rule] = field(default_factory=list)
+
+
+def load_with_keymap(model: torch.nn.Module, ckpt: SafetensorsDir, keymap: KeyMap, layer_is_moe: list[bool],
+                     num_experts: int, dtype: torch.dtype | None = None, optional: set[str] = frozenset()) -> None:
+    """Fills ``model`` (possibly on the meta device) from ``ckpt`` following ``keymap``."""
+    params = dict(model.state_dict())
+    filled: dict[str, torch.Tensor] = {}
+    used: set[str] = set()
+    problems: list[str] = []
+
+    def fetch(name: str) -> torch.Tensor | None:
+        if name not in ckpt.where:
+            problems.append(f"missing key {name}")
+            return None
+        used.add(name)
+        return ckpt.get(name)
+
+    def apply(rule: Rule, fmt: dict) -> None:
+        target = rule.target.format(**fmt)
+        if target not in params:
+            return  # the rule is for a layer kind this layer is not (e.g. a dense FFN in an MoE layer)
+        if rule.experts:
+            rows = []
+            for e in range(num_experts):
+                parts = [fetch(s.format(expert=e, **fmt)) for s in rule.sources]
+                if any(p is None for p in parts):
+                    return
+                rows.append(torch.cat(parts, dim=0))
+            tensor = torch.stack(rows)
+        else:
+            parts = [fetch(s.format(**fmt)) for s in rule.sources]
+            if any(p is None for p in parts):
+                if target in optional:
+                    problems.pop()
+                return
+            tensor = torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
+        expected = tuple(params[target].shape)
+        if tuple(tensor.shape) != expected:
+            problems.append(f"shape mismatch for {target}: checkpoint {tuple(tensor.shape)} vs model {expected} "
+                            f"(from {', '.join(s.format(expert='*', **fmt) for s in rule.sources)})")
+            return
+        filled[target] = tensor.to(dtype or params[target].dtype)
+
+    for rule in keymap.global_:
+        apply(rule, {})
+    for i, _ in enumerate(layer_is_moe):
+        for rule in keymap.per_layer:
+            apply(rule, {"layer": i})
+    unexpected = sorted(ckpt.keys() - used)
+    missing = sorted(k for k in params if k not in filled and not _is_buffer_with_default(k))
+    if unexpected:
+        problems.append(f"unexpected keys {unexpected[:8]}{' …' if len(unexpected) > 8 else ''}")
+    if missing:
+        problems.append(f"moekit tensors not filled {missing[:8]}{' …' if len(missing) > 8 else ''}")
+    if problems:
+        raise InteropError(f"{ckpt.directory}: " + "; ".join(problems))
+    model.load_state_dict(filled, strict=False, assign=True)
+
+
+def _is_buffer_with_default(name: str) -> bool:
+    # routers' aux-loss-free state: zeros unless the checkpoint carries a bias (mapped explicitly)
+    return name.endswith(("router.expert_bias", "router.load_since_update"))

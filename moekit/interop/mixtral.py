@@ -1,0 +1,52 @@
+"""Mixtral (transformers ``MixtralForCausalLM``): config and key map."""
+
+from __future__ import annotations
+
+from moekit.config import MoEConfig, ModelConfig
+from moekit.interop.keymap import KeyMap, Rule
+
+ARCHITECTURE = "MixtralForCausalLM"
+
+
+def rope_theta(hf: dict) -> float:
+    params = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or {}
+    kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    if kind != "default":
+        raise ValueError(f"config.json: rope_type={kind!r} is not supported yet (supported: 'default')")
+    return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+
+
+def model_config(hf: dict) -> ModelConfig:
+    if hf.get("sliding_window") not in (None, 0):
+        raise ValueError(f"config.json: sliding_window={hf['sliding_window']!r} is not supported (only None)")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"config.json: hidden_act={hf['hidden_act']!r} is not supported (only 'silu')")
+    d = hf["hidden_size"]
+    moe = MoEConfig(d_model=d, expert_hidden=hf["intermediate_size"], num_experts=hf["num_local_experts"],
+                    top_k=hf["num_experts_per_tok"], aux_loss_coef=hf.get("router_aux_loss_coef", 0.0),
+                    lb_convention="hf_compat")
+    return ModelConfig(vocab_size=hf["vocab_size"], d_model=d, n_layers=hf["num_hidden_layers"],
+                       n_heads=hf["num_attention_heads"], n_kv_heads=hf.get("num_key_value_heads"),
+                       head_dim=hf.get("head_dim"), max_seq_len=hf.get("max_position_embeddings", 4096),
+                       rope_theta=rope_theta(hf), norm_eps=hf.get("rms_norm_eps", 1e-5),
+                       tie_embeddings=hf.get("tie_word_embeddings", False), moe=moe)
+
+
+KEYMAP = KeyMap(
+    global_=[Rule("embed.weight", ["model.embed_tokens.weight"]), Rule("norm.weight", ["model.norm.weight"]),
+             Rule("lm_head.weight", ["lm_head.weight"])],
+    per_layer=[
+        Rule("layers.{layer}.attn_norm.weight", ["model.layers.{layer}.input_layernorm.weight"]),
+        Rule("layers.{layer}.ffn_norm.weight", ["model.layers.{layer}.post_attention_layernorm.weight"]),
+        *[Rule(f"layers.{{layer}}.attn.{p}.weight", [f"model.layers.{{layer}}.self_attn.{p}.weight"])
+          for p in ("q_proj", "k_proj", "v_proj", "o_proj")],
+        Rule("layers.{layer}.ffn.router.weight_ED", ["model.layers.{layer}.block_sparse_moe.gate.weight"]),
+        # w1 = gate, w3 = up, w2 = down; moekit's w_in is [gate; up]
+        Rule("layers.{layer}.ffn.experts.w_in", ["model.layers.{layer}.block_sparse_moe.experts.{expert}.w1.weight",
+                                                 "model.layers.{layer}.block_sparse_moe.experts.{expert}.w3.weight"],
+             experts=True),
+        Rule("layers.{layer}.ffn.experts.w_out", ["model.layers.{layer}.block_sparse_moe.experts.{expert}.w2.weight"],
+             experts=True),
+    ],
+)

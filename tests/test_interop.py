@@ -1,0 +1,87 @@
+"""Hugging Face checkpoints in: tiny random transformers models built and saved locally, loaded by
+moekit, logits and greedy continuations compared (fp32, CPU, nothing downloaded)."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+import moekit
+from moekit.interop import InteropError
+
+transformers = pytest.importorskip("transformers")
+
+
+def _tiny_mixtral(tmp_path, shard=False, **kw):
+    cfg = transformers.MixtralConfig(vocab_size=96, hidden_size=32, intermediate_size=24, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                     num_experts_per_tok=2, max_position_embeddings=128, initializer_range=0.1,
+                                     **kw)
+    torch.manual_seed(0)
+    model = transformers.MixtralForCausalLM(cfg).eval()
+    out = tmp_path / "hf"
+    model.save_pretrained(out, max_shard_size="20KB" if shard else "5GB")
+    return model, out
+
+
+@pytest.mark.parametrize("shard", [False, True], ids=["single", "sharded"])
+def test_mixtral_logits_and_greedy_equal_transformers(tmp_path, shard):
+    hf, path = _tiny_mixtral(tmp_path, shard=shard)
+    if shard:
+        assert (path / "model.safetensors.index.json").is_file()
+    ours = moekit.from_pretrained(path)
+    ids = torch.randint(0, 96, (3, 17))
+    with torch.no_grad():
+        diff = (hf(ids).logits - ours(ids).logits).abs().max().item()
+    assert diff < 1e-4
+    prompt = ids[:1, :6]
+    theirs = hf.generate(prompt, max_new_tokens=16, do_sample=False, pad_token_id=0)[0, 6:].tolist()
+    assert moekit.generate(ours, prompt, 16).tokens[0] == theirs
+
+
+def test_missing_shard_is_named(tmp_path):
+    _, path = _tiny_mixtral(tmp_path, shard=True)
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    victim = sorted(set(index["weight_map"].values()))[-1]
+    (path / victim).unlink()
+    with pytest.raises(InteropError, match=victim):
+        moekit.from_pretrained(path)
+
+
+def test_shape_mismatch_is_named(tmp_path):
+    _, path = _tiny_mixtral(tmp_path)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["intermediate_size"] = 20
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(InteropError, match=r"shape mismatch for layers\.0\.ffn\.experts\.w_in"):
+        moekit.from_pretrained(path)
+
+
+def test_unsupported_architecture_lists_supported(tmp_path):
+    _, path = _tiny_mixtral(tmp_path)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["architectures"] = ["GPT2LMHeadModel"]
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(InteropError, match="GPT2LMHeadModel.*supported: MixtralForCausalLM"):
+        moekit.from_pretrained(path)
+
+
+def test_unsupported_config_field_fails_clearly(tmp_path):
+    _, path = _tiny_mixtral(tmp_path, sliding_window=8)
+    with pytest.raises(InteropError, match="sliding_window=8"):
+        moekit.from_pretrained(path)
+
+
+def test_moekit_checkpoint_loads_through_from_pretrained(tmp_path):
+    from moekit.checkpoint import save_checkpoint
+    from moekit.tokenizer import ByteTokenizer
+
+    model = moekit.MoETransformer(moekit.ModelConfig.from_name("tiny")).eval()
+    save_checkpoint(tmp_path, 1, model, model.cfg, ByteTokenizer())
+    loaded = moekit.from_pretrained(tmp_path)
+    ids = torch.randint(0, 256, (1, 8))
+    torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+    shutil.rmtree(tmp_path / "ckpt-00000001")
+    with pytest.raises(ValueError, match="not a moekit checkpoint"):
+        moekit.from_pretrained(tmp_path)
