@@ -40,6 +40,35 @@ def test_mixtral_logits_and_greedy_equal_transformers(tmp_path, shard):
     assert moekit.generate(ours, prompt, 16).tokens[0] == theirs
 
 
+FAMILIES = {
+    "qwen3-moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
+                  dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, intermediate_size=40, head_dim=8,
+                       mlp_only_layers=[0], norm_topk_prob=True)),
+    "qwen2-moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM",
+                  dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                       shared_expert_intermediate_size=24, intermediate_size=40, decoder_sparse_step=2)),
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(num_experts=4, num_experts_per_tok=2, intermediate_size=16)),
+}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_family_logits_and_greedy_equal_transformers(tmp_path, family):
+    cfg_name, model_name, kw = FAMILIES[family]
+    cfg = getattr(transformers, cfg_name)(vocab_size=96, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                                          num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.1,
+                                          eos_token_id=None, **kw)
+    torch.manual_seed(0)
+    hf = getattr(transformers, model_name)(cfg).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    ours = moekit.from_pretrained(tmp_path / "hf")
+    ids = torch.randint(0, 96, (2, 15))
+    with torch.no_grad():
+        assert (hf(ids).logits - ours(ids).logits).abs().max().item() < 1e-4
+    prompt = ids[:1, :6]
+    theirs = hf.generate(prompt, max_new_tokens=16, do_sample=False, pad_token_id=0)[0, 6:].tolist()
+    assert moekit.generate(ours, prompt, 16).tokens[0] == theirs
+
+
 def test_missing_shard_is_named(tmp_path):
     _, path = _tiny_mixtral(tmp_path, shard=True)
     index = json.loads((path / "model.safetensors.index.json").read_text())
@@ -63,7 +92,7 @@ def test_unsupported_architecture_lists_supported(tmp_path):
     cfg = json.loads((path / "config.json").read_text())
     cfg["architectures"] = ["GPT2LMHeadModel"]
     (path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(InteropError, match="GPT2LMHeadModel.*supported: MixtralForCausalLM"):
+    with pytest.raises(InteropError, match="GPT2LMHeadModel.*supported: MixtralForCausalLM, Qwen2Moe"):
         moekit.from_pretrained(path)
 
 

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch
 
-from moekit.interop import mixtral
+from moekit.interop import mixtral, mlp_experts
 from moekit.interop.keymap import InteropError, SafetensorsDir, load_with_keymap
 from moekit.model import MoETransformer
 
-FAMILIES = {mixtral.ARCHITECTURE: mixtral}
+FAMILIES = {mixtral.ARCHITECTURE: mixtral, **{a: mlp_experts for a in mlp_experts.ARCHITECTURES}}
 
 
 def _read_config(path: Path) -> dict:
