@@ -48,17 +48,31 @@ FAMILIES = {
                   dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
                        shared_expert_intermediate_size=24, intermediate_size=40, decoder_sparse_step=2)),
     "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(num_experts=4, num_experts_per_tok=2, intermediate_size=16)),
+    "deepseek-v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", dict(
+        num_key_value_heads=4, q_lora_rank=16, kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
+        intermediate_size=40, moe_intermediate_size=12, n_routed_experts=8, num_experts_per_tok=2, n_group=4,
+        topk_group=2, n_shared_experts=1, first_k_dense_replace=1, routed_scaling_factor=2.5, norm_topk_prob=True,
+        rope_scaling=None)),
+    "deepseek-v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM", dict(
+        num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4,
+        v_head_dim=8, intermediate_size=40, moe_intermediate_size=12, n_routed_experts=8, num_experts_per_tok=3,
+        n_group=4, topk_group=2, n_shared_experts=2, first_k_dense_replace=1, routed_scaling_factor=16.0,
+        topk_method="group_limited_greedy", rope_scaling=None)),
 }
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_family_logits_and_greedy_equal_transformers(tmp_path, family):
     cfg_name, model_name, kw = FAMILIES[family]
+    kw = {"num_key_value_heads": 2, **kw}
     cfg = getattr(transformers, cfg_name)(vocab_size=96, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
-                                          num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.1,
-                                          eos_token_id=None, **kw)
+                                          max_position_embeddings=128, initializer_range=0.1, eos_token_id=None, **kw)
     torch.manual_seed(0)
     hf = getattr(transformers, model_name)(cfg).eval()
+    if family == "deepseek-v3":  # a non-zero selection bias: it must pick experts without weighting them
+        with torch.no_grad():
+            for layer in hf.model.layers[1:]:
+                layer.mlp.gate.e_score_correction_bias.copy_(torch.randn(8) * 0.5)
     hf.save_pretrained(tmp_path / "hf")
     ours = moekit.from_pretrained(tmp_path / "hf")
     ids = torch.randint(0, 96, (2, 15))

@@ -14,11 +14,12 @@ from pathlib import Path
 
 import torch
 
-from moekit.interop import mixtral, mlp_experts
+from moekit.interop import deepseek, mixtral, mlp_experts
 from moekit.interop.keymap import InteropError, SafetensorsDir, load_with_keymap
 from moekit.model import MoETransformer
 
-FAMILIES = {mixtral.ARCHITECTURE: mixtral, **{a: mlp_experts for a in mlp_experts.ARCHITECTURES}}
+FAMILIES = {mixtral.ARCHITECTURE: mixtral, **{a: mlp_experts for a in mlp_experts.ARCHITECTURES},
+            **{a: deepseek for a in deepseek.ARCHITECTURES}}
 
 
 def _read_config(path: Path) -> dict:

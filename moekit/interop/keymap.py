@@ -63,6 +63,7 @@ class Rule:
     target: str
     sources: list[str]
     experts: bool = False
+    optional: bool = False  # absent from some checkpoints of the family (the target keeps its default)
 
 
 @dataclass
@@ -72,7 +73,7 @@ class KeyMap:
 
 
 def load_with_keymap(model: torch.nn.Module, ckpt: SafetensorsDir, keymap: KeyMap, layer_is_moe: list[bool],
-                     num_experts: int, dtype: torch.dtype | None = None, optional: set[str] = frozenset()) -> None:
+                     num_experts: int, dtype: torch.dtype | None = None) -> None:
     """Fills ``model`` (possibly on the meta device) from ``ckpt`` following ``keymap``."""
     params = dict(model.state_dict())
     filled: dict[str, torch.Tensor] = {}
@@ -90,6 +91,8 @@ def load_with_keymap(model: torch.nn.Module, ckpt: SafetensorsDir, keymap: KeyMa
         target = rule.target.format(**fmt)
         if target not in params:
             return  # the rule is for a layer kind this layer is not (e.g. a dense FFN in an MoE layer)
+        if rule.optional and any(src.format(expert=0, **fmt) not in ckpt.where for src in rule.sources):
+            return
         if rule.experts:
             rows = []
             for e in range(num_experts):
@@ -101,8 +104,6 @@ def load_with_keymap(model: torch.nn.Module, ckpt: SafetensorsDir, keymap: KeyMa
         else:
             parts = [fetch(s.format(**fmt)) for s in rule.sources]
             if any(p is None for p in parts):
-                if target in optional:
-                    problems.pop()
                 return
             tensor = torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
         expected = tuple(params[target].shape)

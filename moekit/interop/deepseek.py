@@ -1,0 +1,74 @@
+"""DeepSeek-V3 (and V2 with the same layout): MLA, dense prefix, shared experts, group-limited routing."""
+
+from __future__ import annotations
+
+from moekit.config import MoEConfig, ModelConfig
+from moekit.interop.keymap import KeyMap, Rule
+from moekit.interop.mixtral import rope_theta
+
+ARCHITECTURES = ("DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM")
+
+
+def model_config(hf: dict) -> ModelConfig:
+    arch = hf["architectures"][0]
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"hidden_act={hf['hidden_act']!r} is not supported (only 'silu')")
+    d = hf["hidden_size"]
+    if arch == "DeepseekV3ForCausalLM":
+        if hf.get("scoring_func", "sigmoid") != "sigmoid":
+            raise ValueError(f"scoring_func={hf['scoring_func']!r} is not supported for DeepSeek-V3 (only 'sigmoid')")
+        router, group_score = "sigmoid", "top2_sum"
+    else:
+        method = hf.get("topk_method", "greedy")
+        if method not in ("greedy", "group_limited_greedy"):
+            raise ValueError(f"topk_method={method!r} is not supported (greedy, group_limited_greedy)")
+        router, group_score = "softmax_topk", "max"
+    grouped = arch == "DeepseekV3ForCausalLM" or hf.get("topk_method") == "group_limited_greedy"
+    n_group = hf.get("n_group") or 1 if grouped else 1
+    moe = MoEConfig(
+        d_model=d, num_experts=hf["n_routed_experts"], top_k=hf["num_experts_per_tok"],
+        expert_hidden=hf["moe_intermediate_size"], router=router, group_score=group_score,
+        n_group=n_group, topk_group=(hf.get("topk_group") or 1) if n_group > 1 else 1,
+        normalize_weights=bool(hf.get("norm_topk_prob", False)),
+        routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
+        num_shared_experts=hf.get("n_shared_experts") or 0, shared_expert_hidden=hf["moe_intermediate_size"],
+        aux_loss_coef=hf.get("aux_loss_alpha", 0.0) if arch == "DeepseekV2ForCausalLM" else 0.0)
+    moe_every = hf.get("moe_layer_freq", 1)
+    return ModelConfig(
+        vocab_size=hf["vocab_size"], d_model=d, n_layers=hf["num_hidden_layers"], n_heads=hf["num_attention_heads"],
+        max_seq_len=hf.get("max_position_embeddings", 4096), attention="mla", q_lora_rank=hf.get("q_lora_rank") or 0,
+        kv_lora_rank=hf["kv_lora_rank"], qk_nope_head_dim=hf["qk_nope_head_dim"],
+        qk_rope_head_dim=hf["qk_rope_head_dim"], v_head_dim=hf["v_head_dim"], rope_theta=rope_theta(hf),
+        rope_interleave=bool(hf.get("rope_interleave", True)), norm_eps=hf.get("rms_norm_eps", 1e-6),
+        tie_embeddings=hf.get("tie_word_embeddings", False), ffn_hidden=hf["intermediate_size"],
+        first_k_dense=hf.get("first_k_dense_replace", 0), moe_every=moe_every, moe=moe)
+
+
+L = "model.layers.{layer}"
+A = f"{L}.self_attn"
+KEYMAP = KeyMap(
+    global_=[Rule("embed.weight", ["model.embed_tokens.weight"]), Rule("norm.weight", ["model.norm.weight"]),
+             Rule("lm_head.weight", ["lm_head.weight"])],
+    per_layer=[
+        Rule("layers.{layer}.attn_norm.weight", [f"{L}.input_layernorm.weight"]),
+        Rule("layers.{layer}.ffn_norm.weight", [f"{L}.post_attention_layernorm.weight"]),
+        Rule("layers.{layer}.attn.q_a_proj.weight", [f"{A}.q_a_proj.weight"]),
+        Rule("layers.{layer}.attn.q_a_norm.weight", [f"{A}.q_a_layernorm.weight"]),
+        Rule("layers.{layer}.attn.q_b_proj.weight", [f"{A}.q_b_proj.weight"]),
+        Rule("layers.{layer}.attn.q_proj.weight", [f"{A}.q_proj.weight"]),
+        Rule("layers.{layer}.attn.kv_a_proj.weight", [f"{A}.kv_a_proj_with_mqa.weight"]),
+        Rule("layers.{layer}.attn.kv_a_norm.weight", [f"{A}.kv_a_layernorm.weight"]),
+        Rule("layers.{layer}.attn.kv_b_proj.weight", [f"{A}.kv_b_proj.weight"]),
+        Rule("layers.{layer}.attn.o_proj.weight", [f"{A}.o_proj.weight"]),
+        Rule("layers.{layer}.ffn.in_proj.weight", [f"{L}.mlp.gate_proj.weight", f"{L}.mlp.up_proj.weight"]),
+        Rule("layers.{layer}.ffn.down_proj.weight", [f"{L}.mlp.down_proj.weight"]),
+        Rule("layers.{layer}.ffn.router.weight_ED", [f"{L}.mlp.gate.weight"]),
+        Rule("layers.{layer}.ffn.router.expert_bias", [f"{L}.mlp.gate.e_score_correction_bias"], optional=True),
+        Rule("layers.{layer}.ffn.experts.w_in", [f"{L}.mlp.experts.{{expert}}.gate_proj.weight",
+                                                 f"{L}.mlp.experts.{{expert}}.up_proj.weight"], experts=True),
+        Rule("layers.{layer}.ffn.experts.w_out", [f"{L}.mlp.experts.{{expert}}.down_proj.weight"], experts=True),
+        Rule("layers.{layer}.ffn.shared.in_proj.weight", [f"{L}.mlp.shared_experts.gate_proj.weight",
+                                                          f"{L}.mlp.shared_experts.up_proj.weight"]),
+        Rule("layers.{layer}.ffn.shared.down_proj.weight", [f"{L}.mlp.shared_experts.down_proj.weight"]),
+    ],
+)
