@@ -83,7 +83,8 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, model_cfg:
     weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(weights, str(tmp / "model.safetensors"), metadata={"format": str(FORMAT)})
     _write_json(tmp / "config.json", {"format": FORMAT, "model": model_cfg.to_dict(), "train": train_cfg})
-    tokenizer.save(tmp)
+    if tokenizer is not None:
+        tokenizer.save(tmp)
     if optimizer is not None:
         tensors, opt_meta = _flatten_optimizer(optimizer)
         tensors["rng.torch"] = torch.get_rng_state()
@@ -179,7 +180,8 @@ def load_model(path: Path, dtype: torch.dtype | None = None):
     load_weights(ckpt, model)
     if dtype is not None:
         model = model.to(dtype)
-    return model.eval(), load_tokenizer(ckpt), config
+    has_tokenizer = (ckpt / "tokenizer.json").is_file() or (ckpt / "tokenizer_config.json").is_file()
+    return model.eval(), load_tokenizer(ckpt) if has_tokenizer else None, config
 
 
 def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:

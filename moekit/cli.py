@@ -5,6 +5,7 @@
     moekit train [options]            train a model (moekit train --help)
     moekit eval --model DIR           validation loss of a checkpoint
     moekit generate --model DIR --prompt TEXT   continue a prompt (streams; --json for ids)
+    moekit convert --from-hf DIR --out DIR | --to-hf DIR --out DIR
     moekit params PRESET [--json]     total and active parameters of a preset (meta device)
     moekit presets                    the known presets with their parameter counts
 """
@@ -117,6 +118,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from moekit.train.data import load_tokens, open_corpus
 
     model, tokenizer, config = load_model(Path(args.model))
+    if tokenizer is None:
+        raise ValueError(f"{args.model} has no tokenizer (tokenizer.json or tokenizer_config.json)")
     train_cfg = config.get("train") or {}
     data = args.data if args.data is not None else train_cfg.get("data")
     seq_len = args.seq_len or train_cfg.get("seq_len", 256)
@@ -128,11 +131,27 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
+def _model_and_tokenizer(path: Path):
+    """A moekit checkpoint/run with its tokenizer, or a Hugging Face directory with tokenizer.json."""
     from moekit.checkpoint import load_model
+    from moekit.interop import from_pretrained
+    from moekit.tokenizer import HFTokenizer
+
+    if (path / "config.json").is_file() and not (path / "manifest.json").is_file():
+        model = from_pretrained(path)
+        if not (path / "tokenizer.json").is_file():
+            raise FileNotFoundError(f"{path / 'tokenizer.json'} not found: generate needs the model's tokenizer")
+        return model, HFTokenizer.from_file(path / "tokenizer.json")
+    model, tokenizer, _ = load_model(path)
+    if tokenizer is None:
+        raise ValueError(f"{path} has no tokenizer (tokenizer.json or tokenizer_config.json)")
+    return model, tokenizer
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
     from moekit.generate import generate
 
-    model, tokenizer, _ = load_model(Path(args.model))
+    model, tokenizer = _model_and_tokenizer(Path(args.model))
     prompt = tokenizer.encode(args.prompt)
     stop = [tokenizer.eot_id] if getattr(tokenizer, "eot_id", None) is not None else []
     ids: list[int] = []
@@ -155,6 +174,35 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(json.dumps({"prompt_ids": prompt, "ids": res.tokens[0], "text": tokenizer.decode(res.tokens[0])}))
     else:
         sys.stdout.write(tokenizer.decode(ids)[len(shown):] + "\n")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    import shutil
+
+    from moekit.checkpoint import load_model, save_checkpoint
+    from moekit.interop import from_pretrained, to_hf
+    from moekit.tokenizer import HFTokenizer
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"--out {out} exists and is not empty; choose an empty or new directory")
+    if args.from_hf:
+        src = Path(args.from_hf)
+        model = from_pretrained(src)
+        tok = HFTokenizer.from_file(src / "tokenizer.json") if (src / "tokenizer.json").is_file() else None
+        path = save_checkpoint(out, 0, model, model.cfg, tok)
+        print(json.dumps({"checkpoint": str(path), "architecture": "moekit"}))
+    else:
+        src = Path(args.to_hf)
+        model, tok, _ = load_model(src)
+        arch = to_hf(model, out, args.architecture)
+        if tok is not None and tok.kind == "hf":
+            tok.save(out)
+        elif tok is not None:
+            print(f"moekit: note: the byte tokenizer has no tokenizer.json; {out} has weights and config only",
+                  file=sys.stderr)
+        print(json.dumps({"out": str(out), "architecture": arch}))
     return 0
 
 
@@ -232,6 +280,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--json", action="store_true", help="print the token ids and the text as JSON")
     p.set_defaults(fn=cmd_generate)
+
+    p = sub.add_parser("convert", help="Hugging Face directory <-> moekit checkpoint")
+    way = p.add_mutually_exclusive_group(required=True)
+    way.add_argument("--from-hf", dest="from_hf", metavar="DIR", help="a Hugging Face model directory")
+    way.add_argument("--to-hf", dest="to_hf", metavar="DIR", help="a moekit checkpoint or run directory")
+    p.add_argument("--out", required=True, help="a new or empty directory")
+    p.add_argument("--architecture", help="with --to-hf: force one (default: the first that fits)")
+    p.set_defaults(fn=cmd_convert)
 
     p = sub.add_parser("presets", help="list the presets")
     p.set_defaults(fn=cmd_presets)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import moekit
-from moekit.interop import InteropError
+from moekit.interop import InteropError, to_hf
 
 transformers = pytest.importorskip("transformers")
 
@@ -128,3 +128,60 @@ def test_moekit_checkpoint_loads_through_from_pretrained(tmp_path):
     shutil.rmtree(tmp_path / "ckpt-00000001")
     with pytest.raises(ValueError, match="not a moekit checkpoint"):
         moekit.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("family", ["mixtral", *FAMILIES])
+def test_export_round_trip_through_transformers(tmp_path, family):
+    """moekit -> HF directory -> transformers: identical logits (and back into moekit)."""
+    if family == "mixtral":
+        _, path = _tiny_mixtral(tmp_path)
+    else:
+        cfg_name, model_name, kw = FAMILIES[family]
+        kw = {"num_key_value_heads": 2, **kw}
+        cfg = getattr(transformers, cfg_name)(vocab_size=96, hidden_size=32, num_hidden_layers=3,
+                                              num_attention_heads=4, max_position_embeddings=128,
+                                              initializer_range=0.1, eos_token_id=None, **kw)
+        torch.manual_seed(0)
+        getattr(transformers, model_name)(cfg).save_pretrained(tmp_path / "hf")
+        path = tmp_path / "hf"
+    ours = moekit.from_pretrained(path)
+    if family == "deepseek-v2":
+        with pytest.raises(ValueError, match="fits no exportable architecture"):
+            to_hf(ours, tmp_path / "out")
+        return
+    to_hf(ours, tmp_path / "out")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    ids = torch.randint(0, 96, (2, 11))
+    with torch.no_grad():
+        assert (back(ids).logits - ours(ids).logits).abs().max().item() < 1e-4
+    again = moekit.from_pretrained(tmp_path / "out")
+    torch.testing.assert_close(again(ids).logits, ours(ids).logits)
+
+
+def test_trained_moekit_model_exports_as_mixtral(tmp_path):
+    model = moekit.MoETransformer(moekit.ModelConfig.from_name("tiny")).eval()
+    assert to_hf(model, tmp_path / "out") == "MixtralForCausalLM"
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    ids = torch.randint(0, 256, (1, 9))
+    with torch.no_grad():
+        assert (back(ids).logits - model(ids).logits).abs().max().item() < 1e-4
+    with pytest.raises(ValueError, match="not empty"):
+        to_hf(model, tmp_path / "out")
+
+
+def test_cli_convert_both_ways(tmp_path):
+    import subprocess
+    import sys
+
+    _, path = _tiny_mixtral(tmp_path)
+    run = lambda *a: subprocess.run([sys.executable, "-m", "moekit", "convert", *a], capture_output=True, text=True)  # noqa: E731
+    res = run("--from-hf", str(path), "--out", str(tmp_path / "mk"))
+    assert res.returncode == 0, res.stderr
+    res = run("--to-hf", str(tmp_path / "mk"), "--out", str(tmp_path / "hf2"))
+    assert res.returncode == 0, res.stderr and json.loads(res.stdout)["architecture"] == "MixtralForCausalLM"
+    ids = torch.randint(0, 96, (1, 7))
+    a = moekit.from_pretrained(path)(ids).logits
+    b = moekit.from_pretrained(tmp_path / "hf2")(ids).logits
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    res = run("--to-hf", str(tmp_path / "mk"), "--out", str(tmp_path / "hf2"))
+    assert res.returncode == 2 and "not empty" in res.stderr

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from moekit.interop import deepseek, mixtral, mlp_experts
-from moekit.interop.keymap import InteropError, SafetensorsDir, load_with_keymap
+from moekit.interop.keymap import InteropError, SafetensorsDir, export_with_keymap, load_with_keymap
 from moekit.model import MoETransformer
 
 FAMILIES = {mixtral.ARCHITECTURE: mixtral, **{a: mlp_experts for a in mlp_experts.ARCHITECTURES},
@@ -65,4 +65,41 @@ def from_pretrained(path: str | Path, dtype: torch.dtype | None = None) -> MoETr
     return model.eval()
 
 
-__all__ = ["FAMILIES", "InteropError", "from_pretrained"]
+# architecture -> (moekit config -> HF config dict, key map)
+EXPORTERS = {mixtral.ARCHITECTURE: (mixtral.hf_config, mixtral.KEYMAP),
+             **{a: (fn, mlp_experts.KEYMAP) for a, fn in mlp_experts.EXPORT.items()},
+             **{a: (fn, deepseek.KEYMAP) for a, fn in deepseek.EXPORT.items()}}
+
+
+def to_hf(model: MoETransformer, out: str | Path, architecture: str | None = None) -> str:
+    """Writes a Hugging Face directory (config.json + model.safetensors) that transformers loads with
+    the same logits; returns the architecture used (the first that can express the model when
+    ``architecture`` is None). Refuses to write into a non-empty directory."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"--out {out} exists and is not empty; choose an empty or new directory")
+    reasons = {}
+    for arch, (hf_config, keymap) in EXPORTERS.items():
+        if architecture not in (None, arch):
+            continue
+        try:
+            hf = hf_config(model.cfg)
+        except ValueError as err:
+            reasons[arch] = str(err)
+            continue
+        tensors = export_with_keymap(model, keymap, model.cfg.moe.num_experts if model.cfg.moe else 0)
+        if model.cfg.tie_embeddings:
+            tensors.pop("lm_head.weight", None)
+        out.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+        (out / "config.json").write_text(json.dumps({**hf, "torch_dtype": "float32"}, indent=2) + "\n")
+        return arch
+    if architecture is not None and architecture not in EXPORTERS:
+        raise ValueError(f"--architecture {architecture!r} cannot be exported; exportable: {', '.join(EXPORTERS)}")
+    raise ValueError(f"this model fits no exportable architecture: " +
+                     "; ".join(f"{a}: {r}" for a, r in reasons.items()))
+
+
+__all__ = ["FAMILIES", "InteropError", "from_pretrained", "to_hf"]

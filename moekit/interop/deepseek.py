@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from moekit.config import MoEConfig, ModelConfig
 from moekit.interop.keymap import KeyMap, Rule
-from moekit.interop.mixtral import rope_theta
+from moekit.interop.mixtral import _require, rope_theta
 
 ARCHITECTURES = ("DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM")
 
@@ -72,3 +72,33 @@ KEYMAP = KeyMap(
         Rule("layers.{layer}.ffn.shared.down_proj.weight", [f"{L}.mlp.shared_experts.down_proj.weight"]),
     ],
 )
+
+
+def v3_config(cfg: ModelConfig) -> dict:
+    """transformers' DeepseekV3Config for a moekit model it can express (ValueError otherwise)."""
+    m = cfg.moe
+    _require(cfg.attention == "mla" and cfg.norm == "rmsnorm" and m is not None and m.router == "sigmoid"
+             and m.activation == "swiglu" and not m.mlp_bias and not m.dense_hidden and not m.shared_expert_gate
+             and cfg.moe_every == 1 and cfg.rope_interleave and not cfg.sandwich_norm
+             and cfg.embedding_multiplier == 1 and cfg.logit_multiplier == 1 and not cfg.attn_logit_softcap,
+             "DeepSeek-V3: MLA, sigmoid routing, SwiGLU experts, interleaved rope")
+    _require(not m.shared_hidden or m.shared_hidden == m.num_shared_experts * m.expert_hidden,
+             "shared experts must have the routed experts' width")
+    return {
+        "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model, "intermediate_size": cfg.ffn_hidden or m.expert_hidden,
+        "moe_intermediate_size": m.expert_hidden, "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_heads,
+        "q_lora_rank": cfg.q_lora_rank or None, "kv_lora_rank": cfg.kv_lora_rank,
+        "qk_nope_head_dim": cfg.qk_nope_head_dim, "qk_rope_head_dim": cfg.qk_rope_head_dim,
+        "v_head_dim": cfg.v_head_dim, "head_dim": cfg.qk_rope_head_dim, "n_routed_experts": m.num_experts,
+        "num_experts_per_tok": m.top_k, "n_group": m.n_group, "topk_group": m.topk_group,
+        "n_shared_experts": m.num_shared_experts, "first_k_dense_replace": cfg.first_k_dense,
+        "routed_scaling_factor": m.routed_scaling_factor, "norm_topk_prob": m.normalize_weights,
+        "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps, "rope_interleave": True,
+        "rope_parameters": {"rope_theta": cfg.rope_theta, "rope_type": "default"}, "rope_scaling": None,
+        "hidden_act": "silu", "tie_word_embeddings": cfg.tie_embeddings, "num_nextn_predict_layers": 0,
+    }
+
+
+EXPORT = {"DeepseekV3ForCausalLM": v3_config}

@@ -132,3 +132,36 @@ def load_with_keymap(model: torch.nn.Module, ckpt: SafetensorsDir, keymap: KeyMa
 def _is_buffer_with_default(name: str) -> bool:
     # routers' aux-loss-free state: zeros unless the checkpoint carries a bias (mapped explicitly)
     return name.endswith(("router.expert_bias", "router.load_since_update"))
+
+
+def export_with_keymap(model: torch.nn.Module, keymap: KeyMap, num_experts: int) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`load_with_keymap`: moekit tensors split and unstacked into checkpoint keys.
+    Concatenated sources are equal-sized along dim 0 (gate and up projections)."""
+    state = model.state_dict()
+    out: dict[str, torch.Tensor] = {}
+    used: set[str] = set()
+
+    def emit(rule: Rule, fmt: dict) -> None:
+        target = rule.target.format(**fmt)
+        if target not in state:
+            return
+        used.add(target)
+        tensor = state[target].detach().cpu()
+        if rule.experts:
+            for e in range(num_experts):
+                for src, part in zip(rule.sources, tensor[e].chunk(len(rule.sources), dim=0)):
+                    out[src.format(expert=e, **fmt)] = part.contiguous()
+        else:
+            for src, part in zip(rule.sources, tensor.chunk(len(rule.sources), dim=0)):
+                out[src.format(**fmt)] = part.contiguous()
+
+    for rule in keymap.global_:
+        emit(rule, {})
+    n_layers = len(getattr(model, "layers", []))
+    for i in range(n_layers):
+        for rule in keymap.per_layer:
+            emit(rule, {"layer": i})
+    left = sorted(k for k in state if k not in used and not _is_buffer_with_default(k))
+    if left:
+        raise InteropError(f"these moekit tensors have no place in the target format: {left[:8]}")
+    return out

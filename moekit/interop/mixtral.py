@@ -50,3 +50,30 @@ KEYMAP = KeyMap(
              experts=True),
     ],
 )
+
+
+def _require(ok: bool, what: str) -> None:
+    if not ok:
+        raise ValueError(what)
+
+
+def hf_config(cfg: ModelConfig) -> dict:
+    """transformers' MixtralConfig fields for a moekit model Mixtral can express (ValueError otherwise)."""
+    m = cfg.moe
+    _require(m is not None and cfg.attention == "gqa" and cfg.norm == "rmsnorm", "needs GQA, RMSNorm and MoE")
+    _require(all(cfg.is_moe_layer(i) for i in range(cfg.n_layers)), "every layer must be MoE")
+    _require(not (cfg.qkv_bias or cfg.qk_norm or cfg.clip_qkv or cfg.sandwich_norm or cfg.parallel_residual_mlp
+                  or cfg.attn_logit_softcap or cfg.rope_interleave), "plain attention and blocks only")
+    _require(cfg.embedding_multiplier == 1 and cfg.logit_multiplier == 1, "no embedding/logit multipliers")
+    _require(m.router == "softmax_topk" and m.normalize_weights and m.n_group == 1 and m.routed_scaling_factor == 1
+             and m.activation == "swiglu" and not m.mlp_bias and not m.shared_hidden and not m.dense_hidden,
+             "softmax top-k with renormalised weights, SwiGLU experts, no shared or dense experts")
+    return {
+        "architectures": [ARCHITECTURE], "model_type": "mixtral", "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model, "intermediate_size": m.expert_hidden, "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
+        "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
+        "rope_parameters": {"rope_theta": cfg.rope_theta, "rope_type": "default"},
+        "num_local_experts": m.num_experts, "num_experts_per_tok": m.top_k, "hidden_act": "silu",
+        "tie_word_embeddings": cfg.tie_embeddings, "router_aux_loss_coef": m.aux_loss_coef, "sliding_window": None,
+    }

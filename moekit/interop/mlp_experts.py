@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from moekit.config import MoEConfig, ModelConfig
 from moekit.interop.keymap import KeyMap, Rule
-from moekit.interop.mixtral import rope_theta
+from moekit.interop.mixtral import _require, rope_theta
 
 ARCHITECTURES = ("Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "OlmoeForCausalLM")
 
@@ -77,3 +77,52 @@ KEYMAP = KeyMap(
         Rule("layers.{layer}.ffn.shared_gate.weight", [f"{L}.mlp.shared_expert_gate.weight"]),
     ],
 )
+
+
+def _common(cfg: ModelConfig, arch: str, model_type: str) -> dict:
+    m = cfg.moe
+    _require(m is not None and cfg.attention == "gqa" and cfg.norm == "rmsnorm", "needs GQA, RMSNorm and MoE")
+    _require(not (cfg.clip_qkv or cfg.sandwich_norm or cfg.parallel_residual_mlp or cfg.attn_logit_softcap
+                  or cfg.rope_interleave or cfg.embedding_multiplier != 1 or cfg.logit_multiplier != 1),
+             "plain blocks only")
+    _require(m.router == "softmax_topk" and m.n_group == 1 and m.routed_scaling_factor == 1 and m.activation == "swiglu"
+             and not m.mlp_bias and not m.dense_hidden and m.softmax_order == "before", "softmax top-k, SwiGLU experts")
+    return {
+        "architectures": [arch], "model_type": model_type, "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
+        "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads,
+        "head_dim": cfg.head_dim, "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
+        "rope_parameters": {"rope_theta": cfg.rope_theta, "rope_type": "default"}, "hidden_act": "silu",
+        "tie_word_embeddings": cfg.tie_embeddings, "num_experts": m.num_experts, "num_local_experts": m.num_experts,
+        "num_experts_per_tok": m.top_k, "norm_topk_prob": m.normalize_weights,
+        "router_aux_loss_coef": m.aux_loss_coef,
+    }
+
+
+def _qwen_layers(cfg: ModelConfig) -> dict:
+    return {"moe_intermediate_size": cfg.moe.expert_hidden, "intermediate_size": cfg.ffn_hidden or cfg.moe.expert_hidden,
+            "decoder_sparse_step": cfg.moe_every, "mlp_only_layers": list(range(cfg.first_k_dense)),
+            "use_sliding_window": False}
+
+
+def qwen3_config(cfg: ModelConfig) -> dict:
+    _require(cfg.qk_norm == "head" and not cfg.qkv_bias and not (cfg.moe and cfg.moe.shared_hidden),
+             "Qwen3-MoE: per-head QK norm, no qkv bias, no shared experts")
+    return {**_common(cfg, "Qwen3MoeForCausalLM", "qwen3_moe"), **_qwen_layers(cfg), "attention_bias": False}
+
+
+def qwen2_config(cfg: ModelConfig) -> dict:
+    m = cfg.moe
+    _require(cfg.qk_norm is None and cfg.qkv_bias and m is not None and m.num_shared_experts == 1
+             and m.shared_expert_gate, "Qwen2-MoE: qkv bias, one gated shared expert")
+    return {**_common(cfg, "Qwen2MoeForCausalLM", "qwen2_moe"), **_qwen_layers(cfg),
+            "shared_expert_intermediate_size": m.shared_hidden, "qkv_bias": True}
+
+
+def olmoe_config(cfg: ModelConfig) -> dict:
+    _require(cfg.qk_norm == "full" and not cfg.qkv_bias and cfg.first_k_dense == 0 and cfg.moe_every == 1
+             and not (cfg.moe and cfg.moe.shared_hidden), "OLMoE: full-width QK norm, every layer MoE, no shared")
+    return {**_common(cfg, "OlmoeForCausalLM", "olmoe"), "intermediate_size": cfg.moe.expert_hidden,
+            "clip_qkv": None, "attention_bias": False}
+
+
+EXPORT = {"Qwen3MoeForCausalLM": qwen3_config, "Qwen2MoeForCausalLM": qwen2_config, "OlmoeForCausalLM": olmoe_config}
