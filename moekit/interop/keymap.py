@@ -55,6 +55,9 @@ class SafetensorsDir:
     def get(self, key: str) -> torch.Tensor:
         return self._handles[self.where[key]].get_tensor(key)
 
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._handles[self.where[key]].get_slice(key).get_shape())
+
 
 @dataclass
 class Rule:
@@ -93,25 +96,31 @@ def load_with_keymap(model: torch.nn.Module, ckpt: SafetensorsDir, keymap: KeyMa
             return  # the rule is for a layer kind this layer is not (e.g. a dense FFN in an MoE layer)
         if rule.optional and any(src.format(expert=0, **fmt) not in ckpt.where for src in rule.sources):
             return
-        if rule.experts:
-            rows = []
-            for e in range(num_experts):
-                parts = [fetch(s.format(expert=e, **fmt)) for s in rule.sources]
-                if any(p is None for p in parts):
-                    return
-                rows.append(torch.cat(parts, dim=0))
-            tensor = torch.stack(rows)
-        else:
-            parts = [fetch(s.format(**fmt)) for s in rule.sources]
-            if any(p is None for p in parts):
-                return
-            tensor = torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
         expected = tuple(params[target].shape)
-        if tuple(tensor.shape) != expected:
-            problems.append(f"shape mismatch for {target}: checkpoint {tuple(tensor.shape)} vs model {expected} "
+        names = [[s.format(expert=e, **fmt) for s in rule.sources] for e in range(num_experts if rule.experts else 1)]
+        for row in names:
+            for name in row:
+                if name not in ckpt.where:
+                    problems.append(f"missing key {name}")
+                    return
+        # Shapes from the headers first, then one preallocated tensor filled part by part: no
+        # concatenated or stacked temporaries, so loading peaks near the model's own size.
+        part_rows = [[ckpt.shape(n) for n in row] for row in names]
+        row_shape = (sum(p[0] for p in part_rows[0]), *part_rows[0][0][1:])
+        got = (len(names), *row_shape) if rule.experts else row_shape
+        if got != expected or any(p[1:] != part_rows[0][0][1:] for row in part_rows for p in row) or \
+                any(row != part_rows[0] for row in part_rows):
+            problems.append(f"shape mismatch for {target}: checkpoint {got} vs model {expected} "
                             f"(from {', '.join(s.format(expert='*', **fmt) for s in rule.sources)})")
             return
-        filled[target] = tensor.to(dtype or params[target].dtype)
+        tensor = torch.empty(expected, dtype=dtype or params[target].dtype)
+        for e, row in enumerate(names):
+            dst = tensor[e] if rule.experts else tensor
+            offset = 0
+            for name, shape in zip(row, part_rows[e]):
+                dst[offset:offset + shape[0]].copy_(fetch(name))
+                offset += shape[0]
+        filled[target] = tensor
 
     for rule in keymap.global_:
         apply(rule, {})
