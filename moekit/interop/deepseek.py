@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from moekit.config import MoEConfig, ModelConfig
-from moekit.interop.keymap import KeyMap, Rule
+from moekit.interop.keymap import HF_LAYER, LLAMA_GLOBAL, LLAMA_NORMS, KeyMap, Rule, swiglu_rules
 from moekit.interop.mixtral import _require, rope_theta
 
 ARCHITECTURES = ("DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM")
@@ -44,32 +44,21 @@ def model_config(hf: dict) -> ModelConfig:
         first_k_dense=hf.get("first_k_dense_replace", 0), moe_every=moe_every, moe=moe)
 
 
-L = "model.layers.{layer}"
+L = HF_LAYER
 A = f"{L}.self_attn"
 KEYMAP = KeyMap(
-    global_=[Rule("embed.weight", ["model.embed_tokens.weight"]), Rule("norm.weight", ["model.norm.weight"]),
-             Rule("lm_head.weight", ["lm_head.weight"])],
+    global_=LLAMA_GLOBAL,
     per_layer=[
-        Rule("layers.{layer}.attn_norm.weight", [f"{L}.input_layernorm.weight"]),
-        Rule("layers.{layer}.ffn_norm.weight", [f"{L}.post_attention_layernorm.weight"]),
-        Rule("layers.{layer}.attn.q_a_proj.weight", [f"{A}.q_a_proj.weight"]),
-        Rule("layers.{layer}.attn.q_a_norm.weight", [f"{A}.q_a_layernorm.weight"]),
-        Rule("layers.{layer}.attn.q_b_proj.weight", [f"{A}.q_b_proj.weight"]),
-        Rule("layers.{layer}.attn.q_proj.weight", [f"{A}.q_proj.weight"]),
-        Rule("layers.{layer}.attn.kv_a_proj.weight", [f"{A}.kv_a_proj_with_mqa.weight"]),
-        Rule("layers.{layer}.attn.kv_a_norm.weight", [f"{A}.kv_a_layernorm.weight"]),
-        Rule("layers.{layer}.attn.kv_b_proj.weight", [f"{A}.kv_b_proj.weight"]),
-        Rule("layers.{layer}.attn.o_proj.weight", [f"{A}.o_proj.weight"]),
-        Rule("layers.{layer}.ffn.in_proj.weight", [f"{L}.mlp.gate_proj.weight", f"{L}.mlp.up_proj.weight"]),
-        Rule("layers.{layer}.ffn.down_proj.weight", [f"{L}.mlp.down_proj.weight"]),
+        *LLAMA_NORMS,
+        *[Rule(f"layers.{{layer}}.attn.{ours}.weight", [f"{A}.{theirs}.weight"]) for ours, theirs in (
+            ("q_a_proj", "q_a_proj"), ("q_a_norm", "q_a_layernorm"), ("q_b_proj", "q_b_proj"), ("q_proj", "q_proj"),
+            ("kv_a_proj", "kv_a_proj_with_mqa"), ("kv_a_norm", "kv_a_layernorm"), ("kv_b_proj", "kv_b_proj"),
+            ("o_proj", "o_proj"))],
+        *swiglu_rules("layers.{layer}.ffn", f"{L}.mlp"),  # the dense prefix
         Rule("layers.{layer}.ffn.router.weight_ED", [f"{L}.mlp.gate.weight"]),
         Rule("layers.{layer}.ffn.router.expert_bias", [f"{L}.mlp.gate.e_score_correction_bias"], optional=True),
-        Rule("layers.{layer}.ffn.experts.w_in", [f"{L}.mlp.experts.{{expert}}.gate_proj.weight",
-                                                 f"{L}.mlp.experts.{{expert}}.up_proj.weight"], experts=True),
-        Rule("layers.{layer}.ffn.experts.w_out", [f"{L}.mlp.experts.{{expert}}.down_proj.weight"], experts=True),
-        Rule("layers.{layer}.ffn.shared.in_proj.weight", [f"{L}.mlp.shared_experts.gate_proj.weight",
-                                                          f"{L}.mlp.shared_experts.up_proj.weight"]),
-        Rule("layers.{layer}.ffn.shared.down_proj.weight", [f"{L}.mlp.shared_experts.down_proj.weight"]),
+        *swiglu_rules("layers.{layer}.ffn.experts", f"{L}.mlp.experts.{{expert}}", experts=True),
+        *swiglu_rules("layers.{layer}.ffn.shared", f"{L}.mlp.shared_experts"),
     ],
 )
 

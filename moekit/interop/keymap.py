@@ -75,6 +75,24 @@ class KeyMap:
     global_: list[Rule] = field(default_factory=list)
 
 
+# ---- rules shared by the Llama-style families -----------------------------------------------------
+HF_LAYER = "model.layers.{layer}"
+LLAMA_GLOBAL = [Rule("embed.weight", ["model.embed_tokens.weight"]), Rule("norm.weight", ["model.norm.weight"]),
+                Rule("lm_head.weight", ["lm_head.weight"])]
+LLAMA_NORMS = [Rule("layers.{layer}.attn_norm.weight", [f"{HF_LAYER}.input_layernorm.weight"]),
+               Rule("layers.{layer}.ffn_norm.weight", [f"{HF_LAYER}.post_attention_layernorm.weight"])]
+
+
+def swiglu_rules(target: str, source: str, experts: bool = False) -> list[Rule]:
+    """A gate/up/down SwiGLU MLP (``{source}.gate_proj`` …) into moekit's fused ``in`` and ``out``
+    projections; ``experts``: per expert (``{source}`` holds ``{expert}``) into stacked weights."""
+    gate_up = [f"{source}.gate_proj.weight", f"{source}.up_proj.weight"]
+    if experts:
+        return [Rule(f"{target}.w_in", gate_up, experts=True),
+                Rule(f"{target}.w_out", [f"{source}.down_proj.weight"], experts=True)]
+    return [Rule(f"{target}.in_proj.weight", gate_up), Rule(f"{target}.down_proj.weight", [f"{source}.down_proj.weight"])]
+
+
 def load_with_keymap(model: torch.nn.Module, ckpt: SafetensorsDir, keymap: KeyMap, layer_is_moe: list[bool],
                      num_experts: int, dtype: torch.dtype | None = None) -> None:
     """Fills ``model`` (possibly on the meta device) from ``ckpt`` following ``keymap``."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from moekit.config import MoEConfig, ModelConfig
-from moekit.interop.keymap import KeyMap, Rule
+from moekit.interop.keymap import HF_LAYER, LLAMA_GLOBAL, LLAMA_NORMS, KeyMap, Rule
 
 ARCHITECTURE = "MixtralForCausalLM"
 
@@ -34,19 +34,17 @@ def model_config(hf: dict) -> ModelConfig:
 
 
 KEYMAP = KeyMap(
-    global_=[Rule("embed.weight", ["model.embed_tokens.weight"]), Rule("norm.weight", ["model.norm.weight"]),
-             Rule("lm_head.weight", ["lm_head.weight"])],
+    global_=LLAMA_GLOBAL,
     per_layer=[
-        Rule("layers.{layer}.attn_norm.weight", ["model.layers.{layer}.input_layernorm.weight"]),
-        Rule("layers.{layer}.ffn_norm.weight", ["model.layers.{layer}.post_attention_layernorm.weight"]),
-        *[Rule(f"layers.{{layer}}.attn.{p}.weight", [f"model.layers.{{layer}}.self_attn.{p}.weight"])
+        *LLAMA_NORMS,
+        *[Rule(f"layers.{{layer}}.attn.{p}.weight", [f"{HF_LAYER}.self_attn.{p}.weight"])
           for p in ("q_proj", "k_proj", "v_proj", "o_proj")],
-        Rule("layers.{layer}.ffn.router.weight_ED", ["model.layers.{layer}.block_sparse_moe.gate.weight"]),
+        Rule("layers.{layer}.ffn.router.weight_ED", [f"{HF_LAYER}.block_sparse_moe.gate.weight"]),
         # w1 = gate, w3 = up, w2 = down; moekit's w_in is [gate; up]
-        Rule("layers.{layer}.ffn.experts.w_in", ["model.layers.{layer}.block_sparse_moe.experts.{expert}.w1.weight",
-                                                 "model.layers.{layer}.block_sparse_moe.experts.{expert}.w3.weight"],
+        Rule("layers.{layer}.ffn.experts.w_in", [f"{HF_LAYER}.block_sparse_moe.experts.{{expert}}.w1.weight",
+                                                 f"{HF_LAYER}.block_sparse_moe.experts.{{expert}}.w3.weight"],
              experts=True),
-        Rule("layers.{layer}.ffn.experts.w_out", ["model.layers.{layer}.block_sparse_moe.experts.{expert}.w2.weight"],
+        Rule("layers.{layer}.ffn.experts.w_out", [f"{HF_LAYER}.block_sparse_moe.experts.{{expert}}.w2.weight"],
              experts=True),
     ],
 )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from moekit.config import MoEConfig, ModelConfig
-from moekit.interop.keymap import KeyMap, Rule
+from moekit.interop.keymap import HF_LAYER, LLAMA_GLOBAL, LLAMA_NORMS, KeyMap, Rule, swiglu_rules
 from moekit.interop.mixtral import _require, rope_theta
 
 ARCHITECTURES = ("Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "OlmoeForCausalLM")
@@ -51,29 +51,20 @@ def _proj(src: str, dst: str, bias: bool = False) -> list[Rule]:
     return rules + ([Rule(f"{dst}.bias", [f"{src}.bias"])] if bias else [])
 
 
-L = "model.layers.{layer}"
+L = HF_LAYER
 KEYMAP = KeyMap(
-    global_=[Rule("embed.weight", ["model.embed_tokens.weight"]), Rule("norm.weight", ["model.norm.weight"]),
-             Rule("lm_head.weight", ["lm_head.weight"])],
+    global_=LLAMA_GLOBAL,
     per_layer=[
-        Rule("layers.{layer}.attn_norm.weight", [f"{L}.input_layernorm.weight"]),
-        Rule("layers.{layer}.ffn_norm.weight", [f"{L}.post_attention_layernorm.weight"]),
+        *LLAMA_NORMS,
         *[r for p in ("q_proj", "k_proj", "v_proj") for r in _proj(f"{L}.self_attn.{p}", f"layers.{{layer}}.attn.{p}",
                                                                    bias=True)],
         Rule("layers.{layer}.attn.o_proj.weight", [f"{L}.self_attn.o_proj.weight"]),
         Rule("layers.{layer}.attn.q_norm.weight", [f"{L}.self_attn.q_norm.weight"]),
         Rule("layers.{layer}.attn.k_norm.weight", [f"{L}.self_attn.k_norm.weight"]),
-        # dense layers
-        Rule("layers.{layer}.ffn.in_proj.weight", [f"{L}.mlp.gate_proj.weight", f"{L}.mlp.up_proj.weight"]),
-        Rule("layers.{layer}.ffn.down_proj.weight", [f"{L}.mlp.down_proj.weight"]),
-        # MoE layers
+        *swiglu_rules("layers.{layer}.ffn", f"{L}.mlp"),  # dense layers
         Rule("layers.{layer}.ffn.router.weight_ED", [f"{L}.mlp.gate.weight"]),
-        Rule("layers.{layer}.ffn.experts.w_in", [f"{L}.mlp.experts.{{expert}}.gate_proj.weight",
-                                                 f"{L}.mlp.experts.{{expert}}.up_proj.weight"], experts=True),
-        Rule("layers.{layer}.ffn.experts.w_out", [f"{L}.mlp.experts.{{expert}}.down_proj.weight"], experts=True),
-        Rule("layers.{layer}.ffn.shared.in_proj.weight", [f"{L}.mlp.shared_expert.gate_proj.weight",
-                                                          f"{L}.mlp.shared_expert.up_proj.weight"]),
-        Rule("layers.{layer}.ffn.shared.down_proj.weight", [f"{L}.mlp.shared_expert.down_proj.weight"]),
+        *swiglu_rules("layers.{layer}.ffn.experts", f"{L}.mlp.experts.{{expert}}", experts=True),
+        *swiglu_rules("layers.{layer}.ffn.shared", f"{L}.mlp.shared_expert"),
         Rule("layers.{layer}.ffn.shared_gate.weight", [f"{L}.mlp.shared_expert_gate.weight"]),
     ],
 )
