@@ -61,7 +61,8 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return []
-    return sorted(p for p in run_dir.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
+    return sorted(p for p in run_dir.iterdir() if p.is_dir() and p.name.startswith(PREFIX)
+                  and (p / "manifest.json").is_file())
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -97,10 +98,14 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, model_cfg:
         with open(p, "rb") as fh:
             os.fsync(fh.fileno())
     _fsync_dir(tmp)
+    old = None
     if final.exists():  # re-saving the same step (e.g. a signal right after a periodic save)
-        shutil.rmtree(final)
+        old = run_dir / f".old-{PREFIX}{step:08d}-{os.getpid()}"
+        os.rename(final, old)  # the previous copy stays whole until the new one is in place
     os.rename(tmp, final)
     _fsync_dir(run_dir)
+    if old is not None:
+        shutil.rmtree(old)
 
     if keep_last:
         for old in checkpoint_dirs(run_dir)[:-keep_last]:
@@ -110,8 +115,9 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, model_cfg:
 
 def clean_partial(run_dir: Path) -> None:
     """Removes temporary directories a killed save left behind (never a complete checkpoint)."""
-    for p in Path(run_dir).glob(f".tmp-{PREFIX}*"):
-        shutil.rmtree(p, ignore_errors=True)
+    for pattern in (f".tmp-{PREFIX}*", f".old-{PREFIX}*"):
+        for p in Path(run_dir).glob(pattern):
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def verify(ckpt: Path) -> dict:
@@ -160,7 +166,10 @@ def load_weights(ckpt: Path, model: torch.nn.Module) -> None:
         state = load_file(str(path))
     except (SafetensorError, OSError) as err:
         raise CheckpointError(f"{path} cannot be read: {err}") from None
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:
+        raise CheckpointError(f"{path} does not fit the model: {err}") from None
     if missing or unexpected:
         raise CheckpointError(f"{path} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
@@ -200,7 +209,11 @@ def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torc
 def load_trainer_state(ckpt: Path, optimizer: torch.optim.Optimizer) -> dict:
     """Restores the optimizer and the torch RNG; returns state.json."""
     ckpt = Path(ckpt)
-    state = json.loads((ckpt / "state.json").read_text())
+    try:
+        state = json.loads((ckpt / "state.json").read_text())
+        state["optimizer"]["param_groups"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{ckpt / 'state.json'} is not a training state: {err!r}") from None
     path = ckpt / "trainer.safetensors"
     try:
         tensors = load_file(str(path))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any
 
 ROUTERS = ("softmax_topk", "switch", "noisy_topk", "sigmoid", "expert_choice", "soft")
@@ -98,8 +99,8 @@ class MoEConfig:
         num_shared_experts, shared_expert_hidden: experts every token uses (DeepSeekMoE); their hidden
             width defaults to ``expert_hidden``. shared_expert_gate: scale them by sigmoid(x·w)
             (Qwen2-MoE).  dense_hidden: a dense FFN in parallel with the MoE (Arctic), 0 = none.
-        expert_impl: ``"auto"`` (grouped GEMM on CUDA in bf16/fp16, the slice loop elsewhere),
-            ``"loop"`` or ``"grouped_mm"``.
+        expert_impl: ``"auto"`` (grouped GEMM on CUDA in bf16, the slice loop elsewhere),
+            ``"loop"`` or ``"grouped_mm"``; "auto" takes grouped GEMM on CUDA in bf16 only.
     """
 
     d_model: int
@@ -145,6 +146,13 @@ class MoEConfig:
             raise _bad("top_k", self.top_k,
                        f"router='soft' weights every expert: top_k must equal num_experts={self.num_experts}")
         _check_choice("softmax_order", self.softmax_order, SOFTMAX_ORDERS)
+        if self.softmax_order == "after" and self.router != "softmax_topk":
+            raise _bad("softmax_order", self.softmax_order, "'after' applies to router='softmax_topk' only")
+        if self.router == "noisy_topk" and not self.normalize_weights:
+            raise _bad("normalize_weights", False, "noisy top-k takes a softmax over the chosen logits, which "
+                       "always sums to 1 (Shazeer et al. 2017)")
+        if self.router_jitter and self.router != "switch":
+            raise _bad("router_jitter", self.router_jitter, "jitter applies to router='switch' only")
         if self.softmax_order == "after" and not self.normalize_weights:
             raise _bad("softmax_order", self.softmax_order,
                        "a softmax over the chosen logits always sums to 1; use normalize_weights=True "
@@ -227,7 +235,9 @@ class MoEConfig:
             cf = self.eval_capacity_factor
         if cf is None:
             return None
-        return min(num_tokens, max(1, math.ceil(cf * num_tokens * self.top_k / self.num_experts)))
+        # exact rational arithmetic: float error would make ceil(1.1 · 100 / 11) = 11
+        slots = math.ceil(Fraction(str(cf)) * num_tokens * self.top_k / self.num_experts)
+        return min(num_tokens, max(1, slots))
 
     def fine_grained(self, m: int) -> "MoEConfig":
         """DeepSeekMoE fine-grained segmentation: m× the experts at 1/m the hidden size, m× top-k.
@@ -367,7 +377,8 @@ class ModelConfig:
             if self.moe.d_model != self.d_model:
                 raise _mbad("moe", f"MoEConfig(d_model={self.moe.d_model})", f"its d_model must equal {self.d_model}")
             if not any(self.is_moe_layer(i) for i in range(self.n_layers)):
-                raise _mbad("first_k_dense", self.first_k_dense, "no layer is left for the MoE")
+                raise _mbad("first_k_dense", self.first_k_dense, f"with moe_every={self.moe_every} and "
+                            f"n_layers={self.n_layers} no layer is left for the MoE")
         needs_dense = self.moe is None or self.parallel_residual_mlp or any(
             not self.is_moe_layer(i) for i in range(self.n_layers))
         if needs_dense:

@@ -121,7 +121,7 @@ def _presets() -> dict[str, Preset]:
     p["deepseek-moe-16b"] = Preset(ModelConfig(
         vocab_size=102400, d_model=2048, n_layers=28, n_heads=16, max_seq_len=4096, ffn_hidden=10944,
         first_k_dense=1,
-        moe=_moe(2048, 1408, 64, 6, normalize_weights=False, num_shared_experts=2, aux_loss_coef=0.001)),
+        moe=_moe(2048, 1408, 64, 6, normalize_weights=False, num_shared_experts=2, seq_aux_loss_coef=0.001)),
         "Dai et al. 2024, DeepSeekMoE 16B config.json", "16.4B", "2.8B")
 
     mla = dict(attention="mla", q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
@@ -130,7 +130,7 @@ def _presets() -> dict[str, Preset]:
         vocab_size=102400, d_model=5120, n_layers=60, n_heads=128, max_seq_len=163840, ffn_hidden=12288,
         first_k_dense=1, **mla,
         moe=_moe(5120, 1536, 160, 6, normalize_weights=False, n_group=8, topk_group=3, routed_scaling_factor=16.0,
-                 num_shared_experts=2, aux_loss_coef=0.003)),
+                 num_shared_experts=2, seq_aux_loss_coef=0.003)),
         "DeepSeek-AI 2024, DeepSeek-V2 config.json", "236B", "21B")
 
     p["deepseek-v3"] = Preset(ModelConfig(
@@ -179,8 +179,8 @@ def miniature(cfg: ModelConfig | str, d_model: int = 64, n_heads: int = 4, max_e
     or tested in seconds.
 
     Widths shrink to ``d_model``; expert counts are capped at ``max_experts`` (groups shrink with
-    them, keeping at least two experts a group); the layer count keeps the dense prefix and two MoE
-    layers.
+    them: the group count is kept when it still leaves two experts a group, else routing becomes
+    ungrouped); the layer count keeps the dense prefix and two MoE layers.
     """
     cfg = get_preset(cfg) if isinstance(cfg, str) else cfg
     head_dim = d_model // n_heads

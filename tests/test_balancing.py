@@ -91,3 +91,14 @@ def test_softmax_router_bias_balancing_also_works():
         layer.train()(torch.randn(256, 16) + 1.0)
         layer.update_bias()
     assert _imbalance(layer.eval(), held_out) < 0.75 * start
+
+
+def test_balancing_state_stays_fp32_in_a_bf16_model():
+    layer = _skewed_layer().to(torch.bfloat16)
+    assert layer.router.weight_ED.dtype == torch.bfloat16
+    assert layer.router.expert_bias.dtype == torch.float32
+    assert layer.router.load_since_update.dtype == torch.float32
+    with torch.no_grad():
+        layer.router.expert_bias.fill_(1.0)
+    layer.router.update_bias(torch.tensor([3.0, 1, 1, 1, 1, 1, 1, 1]))
+    assert abs(layer.router.expert_bias[0].item() - 0.98) < 1e-6  # bf16 would round 0.98 to 0.98046875

@@ -97,3 +97,16 @@ def test_round_trip_dict_and_unknown_field():
     assert cfg.group_score == "top2_sum"
     with pytest.raises(ValueError, match="num_expert"):
         MoEConfig.from_dict({**BASE, "num_expert": 3})
+
+
+def test_capacity_is_exact_rational_arithmetic():
+    cfg = MoEConfig(d_model=8, expert_hidden=8, num_experts=11, top_k=1, capacity_factor=1.1)
+    assert cfg.capacity(100, training=True) == 10  # float arithmetic would give ceil(10.000000000000002) = 11
+
+
+@pytest.mark.parametrize("overrides", [dict(router="sigmoid", softmax_order="after"),
+                                       dict(router="softmax_topk", router_jitter=0.1),
+                                       dict(router="noisy_topk", normalize_weights=False)])
+def test_options_a_router_would_ignore_are_refused(overrides):
+    with pytest.raises(ValueError):
+        MoEConfig(**{**BASE, **overrides})

@@ -296,3 +296,24 @@ def test_cli_set_overrides_model_fields(tmp_path, corpus_dir):
     assert saved["n_layers"] == 3 and saved["moe"]["top_k"] == 3
     bad = _cli("train", "--preset", "tiny", "--out", str(tmp_path / "bad"), "--set", "moe.topk=3")
     assert "topk" in _err(bad) and not (tmp_path / "bad").exists()
+
+
+def test_overwrite_refuses_a_directory_that_is_not_a_run(tmp_path, corpus_dir):
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("years of work")
+    with pytest.raises(ValueError, match="not a moekit run directory"):
+        train(tiny_cfg(precious, corpus_dir, steps=2), overwrite=True, progress=False)
+    assert (precious / "thesis.tex").read_text() == "years of work"
+
+
+def test_resaving_a_step_keeps_one_complete_checkpoint(tmp_path):
+    from moekit import MoETransformer, ModelConfig
+
+    model = MoETransformer(ModelConfig.from_name("tiny"))
+    for _ in range(2):
+        ckpt_io.save_checkpoint(tmp_path, 5, model, model.cfg, ByteTokenizer())
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt-00000005"]
+    ckpt_io.verify(tmp_path / "ckpt-00000005")
+    (tmp_path / "ckpt-00000009").mkdir()  # an incomplete directory is never taken for a checkpoint
+    assert ckpt_io.latest_checkpoint(tmp_path).name == "ckpt-00000005"

@@ -42,8 +42,8 @@ def plan_token_choice(expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor, num
 
     Within an expert, assignments keep token order (a stable sort of the flat index t·K + k), so the
     ``position`` policy keeps the earliest tokens (Switch, GShard). The ``score`` policy keeps those
-    with the highest ``priority_TK`` (router probability of that choice), as V-MoE's batch-priority
-    routing does per expert.
+    with the highest ``priority_TK`` (router probability of that choice): a per-assignment variant of
+    V-MoE's batch-priority routing (which ranks whole tokens and fills first choices first).
     """
     T, K = expert_ids_TK.shape
     flat_expert_N = expert_ids_TK.reshape(-1)

@@ -13,7 +13,7 @@ Two fast paths, both checked against :mod:`moekit.moe.reference` by the tests:
   It saves the [N, H] pre-activation and the [N, F] activation, no [N, D] tensor: the routing
   weight's gradient is <a·W_out^T, dL/dy> = <dL/da, a>, and gathered inputs are re-gathered in
   backward instead of stored.
-* ``grouped_mm`` (CUDA bf16/fp16): ``torch.nn.functional.grouped_mm`` over the sorted rows with
+* ``grouped_mm`` (CUDA bf16): ``torch.nn.functional.grouped_mm`` over the sorted rows with
   offsets, no host synchronisation, and a gather-based deterministic combine for token choice.
 """
 
@@ -218,8 +218,9 @@ class Experts(nn.Module):
     def impl_for(self, x_TD: torch.Tensor) -> str:
         if self.cfg.expert_impl != "auto":
             return self.cfg.expert_impl
-        fast_dtype = x_TD.dtype in (torch.bfloat16, torch.float16)
-        return "grouped_mm" if x_TD.is_cuda and fast_dtype and grouped_mm_aligned(self.cfg) else "loop"
+        # NOTE: bf16 only: fp16 grouped_mm takes a slow fallback in PyTorch
+        fast = x_TD.is_cuda and x_TD.dtype == torch.bfloat16 and grouped_mm_aligned(self.cfg)
+        return "grouped_mm" if fast else "loop"
 
     def forward(self, x_TD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         params = [self.w_in, self.w_out, self.b_in, self.b_out]

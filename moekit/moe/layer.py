@@ -72,7 +72,7 @@ class MoELayer(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Every weight N(0, init_std²), biases and the selection bias zero."""
+        """Every weight N(0, init_std²), biases zero (the routers' balancing state is left as it is)."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, std=self.cfg.init_std)

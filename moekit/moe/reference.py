@@ -1,8 +1,8 @@
 """A slow, obviously-correct MoE forward: one token and one assignment at a time.
 
 Tests and benchmarks compare :class:`moekit.MoELayer` against :func:`reference_forward`. It reads
-the layer's parameters (so gradients can be compared) but shares none of its routing, dispatch,
-expert or loss code: selection is a Python sort per token, capacity a per-expert queue, every expert
+the layer's parameters (so gradients can be compared) and the config's capacity formula, but none of
+its routing, dispatch, expert or loss code: selection is a Python sort per token, capacity a per-expert queue, every expert
 a matrix-vector product per assignment, and each loss is written out from its paper's formula.
 Random draws (Switch jitter, noisy-gating noise) are made with the same calls in the same order as
 the fast path, so a test that seeds both gets the same noise.
@@ -148,7 +148,7 @@ def reference_forward(layer, x: torch.Tensor) -> ReferenceOutput:
             kept.extend((t, e, w) for t, e, w, _ in (q if capacity is None else q[:capacity]))
 
     # Experts, one assignment at a time.
-    out = [torch.zeros(D, dtype=x.dtype) for _ in range(T)]
+    out = [x.new_zeros(D) for _ in range(T)]
     b_in = experts.b_in
     b_out = experts.b_out
     for t, e, w in kept:

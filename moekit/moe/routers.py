@@ -70,6 +70,16 @@ class Router(nn.Module):
     def reset_parameters(self) -> None:
         nn.init.normal_(self.weight_ED, std=self.cfg.init_std)
 
+    def _apply(self, fn, recurse=True):
+        # NOTE: model.to(bf16) must not round the selection bias or the load counts (a 1e-3 update
+        # of a bias near 1 vanishes in bf16); they stay fp32 whatever the parameters' dtype.
+        super()._apply(fn, recurse)
+        for name in ("expert_bias", "load_since_update"):
+            buf = getattr(self, name, None)
+            if buf is not None and buf.is_floating_point() and buf.dtype != torch.float32:
+                setattr(self, name, buf.float())
+        return self
+
     def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
         # NOTE: fp32 (fp64 for fp64 inputs) even under bf16 autocast: softmax/top-k on bf16 logits
         # flip near-ties.

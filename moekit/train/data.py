@@ -36,7 +36,8 @@ EXCLUDED_DIRS = {"site-packages", "dist-packages", "__pycache__"}
 class Document:
     name: str  # relative path (or "file.jsonl:line")
     path: Path
-    line: int | None = None  # JSONL line number, else None
+    line: int | None = None  # JSONL line number (0-based), else None
+    offset: int = 0  # JSONL: byte offset of the line
 
 
 def _stable_fraction(name: str) -> float:
@@ -76,7 +77,7 @@ def discover(path: str | Path | None) -> tuple[list[Document], str]:
     for f in files:
         rel = f.relative_to(root).as_posix()
         if f.suffix == ".jsonl":
-            docs.extend(Document(f"{rel}:{i + 1}", f, i) for i in range(_count_lines(f)))
+            docs.extend(Document(f"{rel}:{i + 1}", f, i, off) for i, off in enumerate(_line_offsets(f)))
         else:
             docs.append(Document(rel, f))
     if all(f.stat().st_size == 0 for f in files):
@@ -89,9 +90,13 @@ def _looks_textual(p: Path) -> bool:
         return b"\0" not in fh.read(4096)
 
 
-def _count_lines(p: Path) -> int:
+def _line_offsets(p: Path) -> list[int]:
+    offsets, pos = [], 0
     with open(p, "rb") as fh:
-        return sum(1 for _ in fh)
+        for line in fh:
+            offsets.append(pos)
+            pos += len(line)
+    return offsets
 
 
 def split(docs: list[Document], val_fraction: float) -> tuple[list[Document], list[Document]]:
@@ -111,10 +116,8 @@ def read_bytes(doc: Document) -> bytes:
     if doc.line is None:
         return doc.path.read_bytes()
     with open(doc.path, "rb") as fh:
-        for i, line in enumerate(fh):
-            if i == doc.line:
-                break
-    line = line.strip()
+        fh.seek(doc.offset)
+        line = fh.readline().strip()
     if not line:
         return b""
     try:
@@ -234,7 +237,7 @@ def get_batch(tokens: np.ndarray, batch_size: int, seq_len: int, seed: int, step
     if len(tokens) < seq_len + 2:
         raise ValueError(f"the data has {len(tokens)} tokens, fewer than seq_len + 2 = {seq_len + 2}")
     rng = np.random.default_rng([seed, step, micro])
-    starts = rng.integers(0, len(tokens) - seq_len - 1, size=batch_size)
+    starts = rng.integers(0, len(tokens) - seq_len, size=batch_size)  # the last window ends at the last token
     window = np.asarray(tokens[starts[:, None] + np.arange(seq_len + 1)], dtype=np.int64)
     t = torch.from_numpy(window)
     return t[:, :-1], t[:, 1:]

@@ -102,7 +102,7 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
     """Linear warmup over ``warmup`` steps, then cosine from lr to min_lr_ratio · lr at the last step."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
-    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    progress = (step - cfg.warmup) / max(1, cfg.steps - 1 - cfg.warmup)
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
@@ -171,6 +171,10 @@ def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> bool:
         if not overwrite:
             raise ValueError(f"run directory {out} already exists; pass --resume to continue it or "
                              f"--overwrite to replace it")
+        is_run = (out / "train_config.json").is_file() or ckpt_io.checkpoint_dirs(out)
+        if not is_run:
+            raise ValueError(f"--overwrite refuses to delete {out}: it is not a moekit run directory "
+                             f"(no train_config.json or ckpt-* inside)")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     return False
