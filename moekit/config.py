@@ -408,9 +408,7 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["moe"] = self.moe.to_dict() if self.moe is not None else None
-        return d
+        return dataclasses.asdict(self)  # the nested MoEConfig becomes a dict too
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":

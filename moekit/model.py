@@ -236,7 +236,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     c = count_parameters(cfg)
     head = cfg.vocab_size * cfg.d_model
     non_embedding = c.active - c.embedding
-    attn_width = cfg.n_heads * (cfg.qk_head_dim if cfg.attention == "mla" else cfg.head_dim)
+    attn_width = cfg.n_heads * cfg.qk_head_dim
     return 6.0 * (non_embedding + head) + 12.0 * cfg.n_layers * seq_len * attn_width
 
 

@@ -50,16 +50,16 @@ def plan_token_choice(expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor, num
     flat_weight_N = weights_TK.reshape(-1)
     routed_E = torch.bincount(flat_expert_N, minlength=num_experts)
 
-    if capacity is None:
+    if capacity is not None and drop_policy == "score":
+        # Two stable sorts: by descending priority, then by expert -> priority order within experts.
+        by_priority_N = torch.argsort(priority_TK.reshape(-1).detach(), descending=True, stable=True)
+        order_N = by_priority_N[torch.argsort(flat_expert_N[by_priority_N], stable=True)]
+    else:
         order_N = torch.argsort(flat_expert_N, stable=True)
+
+    if capacity is None:
         counts_E = routed_E
     else:
-        if drop_policy == "score":
-            # Two stable sorts: by descending priority, then by expert -> priority order within experts.
-            by_priority_N = torch.argsort(priority_TK.reshape(-1).detach(), descending=True, stable=True)
-            order_N = by_priority_N[torch.argsort(flat_expert_N[by_priority_N], stable=True)]
-        else:
-            order_N = torch.argsort(flat_expert_N, stable=True)
         sorted_expert_N = flat_expert_N[order_N]
         starts_E = routed_E.cumsum(0) - routed_E
         rank_N = torch.arange(T * K, device=expert_ids_TK.device) - starts_E[sorted_expert_N]

@@ -163,7 +163,7 @@ def grouped_mm_experts(x_TD: torch.Tensor, plan: DispatchPlan, w_in_EHD: torch.T
     summing them (deterministic on CUDA, no atomics); expert choice uses ``index_add_``.
     """
     D, F_ = w_out_EDF.shape[1:]
-    if D % 8 or F_ % 8:
+    if D % 8 or F_ % 8:  # the rule of grouped_mm_aligned, on the tensors at hand
         raise ValueError(f"expert_impl='grouped_mm' needs d_model and expert_hidden divisible by 8 "
                          f"(16-byte strides), got d_model={D}, expert_hidden={F_}; use expert_impl='loop'")
     act = activation_fn(act_name)

@@ -172,13 +172,8 @@ class NoisyTopKRouter(Router):
 
     def __init__(self, cfg: MoEConfig):
         super().__init__(cfg)
+        # Zero noise weights start at softplus(0) = 0.69 noise scale, as in the paper's code.
         self.noise_weight_ED = nn.Parameter(torch.zeros(cfg.num_experts, cfg.d_model))
-
-    def reset_parameters(self) -> None:
-        super().reset_parameters()
-        if hasattr(self, "noise_weight_ED"):
-            # Zero noise weights start at softplus(0) = 0.69 noise scale, as in the paper's code.
-            nn.init.zeros_(self.noise_weight_ED)
 
     def forward(self, x_TD: torch.Tensor) -> RouterOutput:
         logits_TE = self.logits(x_TD)

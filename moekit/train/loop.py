@@ -314,15 +314,14 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progr
             last_loss = ce_sum
 
             record = None
-            if done % cfg.log_every == 0 or done == cfg.steps:
+            evaluating = done % cfg.eval_every == 0 or done == cfg.steps
+            if evaluating or done % cfg.log_every == 0:
                 record = {"step": done, "loss": loss_sum, "ce_loss": ce_sum, "lr": lr, "tokens": tokens_seen,
                           "flops": fpt * tokens_seen, "tokens_per_s": cfg.tokens_per_step / dt, "elapsed_s": elapsed,
                           "grad_norm": grad_norm.item(), **layer_metrics(outs)}
-            if done % cfg.eval_every == 0 or done == cfg.steps:
+            if evaluating:
                 ev = evaluate(model, data.val, cfg.batch_size, cfg.seq_len, cfg.eval_tokens, autocast_dtype)
                 last_val = ev["loss"]
-                record = record or {"step": done, "loss": loss_sum, "ce_loss": ce_sum, "lr": lr,
-                                    "tokens": tokens_seen, "flops": fpt * tokens_seen, "elapsed_s": elapsed}
                 record["val_loss"] = ev["loss"]
                 if on_eval:
                     on_eval(record)
