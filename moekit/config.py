@@ -72,7 +72,9 @@ class MoEConfig:
         ``soft``          dense soft gating, every expert weighted by the softmax (Jacobs et al. 1991);
                           requires ``top_k == num_experts``.
         normalize_weights: renormalise the chosen weights to sum to 1 (Mixtral, Qwen3-MoE, DeepSeek-V3)
-            or not (OLMoE, Qwen2-MoE, DeepSeek-V2).
+            or not (OLMoE, Qwen2-MoE, DeepSeek-V2). normalize_p: the renormalisation divides by the
+            p-norm of the chosen weights, ||w||_p = (Σ w_i^p)^(1/p); 1 (the sum) everywhere but DBRX,
+            whose ``moe_normalize_expert_weights`` may be any p > 0.
         softmax_order: ``"before"`` the top-k selection (softmax over all E, then pick) or ``"after"``
             (softmax over the K chosen logits). NOTE: "after" equals "before" followed by
             renormalisation, so it requires ``normalize_weights=True``.
@@ -109,6 +111,7 @@ class MoEConfig:
     top_k: int = 2
     router: str = "softmax_topk"
     normalize_weights: bool = True
+    normalize_p: float = 1.0
     softmax_order: str = "before"
     routed_scaling_factor: float = 1.0
     router_jitter: float = 0.0
@@ -153,6 +156,13 @@ class MoEConfig:
                        "always sums to 1 (Shazeer et al. 2017)")
         if self.router_jitter and self.router != "switch":
             raise _bad("router_jitter", self.router_jitter, "jitter applies to router='switch' only")
+        if not (isinstance(self.normalize_p, (int, float)) and not isinstance(self.normalize_p, bool)
+                and self.normalize_p > 0):
+            raise _bad("normalize_p", self.normalize_p, "expected a number > 0 (1 = divide by the sum)")
+        if self.normalize_p != 1 and not (self.normalize_weights and self.softmax_order == "before"
+                                          and self.router in ("softmax_topk", "sigmoid")):
+            raise _bad("normalize_p", self.normalize_p, "a p-norm other than 1 applies only to renormalised "
+                       "softmax top-k or sigmoid weights (normalize_weights=True, softmax_order='before')")
         if self.softmax_order == "after" and not self.normalize_weights:
             raise _bad("softmax_order", self.softmax_order,
                        "a softmax over the chosen logits always sums to 1; use normalize_weights=True "

@@ -83,6 +83,51 @@ def test_family_logits_and_greedy_equal_transformers(tmp_path, family):
     assert moekit.generate(ours, prompt, 16).tokens[0] == theirs
 
 
+def _tiny_dbrx(tmp_path, p=2.0, **ffn):
+    cfg = transformers.DbrxConfig(
+        vocab_size=96, d_model=32, n_heads=4, n_layers=2, max_seq_len=128, initializer_range=0.1,
+        attn_config=dict(kv_n_heads=2, clip_qkv=0.3, rope_theta=10000.0),
+        ffn_config=dict(ffn_hidden_size=24, moe_num_experts=4, moe_top_k=2, moe_normalize_expert_weights=p, **ffn))
+    torch.manual_seed(0)
+    model = transformers.DbrxForCausalLM(cfg).eval()
+    model.save_pretrained(tmp_path / "hf")
+    return model, tmp_path / "hf"
+
+
+@pytest.mark.parametrize("p", [1.0, 2.0])
+def test_dbrx_logits_greedy_and_round_trip(tmp_path, p):
+    """Fused Wqkv split, [E·F, D] expert tensors, bias-free LayerNorm, clip_qkv, p-norm renormalisation."""
+    hf, path = _tiny_dbrx(tmp_path, p)
+    ours = moekit.from_pretrained(path)
+    assert ours.cfg.clip_qkv == 0.3 and ours.cfg.norm == "layernorm" and ours.cfg.moe.normalize_p == p
+    ids = torch.randint(0, 96, (2, 15))
+    with torch.no_grad():
+        block = hf.transformer.blocks[0].norm_attn_norm
+        qkv = block.attn.Wqkv(block.norm_1(hf.transformer.wte(ids)))
+        assert qkv.abs().max() > 0.3  # the clamp is exercised
+        assert (hf(ids).logits - ours(ids).logits).abs().max().item() < 1e-4
+    prompt = ids[:1, :6]
+    theirs = hf.generate(prompt, max_new_tokens=16, do_sample=False, pad_token_id=0)[0, 6:].tolist()
+    assert moekit.generate(ours, prompt, 16).tokens[0] == theirs
+    assert to_hf(ours, tmp_path / "out") == "DbrxForCausalLM"
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    with torch.no_grad():
+        assert (back(ids).logits - ours(ids).logits).abs().max().item() < 1e-4
+    torch.testing.assert_close(moekit.from_pretrained(tmp_path / "out")(ids).logits, ours(ids).logits)
+
+
+def test_dbrx_unsupported_activation_and_bad_expert_rows(tmp_path):
+    _, path = _tiny_dbrx(tmp_path)
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**cfg, "ffn_config": {**cfg["ffn_config"],
+                                                                         "ffn_act_fn": {"name": "gelu"}}}))
+    with pytest.raises(InteropError, match="ffn_act_fn.name='gelu'"):
+        moekit.from_pretrained(path)
+    (path / "config.json").write_text(json.dumps({**cfg, "ffn_config": {**cfg["ffn_config"], "moe_num_experts": 5}}))
+    with pytest.raises(InteropError, match="ffn.experts.mlp.w1: 96 rows do not split into 5 experts"):
+        moekit.from_pretrained(path)
+
+
 def test_missing_shard_is_named(tmp_path):
     _, path = _tiny_mixtral(tmp_path, shard=True)
     index = json.loads((path / "model.safetensors.index.json").read_text())
@@ -106,7 +151,7 @@ def test_unsupported_architecture_lists_supported(tmp_path):
     cfg = json.loads((path / "config.json").read_text())
     cfg["architectures"] = ["GPT2LMHeadModel"]
     (path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(InteropError, match="GPT2LMHeadModel.*supported: MixtralForCausalLM, Qwen2Moe"):
+    with pytest.raises(InteropError, match="GPT2LMHeadModel.*supported: MixtralForCausalLM, DbrxForCausalLM, Qwen2Moe"):
         moekit.from_pretrained(path)
 
 

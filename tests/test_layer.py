@@ -12,6 +12,7 @@ CASES = {
     "softmax_topk": dict(),
     "softmax_topk_no_renorm": dict(normalize_weights=False),
     "softmax_after_topk": dict(softmax_order="after"),
+    "softmax_topk_p2_norm": dict(top_k=3, normalize_p=2.0),  # DBRX's p-norm renormalisation
     "softmax_grouped_v2": dict(num_experts=8, top_k=3, n_group=4, topk_group=2, normalize_weights=False,
                                routed_scaling_factor=16.0),
     "switch_jitter": dict(router="switch", top_k=1, router_jitter=0.2, capacity_factor=1.25),

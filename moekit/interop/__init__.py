@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch
 
-from moekit.interop import deepseek, mixtral, mlp_experts
+from moekit.interop import dbrx, deepseek, mixtral, mlp_experts
 from moekit.interop.keymap import InteropError, SafetensorsDir, export_with_keymap, load_with_keymap
 from moekit.model import MoETransformer
 
-FAMILIES = {mixtral.ARCHITECTURE: mixtral, **{a: mlp_experts for a in mlp_experts.ARCHITECTURES},
+FAMILIES = {mixtral.ARCHITECTURE: mixtral, dbrx.ARCHITECTURE: dbrx, **{a: mlp_experts for a in mlp_experts.ARCHITECTURES},
             **{a: deepseek for a in deepseek.ARCHITECTURES}}
 
 
@@ -66,7 +66,7 @@ def from_pretrained(path: str | Path, dtype: torch.dtype | None = None) -> MoETr
 
 
 # architecture -> (moekit config -> HF config dict, key map)
-EXPORTERS = {mixtral.ARCHITECTURE: (mixtral.hf_config, mixtral.KEYMAP),
+EXPORTERS = {mixtral.ARCHITECTURE: (mixtral.hf_config, mixtral.KEYMAP), dbrx.ARCHITECTURE: (dbrx.hf_config, dbrx.KEYMAP),
              **{a: (fn, mlp_experts.KEYMAP) for a, fn in mlp_experts.EXPORT.items()},
              **{a: (fn, deepseek.KEYMAP) for a, fn in deepseek.EXPORT.items()}}
 

@@ -61,18 +61,33 @@ class SafetensorsDir:
 
 @dataclass
 class Rule:
-    """moekit ``target`` <- ``sources`` (concatenated on dim 0), per expert stacked when ``experts``."""
+    """moekit ``target`` <- ``sources`` (concatenated on dim 0), per expert stacked when ``experts``.
+
+    Expert tensors come either one key per expert (``{expert}`` in the source name) or, with
+    ``stacked``, one key holding every expert along dim 0 ([E·rows, …], DBRX). ``transpose``: each
+    source piece is the transpose of moekit's layout (DBRX's down projection is [F, D] per expert).
+    """
 
     target: str
     sources: list[str]
     experts: bool = False
     optional: bool = False  # absent from some checkpoints of the family (the target keeps its default)
+    stacked: bool = False
+    transpose: bool = False
+
+
+@dataclass
+class Split:
+    """One checkpoint tensor cut along dim 0 into several moekit ``targets`` (DBRX's fused Wqkv)."""
+
+    targets: list[str]
+    source: str
 
 
 @dataclass
 class KeyMap:
-    per_layer: list[Rule] = field(default_factory=list)
-    global_: list[Rule] = field(default_factory=list)
+    per_layer: list[Rule | Split] = field(default_factory=list)
+    global_: list[Rule | Split] = field(default_factory=list)
 
 
 # ---- rules shared by the Llama-style families -----------------------------------------------------
@@ -108,22 +123,60 @@ def load_with_keymap(model: torch.nn.Module, ckpt: SafetensorsDir, keymap: KeyMa
         used.add(name)
         return ckpt.get(name)
 
-    def apply(rule: Rule, fmt: dict) -> None:
+    def piece_shape(name: str, rule: Rule) -> tuple[int, ...]:
+        shape = ckpt.shape(name)
+        if rule.stacked:
+            if shape[0] % num_experts:
+                problems.append(f"{name}: {shape[0]} rows do not split into {num_experts} experts")
+            shape = (shape[0] // num_experts, *shape[1:])
+        return shape[::-1] if rule.transpose else shape
+
+    def piece(name: str, rule: Rule, e: int, cache: dict) -> torch.Tensor:
+        if name not in cache:
+            cache[name] = fetch(name)
+        t = cache[name]
+        if rule.stacked:
+            t = t.view(num_experts, -1, *t.shape[1:])[e]
+        return t.t() if rule.transpose else t
+
+    def apply_split(rule: Split, fmt: dict) -> None:
+        targets = [t.format(**fmt) for t in rule.targets]
+        if not all(t in params for t in targets):
+            return
+        name = rule.source.format(**fmt)
+        if name not in ckpt.where:
+            problems.append(f"missing key {name}")
+            return
+        shape, rows = ckpt.shape(name), [params[t].shape for t in targets]
+        if shape[0] != sum(r[0] for r in rows) or any(tuple(r[1:]) != shape[1:] for r in rows):
+            problems.append(f"shape mismatch for {name}: checkpoint {shape} vs moekit {', '.join(targets)} "
+                            f"{[tuple(r) for r in rows]} stacked on dim 0")
+            return
+        source = fetch(name)
+        offset = 0
+        for t, r in zip(targets, rows):
+            filled[t] = source[offset:offset + r[0]].to(dtype or params[t].dtype, copy=True)
+            offset += r[0]
+
+    def apply(rule: Rule | Split, fmt: dict) -> None:
+        if isinstance(rule, Split):
+            return apply_split(rule, fmt)
         target = rule.target.format(**fmt)
         if target not in params:
             return  # the rule is for a layer kind this layer is not (e.g. a dense FFN in an MoE layer)
         if rule.optional and any(src.format(expert=0, **fmt) not in ckpt.where for src in rule.sources):
             return
         expected = tuple(params[target].shape)
+        per_expert_keys = rule.experts and not rule.stacked
         names = [[s.format(expert=e, **fmt) for s in rule.sources] for e in range(num_experts if rule.experts else 1)]
-        for row in names:
+        for row in names[:1] if rule.stacked else names:
             for name in row:
                 if name not in ckpt.where:
                     problems.append(f"missing key {name}")
                     return
         # Shapes from the headers first, then one preallocated tensor filled part by part: no
         # concatenated or stacked temporaries, so loading peaks near the model's own size.
-        part_rows = [[ckpt.shape(n) for n in row] for row in names]
+        part_rows = [[piece_shape(n, rule) for n in row] for row in (names if per_expert_keys else names[:1])]
         row_shape = (sum(p[0] for p in part_rows[0]), *part_rows[0][0][1:])
         got = (len(names), *row_shape) if rule.experts else row_shape
         if got != expected or any(p[1:] != part_rows[0][0][1:] for row in part_rows for p in row) or \
@@ -132,11 +185,12 @@ def load_with_keymap(model: torch.nn.Module, ckpt: SafetensorsDir, keymap: KeyMa
                             f"(from {', '.join(s.format(expert='*', **fmt) for s in rule.sources)})")
             return
         tensor = torch.empty(expected, dtype=dtype or params[target].dtype)
+        cache: dict[str, torch.Tensor] = {}
         for e, row in enumerate(names):
             dst = tensor[e] if rule.experts else tensor
             offset = 0
-            for name, shape in zip(row, part_rows[e]):
-                dst[offset:offset + shape[0]].copy_(fetch(name))
+            for name, shape in zip(row, part_rows[e if per_expert_keys else 0]):
+                dst[offset:offset + shape[0]].copy_(piece(name, rule, e, cache))
                 offset += shape[0]
         filled[target] = tensor
 
@@ -168,19 +222,28 @@ def export_with_keymap(model: torch.nn.Module, keymap: KeyMap, num_experts: int)
     out: dict[str, torch.Tensor] = {}
     used: set[str] = set()
 
-    def emit(rule: Rule, fmt: dict) -> None:
+    def emit(rule: Rule | Split, fmt: dict) -> None:
+        if isinstance(rule, Split):
+            targets = [t.format(**fmt) for t in rule.targets]
+            if all(t in state for t in targets):
+                used.update(targets)
+                out[rule.source.format(**fmt)] = torch.cat([state[t].detach().cpu() for t in targets]).contiguous()
+            return
         target = rule.target.format(**fmt)
         if target not in state:
             return
         used.add(target)
         tensor = state[target].detach().cpu()
-        if rule.experts:
-            for e in range(num_experts):
-                for src, part in zip(rule.sources, tensor[e].chunk(len(rule.sources), dim=0)):
-                    out[src.format(expert=e, **fmt)] = part.contiguous()
-        else:
+        if not rule.experts:
             for src, part in zip(rule.sources, tensor.chunk(len(rule.sources), dim=0)):
                 out[src.format(**fmt)] = part.contiguous()
+            return
+        pieces: dict[str, list[torch.Tensor]] = {}
+        for e in range(num_experts):
+            for src, part in zip(rule.sources, tensor[e].chunk(len(rule.sources), dim=0)):
+                pieces.setdefault(src.format(expert=e, **fmt), []).append(part.t() if rule.transpose else part)
+        for name, parts in pieces.items():  # stacked sources collect every expert under one name
+            out[name] = torch.cat(parts).contiguous()
 
     for rule in keymap.global_:
         emit(rule, {})

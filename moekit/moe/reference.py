@@ -121,7 +121,7 @@ def reference_forward(layer, x: torch.Tensor) -> ReferenceOutput:
         else:
             w = [s[e] for e in chosen]
             if cfg.normalize_weights:
-                total = sum(w) + 1e-20
+                total = sum(wi ** cfg.normalize_p for wi in w) ** (1 / cfg.normalize_p) + 1e-20
                 w = [wi / total for wi in w]
         routes.append([(e, w[i] * cfg.routed_scaling_factor, float(s[e].detach())) for i, e in enumerate(chosen)])
 

@@ -104,7 +104,11 @@ class Router(nn.Module):
 
     def finish_weights(self, weights_TK: torch.Tensor) -> torch.Tensor:
         if self.cfg.normalize_weights and self.cfg.softmax_order == "before":
-            weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
+            if self.cfg.normalize_p == 1:
+                weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
+            else:  # DBRX: divide by the p-norm of the chosen weights
+                weights_TK = weights_TK / torch.linalg.vector_norm(weights_TK, ord=self.cfg.normalize_p, dim=-1,
+                                                                   keepdim=True).clamp_min(1e-20)
         if self.cfg.routed_scaling_factor != 1.0:
             weights_TK = weights_TK * self.cfg.routed_scaling_factor
         return weights_TK

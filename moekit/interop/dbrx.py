@@ -1,0 +1,85 @@
+"""DBRX (transformers ``DbrxForCausalLM``): config and key map.
+
+DBRX differs from the Llama-style families in its layout more than its maths: one fused ``Wqkv``
+projection (clamped to ±clip_qkv), LayerNorm without bias, and every expert of a layer stored in
+three [E·F, D] tensors (``w1`` gate, ``v1`` up, ``w2`` down used as ``h @ w2``, i.e. transposed).
+The router renormalises the top-k softmax weights by their p-norm (``moe_normalize_expert_weights``).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+from moekit.config import MoEConfig, ModelConfig
+from moekit.interop.keymap import KeyMap, Rule, Split
+from moekit.interop.mixtral import _require, rope_theta
+
+ARCHITECTURE = "DbrxForCausalLM"
+
+
+def model_config(hf: dict) -> ModelConfig:
+    attn, ffn = hf.get("attn_config") or {}, hf.get("ffn_config") or {}
+    act = (ffn.get("ffn_act_fn") or {"name": "silu"}).get("name", "silu")
+    if act != "silu":
+        raise ValueError(f"ffn_config.ffn_act_fn.name={act!r} is not supported (only 'silu')")
+    if ffn.get("moe_jitter_eps"):
+        warnings.warn(f"DBRX ffn_config.moe_jitter_eps={ffn['moe_jitter_eps']} (training-time input jitter) is "
+                      "not reproduced; logits are unaffected", stacklevel=3)
+    p = ffn.get("moe_normalize_expert_weights", 1.0)
+    d = hf["d_model"]
+    moe = MoEConfig(d_model=d, expert_hidden=ffn.get("ffn_hidden_size", 3584), num_experts=ffn.get("moe_num_experts", 4),
+                    top_k=ffn.get("moe_top_k", 1), normalize_weights=p is not None,
+                    normalize_p=float(p) if p is not None else 1.0,
+                    aux_loss_coef=ffn.get("moe_loss_weight", 0.01), lb_convention="hf_compat")
+    if "rope_theta" in attn and not hf.get("rope_parameters"):
+        hf = {**hf, "rope_theta": attn["rope_theta"]}
+    return ModelConfig(vocab_size=hf.get("vocab_size", 32000), d_model=d, n_layers=hf.get("n_layers", 24),
+                       n_heads=hf.get("n_heads", 16), n_kv_heads=attn.get("kv_n_heads", 1),
+                       max_seq_len=hf.get("max_seq_len", 2048), rope_theta=rope_theta(hf), norm="layernorm",
+                       norm_eps=1e-5, clip_qkv=attn.get("clip_qkv"), tie_embeddings=False, moe=moe)
+
+
+B = "transformer.blocks.{layer}"
+N = f"{B}.norm_attn_norm"
+KEYMAP = KeyMap(
+    global_=[Rule("embed.weight", ["transformer.wte.weight"]), Rule("norm.weight", ["transformer.norm_f.weight"]),
+             Rule("lm_head.weight", ["lm_head.weight"])],
+    per_layer=[
+        Rule("layers.{layer}.attn_norm.weight", [f"{N}.norm_1.weight"]),
+        Rule("layers.{layer}.ffn_norm.weight", [f"{N}.norm_2.weight"]),
+        Split(["layers.{layer}.attn.q_proj.weight", "layers.{layer}.attn.k_proj.weight",
+               "layers.{layer}.attn.v_proj.weight"], f"{N}.attn.Wqkv.weight"),
+        Rule("layers.{layer}.attn.o_proj.weight", [f"{N}.attn.out_proj.weight"]),
+        Rule("layers.{layer}.ffn.router.weight_ED", [f"{B}.ffn.router.layer.weight"]),
+        Rule("layers.{layer}.ffn.experts.w_in", [f"{B}.ffn.experts.mlp.w1", f"{B}.ffn.experts.mlp.v1"],
+             experts=True, stacked=True),
+        Rule("layers.{layer}.ffn.experts.w_out", [f"{B}.ffn.experts.mlp.w2"], experts=True, stacked=True,
+             transpose=True),
+    ],
+)
+
+
+def hf_config(cfg: ModelConfig) -> dict:
+    """transformers' DbrxConfig fields for a moekit model DBRX can express (ValueError otherwise)."""
+    m = cfg.moe
+    _require(m is not None and cfg.attention == "gqa" and cfg.norm == "layernorm", "needs GQA, LayerNorm and MoE")
+    _require(all(cfg.is_moe_layer(i) for i in range(cfg.n_layers)), "every layer must be MoE")
+    _require(cfg.head_dim == cfg.d_model // cfg.n_heads and cfg.norm_eps == 1e-5, "head_dim = d_model / n_heads, "
+             "norm_eps 1e-5")
+    _require(not (cfg.qkv_bias or cfg.qk_norm or cfg.sandwich_norm or cfg.parallel_residual_mlp or cfg.tie_embeddings
+                  or cfg.attn_logit_softcap or cfg.rope_interleave), "plain attention and blocks, untied")
+    _require(cfg.embedding_multiplier == 1 and cfg.logit_multiplier == 1, "no embedding/logit multipliers")
+    _require(m.router == "softmax_topk" and m.softmax_order == "before" and m.n_group == 1
+             and m.routed_scaling_factor == 1 and m.activation == "swiglu" and not m.mlp_bias
+             and not m.shared_hidden and not m.dense_hidden,
+             "softmax top-k, SwiGLU experts without bias, no shared or dense experts")
+    return {
+        "architectures": [ARCHITECTURE], "model_type": "dbrx", "vocab_size": cfg.vocab_size, "d_model": cfg.d_model,
+        "n_heads": cfg.n_heads, "n_layers": cfg.n_layers, "max_seq_len": cfg.max_seq_len, "tie_word_embeddings": False,
+        "rope_parameters": {"rope_theta": cfg.rope_theta, "rope_type": "default"},
+        "attn_config": {"kv_n_heads": cfg.n_kv_heads, "clip_qkv": cfg.clip_qkv, "attn_pdrop": 0.0,
+                        "rope_theta": cfg.rope_theta},  # transformers reads it here too,
+        "ffn_config": {"ffn_hidden_size": m.expert_hidden, "moe_num_experts": m.num_experts, "moe_top_k": m.top_k,
+                       "moe_normalize_expert_weights": m.normalize_p if m.normalize_weights else None,
+                       "moe_loss_weight": m.aux_loss_coef, "ffn_act_fn": {"name": "silu"}},
+    }
