@@ -306,6 +306,9 @@ class ModelConfig:
     ``sandwich_norm`` (Grok-1): a norm after attention and after the FFN as well as before.
     ``embedding_multiplier``, ``logit_multiplier`` and ``attn_logit_softcap`` (Grok-1: √d, 1/√3·…,
     30) scale the embeddings, the output logits and cap attention logits with c·tanh(x/c).
+    ``rope_scaling``: None, ``{"type": "linear", "factor": s}`` (position interpolation) or
+    ``{"type": "yarn", "factor": s, "original_max_seq_len": L, ...}`` (YaRN; optional beta_fast,
+    beta_slow, mscale, mscale_all_dim, attention_factor, truncate as in transformers' rope_parameters).
     """
 
     vocab_size: int
@@ -328,6 +331,7 @@ class ModelConfig:
     # position and norm
     rope_theta: float = 10000.0
     rope_interleave: bool = False
+    rope_scaling: dict | None = None
     norm: str = "rmsnorm"
     norm_eps: float = 1e-6
     # FFN
@@ -375,6 +379,7 @@ class ModelConfig:
                 raise _mbad("qk_norm", self.qk_norm, "q/k norms are not defined for attention='mla'")
         if not (isinstance(self.rope_theta, (int, float)) and self.rope_theta > 0):
             raise _mbad("rope_theta", self.rope_theta, "expected a number > 0")
+        self._check_rope_scaling()
         if not (isinstance(self.norm_eps, (int, float)) and self.norm_eps > 0):
             raise _mbad("norm_eps", self.norm_eps, "expected a number > 0")
         _mcheck_int("moe_every", self.moe_every, 1)
@@ -405,6 +410,27 @@ class ModelConfig:
             raise _mbad("clip_qkv", self.clip_qkv, "clipping q/k/v is defined for attention='gqa' only")
         if not (isinstance(self.attn_logit_softcap, (int, float)) and self.attn_logit_softcap >= 0):
             raise _mbad("attn_logit_softcap", self.attn_logit_softcap, "expected a number >= 0 (0 = off)")
+
+    def _check_rope_scaling(self) -> None:
+        from moekit.nn.rope import SCALING_KEYS
+
+        rs = self.rope_scaling
+        if rs is None:
+            return
+        if not isinstance(rs, dict) or rs.get("type") not in SCALING_KEYS:
+            raise _mbad("rope_scaling", rs, f"expected None or a dict with type in {sorted(SCALING_KEYS)}")
+        allowed = SCALING_KEYS[rs["type"]]
+        unknown = sorted(set(rs) - set(allowed) - {"type"})
+        if unknown:
+            raise _mbad("rope_scaling", rs, f"unknown keys {unknown}; {rs['type']} takes {sorted(allowed)}")
+        missing = [k for k in ("factor", "original_max_seq_len") if k in allowed and k not in rs]
+        if missing:
+            raise _mbad("rope_scaling", rs, f"{rs['type']} needs {missing}")
+        for key in ("factor", "original_max_seq_len", "beta_fast", "beta_slow", "mscale", "mscale_all_dim",
+                    "attention_factor"):
+            v = rs.get(key)
+            if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0):
+                raise _mbad("rope_scaling", rs, f"{key} must be a number > 0")
 
     # ---- derived -----------------------------------------------------------------------------
     def is_moe_layer(self, i: int) -> bool:

@@ -24,7 +24,7 @@ from moekit.nn.attention import build_attention
 from moekit.nn.kv_cache import KVCache
 from moekit.nn.mlp import MLP
 from moekit.nn.norm import build_norm
-from moekit.nn.rope import rope_cos_sin, rope_frequencies
+from moekit.nn.rope import rope_cos_sin, scaled_frequencies
 
 
 @dataclass
@@ -130,7 +130,9 @@ class MoETransformer(nn.Module):
         cfg = self.cfg
         rot = cfg.qk_rope_head_dim if cfg.attention == "mla" else cfg.head_dim
         table_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-        return rope_cos_sin(positions, rope_frequencies(rot, cfg.rope_theta, positions.device, table_dtype))
+        inv_freq, attention = scaled_frequencies(rot, cfg.rope_theta, cfg.rope_scaling, positions.device, table_dtype)
+        cos, sin = rope_cos_sin(positions, inv_freq)
+        return (cos, sin) if attention == 1.0 else (cos * attention, sin * attention)
 
     def _positions(self, B, S, start, cached, attention_mask, dtype, device):
         """RoPE tables and the attention mask (None: plain causal) for positions start .. start+S-1."""

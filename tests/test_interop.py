@@ -59,6 +59,11 @@ FAMILIES = {
         n_group=4, topk_group=2, n_shared_experts=2, first_k_dense_replace=1, routed_scaling_factor=16.0,
         topk_method="group_limited_greedy", rope_scaling=None)),
 }
+YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 32}
+FAMILIES["deepseek-v3-yarn"] = (*FAMILIES["deepseek-v3"][:2], {
+    **FAMILIES["deepseek-v3"][2], "rope_scaling": None,
+    "rope_parameters": {**YARN, "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 0.8}})
+FAMILIES["qwen3-moe-yarn"] = (*FAMILIES["qwen3-moe"][:2], {**FAMILIES["qwen3-moe"][2], "rope_parameters": YARN})
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -69,7 +74,7 @@ def test_family_logits_and_greedy_equal_transformers(tmp_path, family):
                                           max_position_embeddings=128, initializer_range=0.1, eos_token_id=None, **kw)
     torch.manual_seed(0)
     hf = getattr(transformers, model_name)(cfg).eval()
-    if family == "deepseek-v3":  # a non-zero selection bias: it must pick experts without weighting them
+    if family.startswith("deepseek-v3"):  # a non-zero selection bias: it must pick experts without weighting them
         with torch.no_grad():
             for layer in hf.model.layers[1:]:
                 layer.mlp.gate.e_score_correction_bias.copy_(torch.randn(8) * 0.5)
@@ -78,6 +83,12 @@ def test_family_logits_and_greedy_equal_transformers(tmp_path, family):
     ids = torch.randint(0, 96, (2, 15))
     with torch.no_grad():
         assert (hf(ids).logits - ours(ids).logits).abs().max().item() < 1e-4
+    if family.endswith("yarn"):  # the scaling is read and matters
+        assert ours.cfg.rope_scaling["type"] == "yarn" and ours.cfg.rope_scaling["factor"] == 4.0
+        plain = moekit.MoETransformer(ours.cfg.replace(rope_scaling=None)).eval()
+        plain.load_state_dict(ours.state_dict())
+        with torch.no_grad():
+            assert (plain(ids).logits - ours(ids).logits).abs().max().item() > 1e-3
     prompt = ids[:1, :6]
     theirs = hf.generate(prompt, max_new_tokens=16, do_sample=False, pad_token_id=0)[0, 6:].tolist()
     assert moekit.generate(ours, prompt, 16).tokens[0] == theirs

@@ -175,3 +175,31 @@ def test_unknown_preset_lists_known():
 def test_config_round_trip():
     cfg = ModelConfig.from_name("deepseek-v3")
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_rope_scaling_is_validated_and_yarn_matches_its_formula():
+    """YaRN (Peng et al. 2023 eq. 17-22) frequencies against a direct per-dimension computation."""
+    import math
+
+    from moekit.nn.rope import scaled_frequencies
+
+    base = dict(vocab_size=32, d_model=16, n_layers=1, n_heads=2)
+    with pytest.raises(ValueError, match="rope_scaling.*needs \\['original_max_seq_len'\\]"):
+        ModelConfig(**base, rope_scaling={"type": "yarn", "factor": 4})
+    with pytest.raises(ValueError, match="rope_scaling.*type in"):
+        ModelConfig(**base, rope_scaling={"type": "dynamic", "factor": 4})
+    with pytest.raises(ValueError, match="unknown keys \\['beta'\\]"):
+        ModelConfig(**base, rope_scaling={"type": "linear", "factor": 4, "beta": 1})
+    R, theta, s, L = 16, 10000.0, 4.0, 64
+    inv, attn = scaled_frequencies(R, theta, {"type": "yarn", "factor": s, "original_max_seq_len": L,
+                                              "truncate": False}, dtype=torch.float64)
+    lo = R * math.log(L / (32 * 2 * math.pi)) / (2 * math.log(theta))
+    hi = R * math.log(L / (1 * 2 * math.pi)) / (2 * math.log(theta))
+    for j in range(R // 2):
+        f = theta ** (-2 * j / R)
+        gamma = min(max((j - max(lo, 0)) / (min(hi, R - 1) - max(lo, 0)), 0), 1)  # 1: interpolate
+        assert math.isclose(inv[j].item(), (1 - gamma) * f + gamma * f / s, rel_tol=1e-12)
+    assert math.isclose(attn, 0.1 * math.log(s) + 1)
+    lin, one = scaled_frequencies(R, theta, {"type": "linear", "factor": s}, dtype=torch.float64)
+    torch.testing.assert_close(lin * s, scaled_frequencies(R, theta, None, dtype=torch.float64)[0])
+    assert one == 1.0

@@ -12,7 +12,8 @@ import warnings
 
 from moekit.config import MoEConfig, ModelConfig
 from moekit.interop.keymap import KeyMap, Rule, Split
-from moekit.interop.mixtral import _require, rope_theta
+from moekit.interop.mixtral import _require
+from moekit.interop.rope import hf_rope_parameters, rope_settings
 
 ARCHITECTURE = "DbrxForCausalLM"
 
@@ -35,7 +36,7 @@ def model_config(hf: dict) -> ModelConfig:
         hf = {**hf, "rope_theta": attn["rope_theta"]}
     return ModelConfig(vocab_size=hf.get("vocab_size", 32000), d_model=d, n_layers=hf.get("n_layers", 24),
                        n_heads=hf.get("n_heads", 16), n_kv_heads=attn.get("kv_n_heads", 1),
-                       max_seq_len=hf.get("max_seq_len", 2048), rope_theta=rope_theta(hf), norm="layernorm",
+                       max_seq_len=hf.get("max_seq_len", 2048), **rope_settings(hf, hf.get("max_seq_len", 2048)), norm="layernorm",
                        norm_eps=1e-5, clip_qkv=attn.get("clip_qkv"), tie_embeddings=False, moe=moe)
 
 
@@ -76,7 +77,7 @@ def hf_config(cfg: ModelConfig) -> dict:
     return {
         "architectures": [ARCHITECTURE], "model_type": "dbrx", "vocab_size": cfg.vocab_size, "d_model": cfg.d_model,
         "n_heads": cfg.n_heads, "n_layers": cfg.n_layers, "max_seq_len": cfg.max_seq_len, "tie_word_embeddings": False,
-        "rope_parameters": {"rope_theta": cfg.rope_theta, "rope_type": "default"},
+        "rope_parameters": hf_rope_parameters(cfg),
         "attn_config": {"kv_n_heads": cfg.n_kv_heads, "clip_qkv": cfg.clip_qkv, "attn_pdrop": 0.0,
                         "rope_theta": cfg.rope_theta},  # transformers reads it here too,
         "ffn_config": {"ffn_hidden_size": m.expert_hidden, "moe_num_experts": m.num_experts, "moe_top_k": m.top_k,

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from moekit.config import MoEConfig, ModelConfig
 from moekit.interop.keymap import HF_LAYER, LLAMA_GLOBAL, LLAMA_NORMS, KeyMap, Rule, swiglu_rules
-from moekit.interop.mixtral import _require, rope_theta
+from moekit.interop.mixtral import _require
+from moekit.interop.rope import hf_rope_parameters, rope_settings
 
 ARCHITECTURES = ("DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM")
 
@@ -38,7 +39,7 @@ def model_config(hf: dict) -> ModelConfig:
         vocab_size=hf["vocab_size"], d_model=d, n_layers=hf["num_hidden_layers"], n_heads=hf["num_attention_heads"],
         max_seq_len=hf.get("max_position_embeddings", 4096), attention="mla", q_lora_rank=hf.get("q_lora_rank") or 0,
         kv_lora_rank=hf["kv_lora_rank"], qk_nope_head_dim=hf["qk_nope_head_dim"],
-        qk_rope_head_dim=hf["qk_rope_head_dim"], v_head_dim=hf["v_head_dim"], rope_theta=rope_theta(hf),
+        qk_rope_head_dim=hf["qk_rope_head_dim"], v_head_dim=hf["v_head_dim"], **rope_settings(hf, hf.get("max_position_embeddings", 4096)),
         rope_interleave=bool(hf.get("rope_interleave", True)), norm_eps=hf.get("rms_norm_eps", 1e-6),
         tie_embeddings=hf.get("tie_word_embeddings", False), ffn_hidden=hf["intermediate_size"],
         first_k_dense=hf.get("first_k_dense_replace", 0), moe_every=moe_every, moe=moe)
@@ -85,7 +86,7 @@ def v3_config(cfg: ModelConfig) -> dict:
         "n_shared_experts": m.num_shared_experts, "first_k_dense_replace": cfg.first_k_dense,
         "routed_scaling_factor": m.routed_scaling_factor, "norm_topk_prob": m.normalize_weights,
         "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps, "rope_interleave": True,
-        "rope_parameters": {"rope_theta": cfg.rope_theta, "rope_type": "default"}, "rope_scaling": None,
+        "rope_parameters": hf_rope_parameters(cfg), "rope_scaling": None,
         "hidden_act": "silu", "tie_word_embeddings": cfg.tie_embeddings, "num_nextn_predict_layers": 0,
     }
 

@@ -3,18 +3,10 @@
 from __future__ import annotations
 
 from moekit.config import MoEConfig, ModelConfig
+from moekit.interop.rope import hf_rope_parameters, rope_settings
 from moekit.interop.keymap import HF_LAYER, LLAMA_GLOBAL, LLAMA_NORMS, KeyMap, Rule
 
 ARCHITECTURE = "MixtralForCausalLM"
-
-
-def rope_theta(hf: dict) -> float:
-    params = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling") or {}
-    kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    if kind != "default":
-        raise ValueError(f"config.json: rope_type={kind!r} is not supported yet (supported: 'default')")
-    return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
 
 
 def model_config(hf: dict) -> ModelConfig:
@@ -29,7 +21,7 @@ def model_config(hf: dict) -> ModelConfig:
     return ModelConfig(vocab_size=hf["vocab_size"], d_model=d, n_layers=hf["num_hidden_layers"],
                        n_heads=hf["num_attention_heads"], n_kv_heads=hf.get("num_key_value_heads"),
                        head_dim=hf.get("head_dim"), max_seq_len=hf.get("max_position_embeddings", 4096),
-                       rope_theta=rope_theta(hf), norm_eps=hf.get("rms_norm_eps", 1e-5),
+                       **rope_settings(hf, hf.get("max_position_embeddings", 4096)), norm_eps=hf.get("rms_norm_eps", 1e-5),
                        tie_embeddings=hf.get("tie_word_embeddings", False), moe=moe)
 
 
@@ -71,7 +63,7 @@ def hf_config(cfg: ModelConfig) -> dict:
         "hidden_size": cfg.d_model, "intermediate_size": m.expert_hidden, "num_hidden_layers": cfg.n_layers,
         "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
         "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
-        "rope_parameters": {"rope_theta": cfg.rope_theta, "rope_type": "default"},
+        "rope_parameters": hf_rope_parameters(cfg),
         "num_local_experts": m.num_experts, "num_experts_per_tok": m.top_k, "hidden_act": "silu",
         "tie_word_embeddings": cfg.tie_embeddings, "router_aux_loss_coef": m.aux_loss_coef, "sliding_window": None,
     }

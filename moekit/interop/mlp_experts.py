@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from moekit.config import MoEConfig, ModelConfig
 from moekit.interop.keymap import HF_LAYER, LLAMA_GLOBAL, LLAMA_NORMS, KeyMap, Rule, swiglu_rules
-from moekit.interop.mixtral import _require, rope_theta
+from moekit.interop.mixtral import _require
+from moekit.interop.rope import hf_rope_parameters, rope_settings
 
 ARCHITECTURES = ("Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "OlmoeForCausalLM")
 
@@ -37,7 +38,7 @@ def model_config(hf: dict) -> ModelConfig:
     return ModelConfig(
         vocab_size=hf["vocab_size"], d_model=d, n_layers=hf["num_hidden_layers"], n_heads=hf["num_attention_heads"],
         n_kv_heads=hf.get("num_key_value_heads"), head_dim=hf.get("head_dim"),
-        max_seq_len=hf.get("max_position_embeddings", 4096), rope_theta=rope_theta(hf),
+        max_seq_len=hf.get("max_position_embeddings", 4096), **rope_settings(hf, hf.get("max_position_embeddings", 4096)),
         norm_eps=hf.get("rms_norm_eps", 1e-6), tie_embeddings=hf.get("tie_word_embeddings", False),
         qkv_bias=arch == "Qwen2MoeForCausalLM" or bool(hf.get("attention_bias", False)),
         qk_norm={"Qwen3MoeForCausalLM": "head", "OlmoeForCausalLM": "full"}.get(arch),
@@ -82,7 +83,7 @@ def _common(cfg: ModelConfig, arch: str, model_type: str) -> dict:
         "architectures": [arch], "model_type": model_type, "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
         "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads,
         "head_dim": cfg.head_dim, "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
-        "rope_parameters": {"rope_theta": cfg.rope_theta, "rope_type": "default"}, "hidden_act": "silu",
+        "rope_parameters": hf_rope_parameters(cfg), "hidden_act": "silu",
         "tie_word_embeddings": cfg.tie_embeddings, "num_experts": m.num_experts, "num_local_experts": m.num_experts,
         "num_experts_per_tok": m.top_k, "norm_topk_prob": m.normalize_weights,
         "router_aux_loss_coef": m.aux_loss_coef,

@@ -17,7 +17,7 @@ from torch import nn
 
 from moekit.config import ModelConfig
 from moekit.nn.norm import RMSNorm, build_norm
-from moekit.nn.rope import apply_rope
+from moekit.nn.rope import apply_rope, yarn_mscale
 
 
 def sdpa(q_BHSD: torch.Tensor, k_BGSD: torch.Tensor, v_BGSD: torch.Tensor, scale: float,
@@ -114,6 +114,11 @@ class MultiHeadLatentAttention(nn.Module):
         self.kv_a_norm = build_norm(cfg.norm, C, cfg.norm_eps)
         self.kv_b_proj = nn.Linear(C, H * (Dn + Dv), bias=False)
         self.o_proj = nn.Linear(H * Dv, D, bias=False)
+        self.scale = 1.0 / math.sqrt(Dn + R)
+        rs = cfg.rope_scaling
+        if rs and rs["type"] == "yarn" and rs.get("mscale_all_dim"):
+            # DeepSeek-V2/V3 with YaRN also sharpen the softmax by mscale(s, mscale_all_dim)^2
+            self.scale *= yarn_mscale(float(rs["factor"]), rs["mscale_all_dim"]) ** 2
 
     def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -132,7 +137,7 @@ class MultiHeadLatentAttention(nn.Module):
         k = torch.cat([k_nope, k_rope.expand(B, H, S, R)], dim=-1)
         if cache is not None:  # NOTE: caches full keys and values, not the compressed latent
             k, v = cache.update(k, v)
-        out = sdpa(q, k, v, 1.0 / math.sqrt(Dn + R), cfg.attn_logit_softcap, mask)
+        out = sdpa(q, k, v, self.scale, cfg.attn_logit_softcap, mask)
         return self.o_proj(out.transpose(1, 2).reshape(B, S, H * Dv))
 
 

@@ -8,7 +8,57 @@ DeepSeek reference layout).
 
 from __future__ import annotations
 
+import math
+
 import torch
+
+# rope_scaling keys per kind (ModelConfig.rope_scaling = {"type": kind, ...}); required ones have no default
+SCALING_KEYS = {
+    "linear": {"factor": None},
+    "yarn": {"factor": None, "original_max_seq_len": None, "beta_fast": 32.0, "beta_slow": 1.0, "mscale": None,
+             "mscale_all_dim": None, "attention_factor": None, "truncate": True},
+}
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's attention temperature sqrt(1/t) = 0.1·mscale·ln(s) + 1 for s > 1 (Peng et al. 2023, eq. 22)."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def scaled_frequencies(rot_dim: int, theta: float, scaling: dict | None, device=None,
+                       dtype=torch.float32) -> tuple[torch.Tensor, float]:
+    """inv_freq and the cos/sin multiplier for ``scaling`` (None: plain RoPE, multiplier 1).
+
+    ``linear``: position interpolation (Chen et al. 2023), every frequency divided by ``factor``.
+    ``yarn``: "NTK-by-parts" (Peng et al. 2023, eq. 17-20): dims that rotate more than ``beta_fast``
+    times over the original context keep their frequency, those under ``beta_slow`` are interpolated by
+    ``factor``, a linear ramp in between; cos/sin scaled by the attention factor (eq. 22; DeepSeek's
+    variant divides mscale(s, mscale) by mscale(s, mscale_all_dim)).
+    """
+    inv_freq = rope_frequencies(rot_dim, theta, device, torch.float64)
+    if scaling is None:
+        return inv_freq.to(dtype), 1.0
+    kind, factor = scaling["type"], float(scaling["factor"])
+    if kind == "linear":
+        return (inv_freq / factor).to(dtype), 1.0
+    orig = scaling["original_max_seq_len"]
+
+    def correction_dim(rotations: float) -> float:  # the dim whose wavelength fits ``rotations`` times in orig
+        return rot_dim * math.log(orig / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = correction_dim(scaling.get("beta_fast", 32.0)), correction_dim(scaling.get("beta_slow", 1.0))
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, rot_dim - 1)
+    if low == high:
+        high += 0.001  # a single-dim ramp
+    ramp = ((torch.arange(rot_dim // 2, device=device, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
+    inv_freq = inv_freq / factor * ramp + inv_freq * (1 - ramp)  # ramp 0: extrapolate, 1: interpolate
+    attention = scaling.get("attention_factor")
+    if attention is None:
+        m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+        attention = yarn_mscale(factor, m) / yarn_mscale(factor, m_all) if m and m_all else yarn_mscale(factor)
+    return inv_freq.to(dtype), float(attention)
 
 
 def rope_frequencies(rot_dim: int, theta: float, device=None, dtype=torch.float32) -> torch.Tensor:
