@@ -241,3 +241,19 @@ def test_cli_convert_both_ways(tmp_path):
     torch.testing.assert_close(a, b, rtol=0, atol=0)
     res = run("--to-hf", str(tmp_path / "mk"), "--out", str(tmp_path / "hf2"))
     assert res.returncode == 2 and "not empty" in res.stderr
+
+
+@pytest.mark.parametrize("saved, wanted", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32),
+                                           (torch.bfloat16, None)])
+def test_dtype_choice_converts_while_reading(tmp_path, saved, wanted):
+    hf, _ = _tiny_mixtral(tmp_path)
+    hf.to(saved).save_pretrained(tmp_path / "saved")
+    ours = moekit.from_pretrained(tmp_path / "saved", dtype=wanted)
+    expect = wanted or torch.float32  # None: fp32 whatever the file holds
+    assert all(p.dtype == expect for p in ours.parameters())
+    layer = hf.model.layers[1].mlp.experts
+    w_in = ours.layers[1].ffn.experts.w_in  # [E, 2F, D] = [gate; up] per expert
+    ref = getattr(layer, "gate_up_proj", None)
+    if ref is None:  # per-expert modules
+        ref = torch.stack([torch.cat([layer[e].w1.weight, layer[e].w3.weight]) for e in range(4)])
+    torch.testing.assert_close(w_in, ref.to(expect), rtol=0, atol=0)

@@ -31,7 +31,10 @@ def _read_config(path: Path) -> dict:
 
 
 def from_pretrained(path: str | Path, dtype: torch.dtype | None = None) -> MoETransformer:
-    """A moekit model from a Hugging Face directory or a moekit checkpoint/run directory."""
+    """A moekit model from a Hugging Face directory or a moekit checkpoint/run directory.
+
+    ``dtype``: the parameters' dtype (e.g. ``torch.bfloat16``), converted while reading; None = fp32
+    whatever the files hold."""
     from moekit.checkpoint import load_model
 
     path = Path(path)

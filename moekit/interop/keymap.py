@@ -21,8 +21,27 @@ class InteropError(ValueError):
     """A checkpoint that cannot be read or does not fit; the message names the file or keys."""
 
 
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+
+def _data_offsets(path: Path) -> tuple[int, dict]:
+    """Where each tensor's bytes start in a safetensors file (8-byte header size, JSON header, data);
+    safetensors itself has already validated the file when this runs."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return 8 + n, header
+
+
 class SafetensorsDir:
-    """Every tensor of a Hugging Face directory (one file, or shards with their index), opened lazily."""
+    """Every tensor of a Hugging Face directory (one file, or shards with their index), opened lazily.
+
+    Tensors are read with plain file reads straight into their destination (:meth:`read_rows`), not
+    through a memory map: mapped pages would count in the process's memory until the file is closed,
+    doubling the loading peak; read ones live in the page cache, which the kernel may drop."""
 
     def __init__(self, directory: Path):
         self.directory = Path(directory)
@@ -48,6 +67,31 @@ class SafetensorsDir:
             except (SafetensorError, OSError) as err:
                 raise InteropError(f"{path} cannot be read: {err}") from None
         self.where = weight_map or {k: name for name, h in self._handles.items() for k in h.keys()}
+        self._offsets: dict[str, tuple[int, dict]] = {}
+
+    def read_rows(self, key: str, start: int, dst: torch.Tensor) -> None:
+        """Rows ``start .. start + len(dst)`` along dim 0 of ``key`` into ``dst`` (same shape per row;
+        converted when the dtypes differ)."""
+        name = self.where[key]
+        path = self.directory / name
+        if name not in self._offsets:
+            self._offsets[name] = _data_offsets(path)
+        base, header = self._offsets[name]
+        entry = header.get(key)
+        dtype = _DTYPES.get(entry["dtype"]) if entry else None
+        if dtype is None or not dst.is_contiguous():
+            dst.copy_(self.get(key)[start:start + dst.shape[0]])  # unusual dtypes: through safetensors
+            return
+        row_bytes = dst[0].numel() * dtype.itemsize if dst.shape[0] else 0
+        begin = base + entry["data_offsets"][0] + start * row_bytes
+        target = dst if dst.dtype == dtype else torch.empty(dst.shape, dtype=dtype)
+        with open(path, "rb") as f:
+            f.seek(begin)
+            view = memoryview(target.view(-1).view(torch.uint8).numpy())
+            if f.readinto(view) != len(view):
+                raise InteropError(f"{path}: {key} is truncated")
+        if target is not dst:
+            dst.copy_(target)
 
     def keys(self) -> set[str]:
         return set(self.where)
@@ -116,13 +160,6 @@ def load_with_keymap(model: torch.nn.Module, ckpt: SafetensorsDir, keymap: KeyMa
     used: set[str] = set()
     problems: list[str] = []
 
-    def fetch(name: str) -> torch.Tensor | None:
-        if name not in ckpt.where:
-            problems.append(f"missing key {name}")
-            return None
-        used.add(name)
-        return ckpt.get(name)
-
     def piece_shape(name: str, rule: Rule) -> tuple[int, ...]:
         shape = ckpt.shape(name)
         if rule.stacked:
@@ -131,13 +168,16 @@ def load_with_keymap(model: torch.nn.Module, ckpt: SafetensorsDir, keymap: KeyMa
             shape = (shape[0] // num_experts, *shape[1:])
         return shape[::-1] if rule.transpose else shape
 
-    def piece(name: str, rule: Rule, e: int, cache: dict) -> torch.Tensor:
-        if name not in cache:
-            cache[name] = fetch(name)
-        t = cache[name]
-        if rule.stacked:
-            t = t.view(num_experts, -1, *t.shape[1:])[e]
-        return t.t() if rule.transpose else t
+    def read_piece(name: str, rule: Rule, e: int, dst: torch.Tensor) -> None:
+        used.add(name)
+        rows = dst.shape[1] if rule.transpose else dst.shape[0]
+        start = e * rows if rule.stacked else 0
+        if rule.transpose:  # read in the file's layout, then transpose into place
+            tmp = torch.empty((dst.shape[1], dst.shape[0], *dst.shape[2:]), dtype=dst.dtype)
+            ckpt.read_rows(name, start, tmp)
+            dst.copy_(tmp.t())
+        else:
+            ckpt.read_rows(name, start, dst)
 
     def apply_split(rule: Split, fmt: dict) -> None:
         targets = [t.format(**fmt) for t in rule.targets]
@@ -152,10 +192,11 @@ def load_with_keymap(model: torch.nn.Module, ckpt: SafetensorsDir, keymap: KeyMa
             problems.append(f"shape mismatch for {name}: checkpoint {shape} vs moekit {', '.join(targets)} "
                             f"{[tuple(r) for r in rows]} stacked on dim 0")
             return
-        source = fetch(name)
+        used.add(name)
         offset = 0
         for t, r in zip(targets, rows):
-            filled[t] = source[offset:offset + r[0]].to(dtype or params[t].dtype, copy=True)
+            filled[t] = torch.empty(tuple(r), dtype=dtype or params[t].dtype)
+            ckpt.read_rows(name, offset, filled[t])
             offset += r[0]
 
     def apply(rule: Rule | Split, fmt: dict) -> None:
@@ -185,12 +226,11 @@ def load_with_keymap(model: torch.nn.Module, ckpt: SafetensorsDir, keymap: KeyMa
                             f"(from {', '.join(s.format(expert='*', **fmt) for s in rule.sources)})")
             return
         tensor = torch.empty(expected, dtype=dtype or params[target].dtype)
-        cache: dict[str, torch.Tensor] = {}
         for e, row in enumerate(names):
             dst = tensor[e] if rule.experts else tensor
             offset = 0
             for name, shape in zip(row, part_rows[e if per_expert_keys else 0]):
-                dst[offset:offset + shape[0]].copy_(piece(name, rule, e, cache))
+                read_piece(name, rule, e, dst[offset:offset + shape[0]])
                 offset += shape[0]
         filled[target] = tensor
 
