@@ -84,3 +84,18 @@ def plan_expert_choice(token_ids_EC: torch.Tensor, weights_EC: torch.Tensor, num
     E, C = token_ids_EC.shape
     counts_E = torch.full((E,), C, dtype=torch.long, device=token_ids_EC.device)
     return DispatchPlan(token_ids_EC.reshape(-1), weights_EC.reshape(-1), counts_E, counts_E.clone(), num_tokens)
+
+
+def plan_with_kept(expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor, num_experts: int,
+                   kept_TK: torch.Tensor) -> DispatchPlan:
+    """A token-choice plan whose capacity decisions were made elsewhere (``kept_TK``): under expert
+    parallelism the plan of the whole group's batch decides, each rank keeps its own rows of it."""
+    T, K = expert_ids_TK.shape
+    flat_expert_N = expert_ids_TK.reshape(-1)
+    kept_N = kept_TK.reshape(-1)
+    routed_E = torch.bincount(flat_expert_N, minlength=num_experts)
+    counts_E = torch.bincount(flat_expert_N[kept_N], minlength=num_experts)
+    # kept rows sorted by expert in token order, then the dropped ones (still in expert order)
+    order_N = torch.argsort(flat_expert_N + num_experts * (~kept_N).long(), stable=True)
+    return DispatchPlan(torch.div(order_N, K, rounding_mode="floor"), weights_TK.reshape(-1)[order_N], counts_E,
+                        routed_E, T, order_N)

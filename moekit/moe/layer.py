@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from moekit.config import MoEConfig
+from moekit.dist.ep import ep_experts, ep_route, global_batch_sums
 from moekit.moe.dispatch import DispatchPlan, plan_expert_choice, plan_token_choice
 from moekit.moe.experts import Experts
 from moekit.moe.losses import load_balancing_loss, router_z_loss, sequence_balance_loss
@@ -69,6 +70,7 @@ class MoELayer(nn.Module):
         self.shared = MLP(cfg.d_model, cfg.shared_hidden, cfg.activation, cfg.mlp_bias) if cfg.shared_hidden else None
         self.shared_gate = nn.Linear(cfg.d_model, 1, bias=False) if cfg.shared_expert_gate else None
         self.dense = MLP(cfg.d_model, cfg.dense_hidden, cfg.activation, cfg.mlp_bias) if cfg.dense_hidden else None
+        self.ep = None  # moekit.dist.ep.ExpertParallel once the experts are sharded over processes
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -84,6 +86,8 @@ class MoELayer(nn.Module):
     # ---- routing -----------------------------------------------------------------------------
     def route(self, x_TD: torch.Tensor) -> tuple[RouterOutput, DispatchPlan]:
         cfg = self.cfg
+        if self.ep is not None:
+            return ep_route(self, x_TD)
         T = x_TD.shape[0]
         capacity = cfg.capacity(T, self.training)
         if isinstance(self.router, ExpertChoiceRouter):
@@ -109,7 +113,7 @@ class MoELayer(nn.Module):
             return self._empty(x)
 
         r, plan = self.route(x_TD)
-        out_TD = self.experts(x_TD, plan)
+        out_TD = self.experts(x_TD, plan) if self.ep is None else ep_experts(self, x_TD, plan)
         if self.shared is not None:
             shared_TD = self.shared(x_TD)
             if self.shared_gate is not None:
@@ -127,7 +131,8 @@ class MoELayer(nn.Module):
         terms: dict[str, torch.Tensor] = {}
         total = r.logits_TE.new_zeros(())
         if cfg.aux_loss_coef > 0:
-            terms["load_balancing"] = load_balancing_loss(r.probs_TE, plan.routed_E, cfg.top_k, cfg.lb_convention)
+            terms["load_balancing"] = load_balancing_loss(r.probs_TE, plan.routed_E, cfg.top_k, cfg.lb_convention,
+                                                          global_batch_sums if self.ep is not None else None)
             total = total + cfg.aux_loss_coef * terms["load_balancing"]
         if cfg.z_loss_coef > 0:
             terms["z_loss"] = router_z_loss(r.logits_TE)
@@ -175,6 +180,8 @@ class MoELayer(nn.Module):
     def update_bias(self) -> None:
         """Applies the aux-loss-free bias update once (call after each optimizer step, never in eval)."""
         if self.cfg.bias_update_rate > 0:
+            if self.ep is not None:  # every rank must hold the same bias: the load of the whole batch
+                torch.distributed.all_reduce(self.router.load_since_update)
             self.router.update_bias()
 
 

@@ -15,7 +15,7 @@ def _fp32(t: torch.Tensor) -> torch.Tensor:
 
 
 def load_balancing_loss(probs_TE: torch.Tensor, routed_E: torch.Tensor, top_k: int,
-                        convention: str = "standard") -> torch.Tensor:
+                        convention: str = "standard", batch_sums=None) -> torch.Tensor:
     """L = E · Σ_i f_i · P_i  (Shazeer et al. 2017; Switch, Fedus et al. 2021 eq. 4-6; GShard).
 
     P_i = mean_t p_{t,i} (differentiable); f_i = c_i / (T·K) with c_i the assignments routed to
@@ -24,10 +24,15 @@ def load_balancing_loss(probs_TE: torch.Tensor, routed_E: torch.Tensor, top_k: i
     ``convention="hf_compat"``: f_i = c_i / T, the value transformers' Mixtral
     ``load_balancing_loss_func`` returns for one layer (balance gives K). NOTE: transformers
     concatenates all layers' tokens before the formula; per layer the two agree.
+    ``batch_sums(Σ_t p_t, routed_E, T)``: returns the batch-wide ones when the batch is spread over
+    processes (expert parallelism: :func:`moekit.dist.ep.global_batch_sums`).
     """
     T, E = probs_TE.shape
+    sum_E = _fp32(probs_TE).sum(dim=0)
+    if batch_sums is not None:
+        sum_E, routed_E, T = batch_sums(sum_E, routed_E, T)
     denom = T if convention == "hf_compat" else T * top_k
-    P_E = _fp32(probs_TE).mean(dim=0)
+    P_E = sum_E / T
     f_E = routed_E.to(P_E.dtype) / denom
     return E * torch.sum(f_E * P_E)
 
