@@ -72,8 +72,12 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, model_cfg: ModelConfig, tokenizer,
                     train_cfg: dict | None = None, optimizer: torch.optim.Optimizer | None = None,
-                    state: dict | None = None, keep_last: int | None = None) -> Path:
-    """Writes ``run_dir/ckpt-{step}`` atomically and keeps the newest ``keep_last`` checkpoints."""
+                    state: dict | None = None, keep_last: int | None = None,
+                    model_state: dict | None = None, optimizer_state: dict | None = None) -> Path:
+    """Writes ``run_dir/ckpt-{step}`` atomically and keeps the newest ``keep_last`` checkpoints.
+
+    ``model_state`` / ``optimizer_state`` replace ``model.state_dict()`` / ``optimizer.state_dict()``
+    (expert parallelism passes the states with the experts gathered whole)."""
     run_dir = Path(run_dir)
     final = run_dir / f"{PREFIX}{step:08d}"
     tmp = run_dir / f".tmp-{PREFIX}{step:08d}-{os.getpid()}"
@@ -81,13 +85,13 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, model_cfg:
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
 
-    weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    weights = {k: v.detach().contiguous().cpu() for k, v in (model_state or model.state_dict()).items()}
     save_file(weights, str(tmp / "model.safetensors"), metadata={"format": str(FORMAT)})
     _write_json(tmp / "config.json", {"format": FORMAT, "model": model_cfg.to_dict(), "train": train_cfg})
     if tokenizer is not None:
         tokenizer.save(tmp)
     if optimizer is not None:
-        tensors, opt_meta = _flatten_optimizer(optimizer)
+        tensors, opt_meta = _flatten_optimizer(optimizer_state or optimizer.state_dict())
         tensors["rng.torch"] = torch.get_rng_state()
         save_file(tensors, str(tmp / "trainer.safetensors"))
         _write_json(tmp / "state.json", {**(state or {}), "step": step, "optimizer": opt_meta})
@@ -193,8 +197,7 @@ def load_model(path: Path, dtype: torch.dtype | None = None):
     return model.eval(), load_tokenizer(ckpt) if has_tokenizer else None, config
 
 
-def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    sd = optimizer.state_dict()
+def _flatten_optimizer(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
     for idx, st in sd["state"].items():
@@ -206,8 +209,9 @@ def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torc
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
 
 
-def load_trainer_state(ckpt: Path, optimizer: torch.optim.Optimizer) -> dict:
-    """Restores the optimizer and the torch RNG; returns state.json."""
+def load_trainer_state(ckpt: Path, optimizer: torch.optim.Optimizer, slices: dict[int, slice] | None = None) -> dict:
+    """Restores the optimizer and the torch RNG; returns state.json. ``slices``: parameter index ->
+    the rows of the saved (whole) state this process keeps (its experts under expert parallelism)."""
     ckpt = Path(ckpt)
     try:
         state = json.loads((ckpt / "state.json").read_text())
@@ -223,6 +227,8 @@ def load_trainer_state(ckpt: Path, optimizer: torch.optim.Optimizer) -> dict:
     for key, value in tensors.items():
         if key.startswith("opt."):
             _, idx, name = key.split(".", 2)
+            if slices and int(idx) in slices and value.dim():
+                value = value[slices[int(idx)]].clone()
             per_param.setdefault(int(idx), {})[name] = value
     for idx, extra in state["optimizer"]["scalars"].items():
         per_param.setdefault(int(idx), {}).update(extra)

@@ -8,12 +8,17 @@
     moekit convert --from-hf DIR --out DIR | --to-hf DIR --out DIR
     moekit params PRESET [--json]     total and active parameters of a preset (meta device)
     moekit presets                    the known presets with their parameter counts
+    moekit inspect --model DIR        routing report: expert load, entropy, co-activation, top tokens (HTML)
+    moekit plot RUN_DIR [RUN_DIR ...] compare runs: loss curves, load balance
+    moekit upcycle --from DIR --experts E --top-k K --out DIR   sparse upcycling of a dense checkpoint
+    moekit prune --model DIR --experts E --method drop|merge   fewer experts; val loss before/after
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -74,8 +79,9 @@ def _train_config(args: argparse.Namespace):
         if not saved.is_file():
             raise FileNotFoundError(f"--resume: {saved} not found; is {args.out} a moekit run directory?")
         data = json.loads(saved.read_text())
-        if args.steps is not None:
-            data["steps"] = args.steps
+        for key in ("steps", "ep"):  # the options a resumed run may change
+            if getattr(args, key) is not None:
+                data[key] = getattr(args, key)
         return TrainConfig(**{**data, "out": args.out})
     fields = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__ and v is not None}
     if args.set:
@@ -105,10 +111,17 @@ def parse_overrides(items: list[str]) -> dict:
 def cmd_train(args: argparse.Namespace) -> int:
     from moekit.train import train
 
-    result = train(_train_config(args), resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+    from moekit.dist import shutdown
+
+    try:
+        result = train(_train_config(args), resume=args.resume, overwrite=args.overwrite,
+                       progress=not args.no_progress)
+    finally:
+        shutdown()
     summary = {"run_dir": str(result.run_dir), "step": result.step, "loss": result.final_loss,
                "val_loss": result.val_loss, "interrupted": result.interrupted}
-    print(json.dumps(summary))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(summary))
     return 0
 
 
@@ -239,7 +252,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/train", help="run directory (never overwritten without --overwrite)")
     p.add_argument("--steps", type=int)
     p.add_argument("--seed", type=int)
-    p.add_argument("--batch-size", dest="batch_size", type=int, help="sequences per micro-batch")
+    p.add_argument("--batch-size", dest="batch_size", type=int,
+                   help="sequences per micro-batch, over all processes (each takes an equal share)")
+    p.add_argument("--ep", type=int, help="expert-parallel degree under torchrun (divides the process count "
+                   "and the expert count); default 1")
     p.add_argument("--seq-len", dest="seq_len", type=int)
     p.add_argument("--grad-accum", dest="grad_accum", type=int)
     p.add_argument("--lr", type=float)
@@ -257,6 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-last", dest="keep_last", type=int)
     p.add_argument("--set", action="append", metavar="FIELD=VALUE",
                    help="override a model field of the preset, e.g. --set n_layers=6 --set moe.top_k=4 (repeatable)")
+    p.add_argument("--init-from", dest="init_from", metavar="CKPT",
+                   help="start from this checkpoint's weights (e.g. moekit upcycle's output): fresh optimizer and "
+                        "schedule; the model built from --preset/--set must have the same tensor shapes")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     p.add_argument("--no-progress", dest="no_progress", action="store_true", help="no progress bar")
@@ -291,6 +310,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("presets", help="list the presets")
     p.set_defaults(fn=cmd_presets)
+
+    from moekit.insight.cli import add_parsers as add_insight_parsers
+
+    add_insight_parsers(sub)  # inspect, plot, upcycle, prune
     return parser
 
 

@@ -92,13 +92,14 @@ def _spawn(fn, world, *args):
     mp.start_processes(fn, args=(world, *args), nprocs=world, start_method="spawn", join=True)
 
 
-@pytest.mark.parametrize("world, ep", [(2, 2), (4, 4), (4, 2)], ids=["ep2", "ep4", "ep2x2dp"])
-@pytest.mark.parametrize("case", list(LAYER_CASES))
-def test_ep_layer_equals_one_process(tmp_path, world, ep, case):
-    if world == 4 and case not in ("softmax_topk", "capacity_score"):
-        pytest.skip("4-process runs cover two cases (time)")
-    if ep != world and case.startswith("capacity"):
-        pytest.skip("capacity is decided per EP group; with DP replicas the single-process batch differs")
+# every case on 2 processes; 4 processes (EP 4, and EP 2 x DP 2) on two of them. Capacity with DP
+# replicas is decided per EP group, so it has no single-process twin on the whole batch.
+RUNS = [(case, 2, 2) for case in LAYER_CASES] + [("softmax_topk", 4, 4), ("capacity_score", 4, 4),
+                                                  ("softmax_topk", 4, 2), ("sigmoid_bias", 4, 2)]
+
+
+@pytest.mark.parametrize("case, world, ep", RUNS, ids=[f"{c}-w{w}-ep{e}" for c, w, e in RUNS])
+def test_ep_layer_equals_one_process(tmp_path, case, world, ep):
     out = tmp_path / "errors.json"
     _spawn(_layer_worker, world, ep, str(tmp_path / "store"), case, str(out))
     errors = json.loads(out.read_text())
@@ -107,3 +108,102 @@ def test_ep_layer_equals_one_process(tmp_path, world, ep, case):
     errors.pop("dropped", None)
     bad = {k: v for k, v in errors.items() if v > 1e-10}
     assert not bad, bad
+
+
+# ---- training under torchrun ----------------------------------------------------------------------
+TEXT = "def add(a, b):\n    return a + b  # the sum\n\nclass Point:\n    x: int = 0\n" * 40
+
+
+def _corpus(tmp_path):
+    d = tmp_path / "corpus"
+    d.mkdir()
+    for i in range(12):
+        (d / f"f{i:02d}.py").write_text(TEXT.replace("Point", f"Point{i}") * (1 + i % 3))
+    return d
+
+
+def _env(tmp_path):
+    return {**os.environ, "MOEKIT_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+
+
+def _train(tmp_path, out, nproc, *extra):
+    args = ["train", "--preset", "tiny", "--data", str(tmp_path / "corpus"), "--out", str(out), "--steps", "10",
+            "--batch-size", "4", "--seq-len", "32", "--eval-every", "10", "--eval-tokens", "512",
+            "--save-every", "5", "--log-every", "1", "--warmup", "2", "--no-progress",
+            "--set", "moe.bias_update_rate=0.001", *extra]
+    launcher = [sys.executable, "-m", "moekit"] if nproc == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "moekit"]
+    res = subprocess.run([*launcher, *args], capture_output=True, text=True, env=_env(tmp_path), timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res
+
+
+def _losses(run):
+    return {r["step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+
+
+def test_ep_training_equals_one_process_and_checkpoints_move_between_degrees(tmp_path):
+    import shutil
+
+    import moekit
+
+    _corpus(tmp_path)
+    _train(tmp_path, tmp_path / "one", 1)
+    _train(tmp_path, tmp_path / "ep2", 2, "--ep", "2")
+    one, ep2 = _losses(tmp_path / "one"), _losses(tmp_path / "ep2")
+    assert sorted(one) == sorted(ep2) == list(range(1, 11))
+    assert max(abs(one[s] - ep2[s]) for s in one) < 1e-5, (one, ep2)
+
+    # the EP-2 checkpoint is an ordinary one: it loads in one process with the same logits
+    ids = torch.randint(0, 256, (2, 16))
+    a = moekit.from_pretrained(tmp_path / "one")(ids).logits
+    b = moekit.from_pretrained(tmp_path / "ep2")(ids).logits
+    assert (a - b).abs().max().item() < 1e-4
+
+    # and an EP-2 run resumes at EP 1 from its step-5 checkpoint, ending where it ended
+    shutil.copytree(tmp_path / "ep2", tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed" / "ckpt-00000010")
+    res = subprocess.run([sys.executable, "-m", "moekit", "train", "--out", str(tmp_path / "resumed"), "--resume",
+                          "--ep", "1", "--no-progress"], capture_output=True, text=True, env=_env(tmp_path),
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    c = moekit.from_pretrained(tmp_path / "resumed")(ids).logits
+    assert (c - b).abs().max().item() < 1e-4
+    assert abs(_losses(tmp_path / "resumed")[10] - ep2[10]) < 1e-5
+
+
+def test_ep_degree_must_divide_processes_and_experts(tmp_path):
+    _corpus(tmp_path)
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "moekit",
+            "train", "--preset", "tiny", "--data", str(tmp_path / "corpus"), "--out", str(tmp_path / "r"),
+            "--steps", "2", "--batch-size", "4", "--seq-len", "32", "--no-progress"]
+    res = subprocess.run([*args, "--ep", "3"], capture_output=True, text=True, env=_env(tmp_path), timeout=120)
+    assert res.returncode != 0 and "the EP degree must divide the world size 2" in res.stderr
+    res = subprocess.run([sys.executable, "-m", "moekit", "train", "--ep", "2", "--out", str(tmp_path / "s")],
+                         capture_output=True, text=True, env=_env(tmp_path), timeout=120)
+    assert res.returncode == 2 and "torchrun --nproc_per_node 2" in res.stderr
+
+
+FAILING = """
+import os, sys, torch
+from moekit import MoEConfig, MoELayer
+from moekit.dist import init_distributed
+from moekit.dist.ep import shard_experts
+dims = init_distributed(2)
+layer = shard_experts(MoELayer(MoEConfig(d_model=16, expert_hidden=8, num_experts=4, top_k=2)), dims)
+for step in range(1000):
+    if step == 3 and dims.rank == 1:
+        raise RuntimeError("injected failure on rank 1")
+    layer(torch.randn(8, 16)).output.sum().backward()
+"""
+
+
+def test_a_failing_rank_ends_the_job_quickly(tmp_path):
+    script = tmp_path / "failing.py"
+    script.write_text(FAILING)
+    t = time.monotonic()
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(script)], capture_output=True, text=True, env=_env(tmp_path), timeout=120)
+    took = time.monotonic() - t
+    assert res.returncode != 0 and "injected failure on rank 1" in res.stderr
+    assert took < 60, took

@@ -66,11 +66,10 @@ def init_distributed(ep: int = 1, backend: str | None = None) -> ParallelDims:
     builds the EP and replica groups. Idempotent for the default process group."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1 and not dist.is_initialized():
-        dims = ParallelDims(world=1, rank=0, ep=ep)
         if ep != 1:
             raise ValueError(f"--ep {ep}: a single process can only run --ep 1; launch with "
                              f"torchrun --nproc_per_node {ep} -m moekit train --ep {ep} ...")
-        return dims
+        return ParallelDims(world=1, rank=0, ep=ep)
     if not dist.is_initialized():
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         timeout = datetime.timedelta(seconds=float(os.environ.get("MOEKIT_DIST_TIMEOUT", "60")))

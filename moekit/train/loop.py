@@ -13,6 +13,7 @@ of (seed, step), and checkpoints carry the optimizer state and the RNG.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -24,8 +25,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from moekit import checkpoint as ckpt_io
+from moekit.dist import ParallelDims, init_distributed
+from moekit.dist.ep import (clip_grad_norm, expert_param_names, expert_slices, full_optimizer_state, full_state_dict,
+                            shard_experts, sync_expert_grads)
 from moekit.config import ModelConfig
 from moekit.model import MoETransformer, flops_per_token
 from moekit.moe.layer import update_expert_biases
@@ -33,6 +39,7 @@ from moekit.presets import get_preset, miniature
 from moekit.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer, train_bpe
 from moekit.train.data import eval_batches, get_batch, iter_texts, load_tokens, open_corpus
 from moekit.train.metrics import MetricsLog, layer_metrics
+from moekit.train.warmstart import check_init_checkpoint
 
 
 @dataclass(frozen=True)
@@ -47,7 +54,7 @@ class TrainConfig:
     vocab_size: int = 4096  # BPE only
     val_fraction: float = 0.02
     steps: int = 600
-    batch_size: int = 16  # sequences per micro-batch
+    batch_size: int = 16  # sequences per micro-batch, over all processes (each takes an equal share)
     seq_len: int = 256
     grad_accum: int = 1
     lr: float = 3e-3
@@ -67,13 +74,15 @@ class TrainConfig:
     keep_last: int = 2
     seed: int = 0
     model_overrides: dict | None = None  # ModelConfig fields replaced on the preset ({"moe": {...}} nests)
+    ep: int = 1  # expert-parallel degree (under torchrun; divides the process count and the expert count)
+    init_from: str | None = None  # start from this checkpoint's weights, fresh optimizer (moekit.train.warmstart)
 
     def __post_init__(self) -> None:
         def bad(field, allowed):
             return ValueError(f"--{field.replace('_', '-')}={getattr(self, field)!r} is invalid: {allowed}")
 
         for f in ("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "log_every", "save_every",
-                  "keep_last", "eval_tokens"):
+                  "keep_last", "eval_tokens", "ep"):
             v = getattr(self, f)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise bad(f, "expected an integer >= 1")
@@ -148,6 +157,10 @@ def model_config_for(cfg: TrainConfig, vocab_size: int) -> ModelConfig:
 
 
 def _build_tokenizer(cfg: TrainConfig, corpus):
+    if cfg.init_from is not None:  # the tokenizer the initial weights were trained with
+        ckpt = ckpt_io.resolve(Path(cfg.init_from))
+        if (ckpt / "tokenizer.json").is_file() or (ckpt / "tokenizer_config.json").is_file():
+            return load_tokenizer(ckpt)
     if cfg.tokenizer == "byte":
         return ByteTokenizer()
     if cfg.tokenizer == "bpe":
@@ -207,14 +220,19 @@ def evaluate(model: MoETransformer, tokens, batch_size: int, seq_len: int, max_t
 
 
 class _StopFlag:
-    """SIGINT/SIGTERM ask for a clean stop: the loop saves a checkpoint after the current step."""
+    """SIGINT/SIGTERM ask for a clean stop: the loop saves a checkpoint after the current step.
 
-    def __init__(self):
+    Not under torch.distributed: there torchrun signals every worker when one fails, and a worker
+    blocked in a collective must die at once rather than try to save (the last periodic checkpoint
+    stays)."""
+
+    def __init__(self, enabled: bool = True):
         self.signal: int | None = None
         self._old: dict[int, Any] = {}
+        self.enabled = enabled
 
     def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, signal.SIGTERM) if self.enabled else ():
             try:
                 self._old[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread: no handlers, the caller stops us instead
@@ -231,61 +249,115 @@ class _StopFlag:
             signal.signal(sig, old)
 
 
+def _on_main(dims: ParallelDims, fn: Callable[[], Any]) -> Any:
+    """``fn()`` on rank 0 only; its result, or its exception, reaches every rank."""
+    if not dims.distributed:
+        return fn()
+    box: list[Any] = [None, None]
+    if dims.is_main:
+        try:
+            box[0] = fn()
+        except Exception as err:  # noqa: BLE001 - re-raised on every rank below
+            box[1] = err
+    dist.broadcast_object_list(box, src=0)
+    if box[1] is not None:
+        raise box[1]
+    return box[0]
+
+
 def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progress: bool = True,
           on_eval: Callable[[dict], None] | None = None) -> TrainResult:
-    """Runs (or resumes) a training run in ``cfg.out``; see the module docstring."""
+    """Runs (or resumes) a training run in ``cfg.out``; see the module docstring.
+
+    Under torchrun every process calls it: ``cfg.ep`` experts-parallel degree, data parallel over
+    all processes (rank r takes rows [r·b, (r+1)·b) of each global batch, b = batch_size / world);
+    rank 0 writes the files. A run resumes at any EP degree (checkpoints hold whole experts)."""
+    dims = init_distributed(cfg.ep)
+    if cfg.batch_size % dims.world:
+        raise ValueError(f"--batch-size {cfg.batch_size} is not divisible by the {dims.world} processes "
+                         f"(each takes an equal share of the batch)")
+    main = dims.is_main
     out = Path(cfg.out)
     model_config_for(cfg, vocab_size=256)  # a bad preset, override or seq_len fails before any file is written
-    resuming = prepare_run_dir(out, resume, overwrite)
+    init_ckpt = None
+    if cfg.init_from is not None and not resume:  # so does an --init-from checkpoint that does not fit
+        init_ckpt = check_init_checkpoint(cfg.init_from, lambda vocab: model_config_for(cfg, vocab))
+    resuming = _on_main(dims, lambda: prepare_run_dir(out, resume, overwrite))
     corpus = open_corpus(cfg.data, cfg.val_fraction)
     if resuming:
         latest = ckpt_io.resolve(out)
         saved = ckpt_io.verify(latest)
         saved_train = saved.get("train") or {}
         mine = cfg.to_dict()
-        differ = sorted(k for k in mine if k not in ("out", "steps") and saved_train.get(k, mine[k]) != mine[k])
+        differ = sorted(k for k in mine if k not in ("out", "steps", "ep") and saved_train.get(k, mine[k]) != mine[k])
         if differ:
             raise ValueError(f"--resume: option(s) {differ} differ from the run saved in {latest}; "
                              f"resume with the run's own options (only --steps may change)")
         tokenizer = load_tokenizer(latest)
     else:
-        tokenizer = _build_tokenizer(cfg, corpus)
-        tokenizer.save(out)
-    data = load_tokens(corpus, tokenizer)
+        def make_tokenizer():
+            tok = _build_tokenizer(cfg, corpus)
+            tok.save(out)
+            return tok
+
+        made = _on_main(dims, make_tokenizer)
+        tokenizer = made if main else load_tokenizer(out)
+    data = _on_main(dims, lambda: load_tokens(corpus, tokenizer))  # rank 0 fills the token cache first
+    if not main:
+        data = load_tokens(corpus, tokenizer)
 
     mcfg = model_config_for(cfg, tokenizer.vocab_size)
     torch.manual_seed(cfg.seed)
-    model = MoETransformer(mcfg)
+    model = MoETransformer(mcfg)  # whole and identical on every rank; then each keeps its experts
+    if resuming:
+        ckpt_io.load_weights(latest, model)
+    elif init_ckpt is not None:
+        ckpt_io.load_weights(init_ckpt, model)
+    if dims.ep > 1:
+        shard_experts(model, dims)
     optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8,
                                   fused=False, foreach=False)
     start_step, tokens_seen, elapsed = 0, 0, 0.0
-    metrics = MetricsLog(out / "metrics.jsonl")
+    metrics = MetricsLog(out / "metrics.jsonl") if main else None
     if resuming:
-        ckpt_io.load_weights(latest, model)
-        state = ckpt_io.load_trainer_state(latest, optimizer)
+        slices = expert_slices(model, optimizer, dims) if dims.ep > 1 else None
+        state = ckpt_io.load_trainer_state(latest, optimizer, slices)
         start_step, tokens_seen, elapsed = state["step"], state["tokens"], state["elapsed"]
-        metrics.truncate_after(start_step)
-    else:
+        if metrics is not None:
+            metrics.truncate_after(start_step)
+    elif main:
         (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
         (out / "model_config.json").write_text(json.dumps(mcfg.to_dict(), indent=2) + "\n")
     model.train()
-    step_fn = torch.compile(model) if cfg.compile else model
+    step_fn = model
+    if dims.distributed:  # DDP averages everything but the experts, which sync_expert_grads handles
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, expert_param_names(model))
+        step_fn = DistributedDataParallel(model, broadcast_buffers=False)
+    step_fn = torch.compile(step_fn) if cfg.compile else step_fn
+    per_rank = cfg.batch_size // dims.world
+    rows = slice(dims.rank * per_rank, (dims.rank + 1) * per_rank)
     autocast_dtype = torch.bfloat16 if cfg.dtype == "bf16" else None
     fpt = flops_per_token(mcfg, cfg.seq_len)
 
     def save(step):
-        ckpt_io.save_checkpoint(out, step, model, mcfg, tokenizer, cfg.to_dict(), optimizer,
-                                {"tokens": tokens_seen, "elapsed": elapsed}, cfg.keep_last)
+        model_state = full_state_dict(model, dims)  # collectives: every rank takes part
+        optimizer_state = full_optimizer_state(model, optimizer, dims)
+        if main:
+            ckpt_io.save_checkpoint(out, step, model, mcfg, tokenizer, cfg.to_dict(), optimizer,
+                                    {"tokens": tokens_seen, "elapsed": elapsed}, cfg.keep_last,
+                                    model_state=model_state, optimizer_state=optimizer_state)
+        if dims.distributed:
+            dist.barrier()
 
     bar = None
-    if progress:
+    if progress and main:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=cfg.steps, initial=start_step, unit="step", dynamic_ncols=True)
     last_loss = last_val = None
     interrupted = False
     done = start_step
-    with _StopFlag() as stop:
+    with _StopFlag(enabled=not dims.distributed) as stop:
         for step in range(start_step, cfg.steps):
             t0 = time.perf_counter()
             lr = lr_at(cfg, step)
@@ -294,13 +366,23 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progr
             loss_sum, ce_sum, outs = 0.0, 0.0, []
             for micro in range(cfg.grad_accum):
                 x, y = get_batch(data.train, cfg.batch_size, cfg.seq_len, cfg.seed, step, micro)
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast_dtype is not None):
-                    res = step_fn(x, targets=y)
-                (res.loss / cfg.grad_accum).backward()
+                x, y = x[rows], y[rows]
+                sync = micro == cfg.grad_accum - 1 or not dims.distributed
+                with contextlib.nullcontext() if sync else step_fn.no_sync():  # DDP: reduce on the last micro-batch
+                    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast_dtype is not None):
+                        res = step_fn(x, targets=y)
+                    (res.loss / cfg.grad_accum).backward()
                 loss_sum += res.loss.item() / cfg.grad_accum
                 ce_sum += res.ce_loss.item() / cfg.grad_accum
                 outs.append(res)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+            if dims.distributed:
+                sync_expert_grads(model, dims)
+                grad_norm = clip_grad_norm(model, cfg.grad_clip or float("inf"), dims)
+                losses = torch.tensor([loss_sum, ce_sum], dtype=torch.float64)
+                dist.all_reduce(losses)  # the batch's loss: the mean of the ranks' equal-sized shares
+                loss_sum, ce_sum = (losses / dims.world).tolist()
+            else:
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
             if not torch.isfinite(grad_norm):
                 raise FloatingPointError(f"step {step}: the gradient norm is {grad_norm.item()} (non-finite loss "
                                          f"{loss_sum}); the last good checkpoint is kept in {out}")
@@ -323,9 +405,9 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progr
                 ev = evaluate(model, data.val, cfg.batch_size, cfg.seq_len, cfg.eval_tokens, autocast_dtype)
                 last_val = ev["loss"]
                 record["val_loss"] = ev["loss"]
-                if on_eval:
+                if on_eval and main:
                     on_eval(record)
-            if record is not None:
+            if record is not None and metrics is not None:
                 metrics.append(record)
             if bar is not None:
                 bar.update(1)
@@ -343,5 +425,6 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progr
                 break
     if bar is not None:
         bar.close()
-    metrics.close()
+    if metrics is not None:
+        metrics.close()
     return TrainResult(out, done, last_loss, last_val, interrupted)
