@@ -171,6 +171,18 @@ def test_ep_training_equals_one_process_and_checkpoints_move_between_degrees(tmp
     assert (c - b).abs().max().item() < 1e-4
     assert abs(_losses(tmp_path / "resumed")[10] - ep2[10]) < 1e-5
 
+    # ... and at EP 4 (4 processes, 2 experts each)
+    shutil.rmtree(tmp_path / "resumed")
+    shutil.copytree(tmp_path / "ep2", tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed" / "ckpt-00000010")
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
+                          "-m", "moekit", "train", "--out", str(tmp_path / "resumed"), "--resume", "--ep", "4",
+                          "--no-progress"], capture_output=True, text=True, env=_env(tmp_path), timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    d = moekit.from_pretrained(tmp_path / "resumed")(ids).logits
+    assert (d - b).abs().max().item() < 1e-4
+    assert abs(_losses(tmp_path / "resumed")[10] - ep2[10]) < 1e-5
+
 
 def test_ep_degree_must_divide_processes_and_experts(tmp_path):
     _corpus(tmp_path)
@@ -182,6 +194,19 @@ def test_ep_degree_must_divide_processes_and_experts(tmp_path):
     res = subprocess.run([sys.executable, "-m", "moekit", "train", "--ep", "2", "--out", str(tmp_path / "s")],
                          capture_output=True, text=True, env=_env(tmp_path), timeout=120)
     assert res.returncode == 2 and "torchrun --nproc_per_node 2" in res.stderr
+
+
+def test_parallel_dims_validation():
+    from moekit.dist import ParallelDims
+
+    with pytest.raises(ValueError, match="--ep 3: the EP degree must divide the world size 4"):
+        ParallelDims(world=4, rank=0, ep=3)
+    with pytest.raises(ValueError, match=r"--ep 4: the EP degree must divide the number of experts \(6\)"):
+        ParallelDims(world=4, rank=0, ep=4).check_experts(6)
+    with pytest.raises(ValueError, match="expected an int >= 1"):
+        ParallelDims(world=1, rank=0, ep=0)
+    dims = ParallelDims(world=8, rank=5, ep=4)
+    assert (dims.ep_rank, dims.replicas) == (1, 2)
 
 
 FAILING = """

@@ -27,6 +27,8 @@ divided by the world size (:func:`sync_expert_grads`).
 
 from __future__ import annotations
 
+import inspect
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +41,9 @@ from moekit.moe.dispatch import DispatchPlan, plan_token_choice, plan_with_kept
 from moekit.moe.routers import RouterOutput
 
 EXPERT_PARAMS = ("w_in", "w_out", "b_in", "b_out")
+# NOTE: these differentiable collectives are the public autograd-aware ones; newer PyTorch marks them
+# deprecated in favour of a private module, so the notice is silenced rather than shown every run.
+warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.", category=FutureWarning)
 
 
 @dataclass
@@ -47,6 +52,7 @@ class ExpertParallel:
 
     dims: ParallelDims
     num_experts: int
+    sent_bytes: int = 0  # token rows this rank sent to other ranks in forward passes (both exchanges)
 
     @property
     def size(self) -> int:
@@ -87,6 +93,18 @@ def shard_experts(model: nn.Module, dims: ParallelDims) -> nn.Module:
                 setattr(layer.experts, name, nn.Parameter(p.detach()[ep.first:ep.first + ep.local].clone()))
         layer.ep = ep
     return model
+
+
+def data_parallel(model: nn.Module) -> nn.Module:
+    """``model`` under DDP for everything but the experts (their gradients: :func:`sync_expert_grads`);
+    buffers are not re-broadcast each forward (the routers' balancing state is kept equal by
+    all-reduced loads)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    DDP._set_params_and_buffers_to_ignore_for_model(model, expert_param_names(model))
+    no_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters \
+        else {"broadcast_buffers": False}
+    return DDP(model, **no_sync)
 
 
 def is_expert_param(name: str) -> bool:
@@ -149,6 +167,10 @@ def ep_experts(layer, x_TD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
     send_splits = send_E.view(P, El).sum(1).tolist()
     recv_PE = recv_E.view(P, El)
     recv_splits = recv_PE.sum(1).tolist()
+
+    me = ep.dims.ep_rank
+    rows_out = sum(send_splits) - send_splits[me] + sum(recv_splits) - recv_splits[me]
+    ep.sent_bytes += rows_out * x_TD.shape[1] * x_TD.element_size()  # backward moves as much again
 
     x_send = x_TD.index_select(0, rows_N)
     x_recv = x_send.new_empty(sum(recv_splits), x_TD.shape[1])

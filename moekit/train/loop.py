@@ -26,11 +26,10 @@ from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 
 from moekit import checkpoint as ckpt_io
 from moekit.dist import ParallelDims, init_distributed
-from moekit.dist.ep import (clip_grad_norm, expert_param_names, expert_slices, full_optimizer_state, full_state_dict,
+from moekit.dist.ep import (clip_grad_norm, data_parallel, expert_slices, full_optimizer_state, full_state_dict,
                             shard_experts, sync_expert_grads)
 from moekit.config import ModelConfig
 from moekit.model import MoETransformer, flops_per_token
@@ -331,8 +330,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progr
     model.train()
     step_fn = model
     if dims.distributed:  # DDP averages everything but the experts, which sync_expert_grads handles
-        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, expert_param_names(model))
-        step_fn = DistributedDataParallel(model, broadcast_buffers=False)
+        step_fn = data_parallel(model)
     step_fn = torch.compile(step_fn) if cfg.compile else step_fn
     per_rank = cfg.batch_size // dims.world
     rows = slice(dims.rank * per_rank, (dims.rank + 1) * per_rank)
