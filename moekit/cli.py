@@ -79,7 +79,7 @@ def _train_config(args: argparse.Namespace):
         if not saved.is_file():
             raise FileNotFoundError(f"--resume: {saved} not found; is {args.out} a moekit run directory?")
         data = json.loads(saved.read_text())
-        for key in ("steps", "ep"):  # the options a resumed run may change
+        for key in ("steps", "ep", "skip_nonfinite"):  # the options a resumed run may change
             if getattr(args, key) is not None:
                 data[key] = getattr(args, key)
         return TrainConfig(**{**data, "out": args.out})
@@ -276,6 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init-from", dest="init_from", metavar="CKPT",
                    help="start from this checkpoint's weights (e.g. moekit upcycle's output): fresh optimizer and "
                         "schedule; the model built from --preset/--set must have the same tensor shapes")
+    p.add_argument("--skip-nonfinite", dest="skip_nonfinite", action="store_true", default=None,
+                   help="skip (and count) a step whose loss or gradient is NaN/inf instead of stopping")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     p.add_argument("--no-progress", dest="no_progress", action="store_true", help="no progress bar")

@@ -19,6 +19,7 @@ import json
 import math
 import shutil
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +38,7 @@ from moekit.moe.layer import update_expert_biases
 from moekit.presets import get_preset, miniature
 from moekit.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer, train_bpe
 from moekit.train.data import eval_batches, get_batch, iter_texts, load_tokens, open_corpus
-from moekit.train.metrics import MetricsLog, layer_metrics
+from moekit.train.metrics import MetricsLog, collapsed_experts, layer_metrics
 from moekit.train.warmstart import check_init_checkpoint
 
 
@@ -73,6 +74,7 @@ class TrainConfig:
     keep_last: int = 2
     seed: int = 0
     model_overrides: dict | None = None  # ModelConfig fields replaced on the preset ({"moe": {...}} nests)
+    skip_nonfinite: bool = False  # skip (and count) steps whose loss or gradient is not finite, instead of stopping
     ep: int = 1  # expert-parallel degree (under torchrun; divides the process count and the expert count)
     init_from: str | None = None  # start from this checkpoint's weights, fresh optimizer (moekit.train.warmstart)
 
@@ -192,6 +194,45 @@ def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> bool:
     return False
 
 
+RESUMABLE = ("out", "steps", "ep", "skip_nonfinite")  # options a resumed run may change
+
+
+def _has_nonfinite(obj) -> bool:
+    t = getattr(obj, "output", None) if not torch.is_tensor(obj) else obj
+    if t is None:
+        t = getattr(obj, "logits", None)
+    if isinstance(obj, (tuple, list)):
+        return any(_has_nonfinite(o) for o in obj)
+    return torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all())
+
+
+@torch.no_grad()
+def first_nonfinite(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, autocast_dtype=None) -> str:
+    """Where a non-finite loss first appears: a non-finite parameter, else the first module (in the
+    order forward finishes them, innermost first) whose output is not finite on this batch, else the
+    gradients. Runs one extra forward pass; called only after a non-finite step."""
+    for name, p in model.named_parameters():
+        if not bool(torch.isfinite(p).all()):
+            return f"parameter {name}"
+    found: list[str] = []
+
+    def hook(module, args, output, name=""):
+        if not found and _has_nonfinite(output):
+            found.append(f"{name} ({type(module).__name__} output)")
+
+    handles = [m.register_forward_hook(lambda m, a, o, n=n: hook(m, a, o, n)) for n, m in model.named_modules() if n]
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast_dtype is not None):
+            model(x, targets=y)
+    finally:
+        for h in handles:
+            h.remove()
+    if found:
+        return found[0]
+    bad = [n for n, p in model.named_parameters() if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
+    return f"gradient of {bad[0]}" if bad else "the loss only"
+
+
 @dataclass
 class TrainResult:
     run_dir: Path
@@ -288,7 +329,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progr
         saved = ckpt_io.verify(latest)
         saved_train = saved.get("train") or {}
         mine = cfg.to_dict()
-        differ = sorted(k for k in mine if k not in ("out", "steps", "ep") and saved_train.get(k, mine[k]) != mine[k])
+        differ = sorted(k for k in mine if k not in RESUMABLE and saved_train.get(k, mine[k]) != mine[k])
         if differ:
             raise ValueError(f"--resume: option(s) {differ} differ from the run saved in {latest}; "
                              f"resume with the run's own options (only --steps may change)")
@@ -316,12 +357,13 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progr
         shard_experts(model, dims)
     optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8,
                                   fused=False, foreach=False)
-    start_step, tokens_seen, elapsed = 0, 0, 0.0
+    start_step, tokens_seen, elapsed, skipped = 0, 0, 0.0, 0
     metrics = MetricsLog(out / "metrics.jsonl") if main else None
     if resuming:
         slices = expert_slices(model, optimizer, dims) if dims.ep > 1 else None
         state = ckpt_io.load_trainer_state(latest, optimizer, slices)
         start_step, tokens_seen, elapsed = state["step"], state["tokens"], state["elapsed"]
+        skipped = state.get("skipped_nonfinite", 0)
         if metrics is not None:
             metrics.truncate_after(start_step)
     elif main:
@@ -342,7 +384,8 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progr
         optimizer_state = full_optimizer_state(model, optimizer, dims)
         if main:
             ckpt_io.save_checkpoint(out, step, model, mcfg, tokenizer, cfg.to_dict(), optimizer,
-                                    {"tokens": tokens_seen, "elapsed": elapsed}, cfg.keep_last,
+                                    {"tokens": tokens_seen, "elapsed": elapsed, "skipped_nonfinite": skipped},
+                                    cfg.keep_last,
                                     model_state=model_state, optimizer_state=optimizer_state)
         if dims.distributed:
             dist.barrier()
@@ -381,12 +424,26 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progr
                 loss_sum, ce_sum = (losses / dims.world).tolist()
             else:
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
-            if not torch.isfinite(grad_norm):
-                raise FloatingPointError(f"step {step}: the gradient norm is {grad_norm.item()} (non-finite loss "
-                                         f"{loss_sum}); the last good checkpoint is kept in {out}")
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            update_expert_biases(model)
+            finite = math.isfinite(loss_sum) and bool(torch.isfinite(grad_norm))
+            if not finite:
+                where = first_nonfinite(model, x, y, autocast_dtype)
+                what = (f"step {step + 1}: loss {loss_sum}, gradient norm {grad_norm.item()}; first non-finite: "
+                        f"{where}")
+                if not cfg.skip_nonfinite:
+                    last = ckpt_io.latest_checkpoint(out)
+                    raise FloatingPointError(f"{what}. Training stopped; the last good checkpoint "
+                                             f"{last if last else '(none yet)'} is kept. Resume with --resume, "
+                                             f"adding --skip-nonfinite to skip such steps")
+                skipped += 1
+                if main:
+                    print(f"moekit: skipped {what} ({skipped} skipped so far)", file=sys.stderr)
+                optimizer.zero_grad(set_to_none=True)
+                for layer in model.moe_layers:  # the skipped step's loads do not move the bias
+                    layer.router.load_since_update.zero_()
+            else:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                update_expert_biases(model)
             dt = time.perf_counter() - t0
             elapsed += dt
             tokens_seen += cfg.tokens_per_step
@@ -398,7 +455,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progr
             if evaluating or done % cfg.log_every == 0:
                 record = {"step": done, "loss": loss_sum, "ce_loss": ce_sum, "lr": lr, "tokens": tokens_seen,
                           "flops": fpt * tokens_seen, "tokens_per_s": cfg.tokens_per_step / dt, "elapsed_s": elapsed,
-                          "grad_norm": grad_norm.item(), **layer_metrics(outs)}
+                          "grad_norm": grad_norm.item(), "skipped_nonfinite": skipped, **layer_metrics(outs)}
             if evaluating:
                 ev = evaluate(model, data.val, cfg.batch_size, cfg.seq_len, cfg.eval_tokens, autocast_dtype)
                 last_val = ev["loss"]
@@ -413,6 +470,12 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progr
                 if outs and outs[-1].routing:
                     ratio = sum(s.max_load_ratio.item() for s in outs[-1].routing.values()) / len(outs[-1].routing)
                     postfix["imbalance"] = f"{ratio:.2f}"
+                    collapsed = [name for name, st in outs[-1].routing.items()
+                                 if collapsed_experts(st.tokens_per_expert.tolist())]
+                    if collapsed:  # loud: the layers whose routing collapsed on this step
+                        postfix["COLLAPSE"] = "layers " + ",".join(map(str, collapsed))
+                if skipped:
+                    postfix["skipped"] = skipped
                 if last_val is not None:
                     postfix["val"] = f"{last_val:.3f}"
                 bar.set_postfix(postfix)

@@ -7,6 +7,21 @@ import os
 from pathlib import Path
 
 
+COLLAPSE_LOW, COLLAPSE_HIGH = 0.1, 3.0  # of the uniform share 1/E
+
+
+def collapsed_experts(load_E: list[float]) -> dict[str, list[int]]:
+    """Routing collapse in one layer: experts taking under 10% of the uniform share 1/E (starved) or
+    over 3x it (hot); {} when neither. ``load_E``: tokens (or fractions) per expert."""
+    total = sum(load_E)
+    if total <= 0:
+        return {}
+    uniform = total / len(load_E)
+    starved = [i for i, v in enumerate(load_E) if v < COLLAPSE_LOW * uniform]
+    hot = [i for i, v in enumerate(load_E) if v > COLLAPSE_HIGH * uniform]
+    return {k: v for k, v in (("starved", starved), ("hot", hot)) if v}
+
+
 def layer_metrics(outs) -> dict:
     """Aux terms (mean over micro-batches) and, per MoE layer, the tokens-per-expert fractions, the
     dropped fraction and the max/mean load, summed over the micro-batches of a step."""
@@ -27,6 +42,10 @@ def layer_metrics(outs) -> dict:
             "max_load_ratio": max(frac) * len(frac),
             "router_entropy": sum(float(o.routing[layer].router_entropy) for o in outs) / len(outs),
         }
+        collapse = collapsed_experts(frac)
+        if collapse:
+            rec[f"moe_{layer}"]["collapse"] = collapse
+            rec.setdefault("collapsed_layers", []).append(layer)
     return rec
 
 
