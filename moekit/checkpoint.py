@@ -136,8 +136,10 @@ def verify(ckpt: Path) -> dict:
         manifest = json.loads(manifest_path.read_text())
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{manifest_path} is corrupt: {err}") from None
+    if not isinstance(manifest, dict):
+        raise CheckpointError(f"{manifest_path} is corrupt: expected a JSON object")
     for name, entry in manifest.items():
-        path = ckpt / name
+        path = ckpt / plain_name(name, manifest_path)
         if not path.is_file():
             raise CheckpointError(f"{path} is missing (listed in the manifest)")
         if path.stat().st_size != entry["size"] or _sha256(path) != entry["sha256"]:
@@ -151,15 +153,47 @@ def verify(ckpt: Path) -> dict:
     return config
 
 
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt")
+
+
+def _is_pickle(path: Path) -> bool:
+    if path.suffix in PICKLE_SUFFIXES:
+        return True
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return head[:1] == b"\x80" or head == b"PK\x03\x04"  # a raw pickle, or torch.save's zip of pickles
+
+
+def refuse_pickle(path: Path) -> None:
+    """Raises CheckpointError for a pickle-based checkpoint file (or a directory holding one): moekit
+    never unpickles, since loading a pickle runs whatever code it names."""
+    path = Path(path)
+    found = [path] if path.is_file() and _is_pickle(path) else \
+        sorted(p for p in path.iterdir() if p.is_file() and p.suffix in PICKLE_SUFFIXES) if path.is_dir() else []
+    if found:
+        raise CheckpointError(f"{found[0]} is a pickle-based checkpoint; moekit never unpickles files (a pickle can "
+                              f"run arbitrary code). Convert it to safetensors (e.g. transformers' "
+                              f"save_pretrained(..., safe_serialization=True)) and pass that directory")
+
+
+def plain_name(name: str, where: Path) -> str:
+    """``name`` if it is a plain file name (no directory part): files named by a manifest or an index
+    stay inside their directory."""
+    if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name or "\\" in name:
+        raise CheckpointError(f"{where}: {name!r} is not a plain file name; refusing a path outside the directory")
+    return name
+
+
 def resolve(path: Path) -> Path:
     """A checkpoint directory itself, or the newest checkpoint of a run directory."""
     path = Path(path)
     if (path / "manifest.json").is_file():
         return path
-    latest = latest_checkpoint(path)
+    latest = latest_checkpoint(path) if path.is_dir() else None
     if latest is None:
         if not path.exists():
             raise CheckpointError(f"model path not found: {path}")
+        refuse_pickle(path)
         raise CheckpointError(f"{path} is not a moekit checkpoint or run directory (no ckpt-* inside)")
     return latest
 

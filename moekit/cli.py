@@ -197,9 +197,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from moekit.interop import from_pretrained, to_hf
     from moekit.tokenizer import HFTokenizer
 
+    if bool(args.from_hf) == bool(args.to_hf):
+        raise ValueError("convert takes exactly one of --from-hf DIR or --to-hf DIR (a non-empty path)")
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()):
-        raise ValueError(f"--out {out} exists and is not empty; choose an empty or new directory")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"--out {out} exists and is not empty (or not a directory); choose an empty or new directory")
     if args.from_hf:
         src = Path(args.from_hf)
         model = from_pretrained(src)
@@ -326,11 +328,17 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args([*(["--debug"] if args.debug else []), "demo"])
     try:
         return args.fn(args)
-    except (ValueError, FileNotFoundError, FloatingPointError) as err:
+    except (ValueError, OSError, FloatingPointError) as err:
         if args.debug:
             raise
         print(f"moekit: error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:  # noqa: BLE001 - a bug: say so in one line, the traceback under --debug
+        if args.debug:
+            raise
+        print(f"moekit: unexpected error (a bug; rerun with --debug and report it): {type(err).__name__}: {err}",
+              file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("moekit: interrupted", file=sys.stderr)
         return 130

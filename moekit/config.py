@@ -377,11 +377,11 @@ class ModelConfig:
                 raise _mbad("qk_rope_head_dim", self.qk_rope_head_dim, "rotary dims must be even")
             if self.qk_norm is not None:
                 raise _mbad("qk_norm", self.qk_norm, "q/k norms are not defined for attention='mla'")
-        if not (isinstance(self.rope_theta, (int, float)) and self.rope_theta > 0):
-            raise _mbad("rope_theta", self.rope_theta, "expected a number > 0")
+        if not (isinstance(self.rope_theta, (int, float)) and math.isfinite(self.rope_theta) and self.rope_theta > 0):
+            raise _mbad("rope_theta", self.rope_theta, "expected a finite number > 0")
         self._check_rope_scaling()
-        if not (isinstance(self.norm_eps, (int, float)) and self.norm_eps > 0):
-            raise _mbad("norm_eps", self.norm_eps, "expected a number > 0")
+        if not (isinstance(self.norm_eps, (int, float)) and math.isfinite(self.norm_eps) and self.norm_eps > 0):
+            raise _mbad("norm_eps", self.norm_eps, "expected a finite number > 0")
         _mcheck_int("moe_every", self.moe_every, 1)
         _mcheck_int("first_k_dense", self.first_k_dense, 0)
         if self.first_k_dense > self.n_layers:
@@ -404,12 +404,13 @@ class ModelConfig:
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
                 raise _mbad(name, v, "expected a finite number > 0")
-        if not (isinstance(self.clip_qkv, (int, float)) and self.clip_qkv >= 0):
-            raise _mbad("clip_qkv", self.clip_qkv, "expected a number >= 0 (0 = off)")
+        if not (isinstance(self.clip_qkv, (int, float)) and math.isfinite(self.clip_qkv) and self.clip_qkv >= 0):
+            raise _mbad("clip_qkv", self.clip_qkv, "expected a finite number >= 0 (0 = off)")
         if self.clip_qkv and self.attention == "mla":
             raise _mbad("clip_qkv", self.clip_qkv, "clipping q/k/v is defined for attention='gqa' only")
-        if not (isinstance(self.attn_logit_softcap, (int, float)) and self.attn_logit_softcap >= 0):
-            raise _mbad("attn_logit_softcap", self.attn_logit_softcap, "expected a number >= 0 (0 = off)")
+        if not (isinstance(self.attn_logit_softcap, (int, float)) and math.isfinite(self.attn_logit_softcap)
+                and self.attn_logit_softcap >= 0):
+            raise _mbad("attn_logit_softcap", self.attn_logit_softcap, "expected a finite number >= 0 (0 = off)")
 
     def _check_rope_scaling(self) -> None:
         from moekit.nn.rope import SCALING_KEYS

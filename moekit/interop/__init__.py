@@ -37,9 +37,14 @@ def from_pretrained(path: str | Path, dtype: torch.dtype | None = None) -> MoETr
     whatever the files hold."""
     from moekit.checkpoint import load_model
 
+    from moekit.checkpoint import refuse_pickle
+
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"model path not found: {path}")
+    if path.is_file():
+        refuse_pickle(path)
+        raise InteropError(f"{path} is a file; expected a Hugging Face model directory or a moekit checkpoint")
     if not (path / "config.json").is_file() or (path / "manifest.json").is_file():
         return load_model(path, dtype)[0]
     hf = _read_config(path)

@@ -51,11 +51,19 @@ class SafetensorsDir:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (json.JSONDecodeError, KeyError) as err:
                 raise InteropError(f"{index} is not a valid safetensors index: {err}") from None
-            files = sorted(set(weight_map.values()))
+            from moekit.checkpoint import CheckpointError, plain_name
+
+            try:
+                files = sorted({plain_name(v, index) for v in weight_map.values()})
+            except CheckpointError as err:
+                raise InteropError(str(err)) from None
         else:
             files = sorted(p.name for p in self.directory.glob("*.safetensors"))
             weight_map = None
         if not files:
+            from moekit.checkpoint import refuse_pickle
+
+            refuse_pickle(self.directory)
             raise InteropError(f"no *.safetensors weights in {self.directory}")
         self._handles = {}
         for name in files:
