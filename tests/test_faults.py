@@ -454,6 +454,7 @@ def test_a_killed_rank_ends_the_job_and_the_run_resumes(tmp_path, corpus_dir):
     os.kill(int(workers[1]), signal.SIGKILL)  # rank 1 dies mid-step, without a word
     proc.wait(timeout=120)
     took = time.monotonic() - t
+    print(json.dumps({"killed_rank_job_exit_s": round(took, 2), "returncode": proc.returncode}))
     assert proc.returncode != 0 and took < 60, (proc.returncode, took)
     last = ckpt_io.latest_checkpoint(run)
     ckpt_io.verify(last)
