@@ -3,6 +3,29 @@ import torch
 
 from moekit import MoEConfig, MoELayer
 
+TEXT = "def add(a, b):\n    return a + b  # the sum\n\nclass Point:\n    x: int = 0\n" * 40
+
+
+def write_corpus(d):
+    """Twelve small Python-like files: a corpus that trains the tiny preset in seconds."""
+    d.mkdir()
+    for i in range(12):
+        (d / f"f{i:02d}.py").write_text(TEXT.replace("Point", f"Point{i}") * (1 + i % 3))
+    return d
+
+
+@pytest.fixture
+def corpus_dir(tmp_path):
+    return write_corpus(tmp_path / "corpus")
+
+
+def tiny_cfg(out, data, **kw):
+    from moekit.train import TrainConfig
+
+    base = dict(preset="tiny", data=str(data), out=str(out), steps=24, batch_size=4, seq_len=32, eval_every=8,
+                eval_tokens=512, save_every=6, log_every=4, warmup=4, val_fraction=0.2)
+    return TrainConfig(**{**base, **kw})
+
 
 @pytest.fixture(autouse=True)
 def _seed():

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import write_corpus
 
 pytestmark = pytest.mark.dist
 
@@ -111,15 +112,8 @@ def test_ep_layer_equals_one_process(tmp_path, case, world, ep):
 
 
 # ---- training under torchrun ----------------------------------------------------------------------
-TEXT = "def add(a, b):\n    return a + b  # the sum\n\nclass Point:\n    x: int = 0\n" * 40
-
-
 def _corpus(tmp_path):
-    d = tmp_path / "corpus"
-    d.mkdir()
-    for i in range(12):
-        (d / f"f{i:02d}.py").write_text(TEXT.replace("Point", f"Point{i}") * (1 + i % 3))
-    return d
+    return write_corpus(tmp_path / "corpus")
 
 
 def _env(tmp_path):

@@ -5,6 +5,7 @@ distributed failures, fuzzed configs and command lines. Nothing may be lost or h
     python -m pytest                # the default run takes the fast subset
 """
 
+import functools
 import json
 import os
 import random
@@ -21,33 +22,19 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
+from conftest import tiny_cfg
 from moekit import checkpoint as ckpt_io
 from moekit.train import TrainConfig, train
 
 pytestmark = pytest.mark.faults
 FUZZ = int(os.environ.get("MOEKIT_FUZZ_EXAMPLES", "100"))  # examples per fuzz test (the full suite: 2000)
 
-TEXT = "def add(a, b):\n    return a + b  # the sum\n\nclass Point:\n    x: int = 0\n" * 40
+tiny_cfg = functools.partial(tiny_cfg, log_every=1)
 
 
 @pytest.fixture(autouse=True)
 def _cache(tmp_path, monkeypatch):
     monkeypatch.setenv("MOEKIT_CACHE", str(tmp_path / "cache"))
-
-
-@pytest.fixture
-def corpus_dir(tmp_path):
-    d = tmp_path / "corpus"
-    d.mkdir()
-    for i in range(12):
-        (d / f"f{i:02d}.py").write_text(TEXT.replace("Point", f"Point{i}") * (1 + i % 3))
-    return d
-
-
-def tiny_cfg(out, data, **kw):
-    base = dict(preset="tiny", data=str(data), out=str(out), steps=24, batch_size=4, seq_len=32, eval_every=8,
-                eval_tokens=512, save_every=6, log_every=1, warmup=4, val_fraction=0.2)
-    return TrainConfig(**{**base, **kw})
 
 
 def _cli(*args, env=None, timeout=300):

@@ -13,32 +13,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import TEXT, tiny_cfg
 from moekit import checkpoint as ckpt_io
 from moekit.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer, train_bpe
 from moekit.train import TrainConfig, train
 from moekit.train.data import discover, get_batch, load_tokens, open_corpus, split
 
-TEXT = "def add(a, b):\n    return a + b  # the sum\n\nclass Point:\n    x: int = 0\n" * 40
-
-
 @pytest.fixture(autouse=True)
 def _cache(tmp_path, monkeypatch):
     monkeypatch.setenv("MOEKIT_CACHE", str(tmp_path / "cache"))
-
-
-@pytest.fixture
-def corpus_dir(tmp_path):
-    d = tmp_path / "corpus"
-    d.mkdir()
-    for i in range(12):
-        (d / f"f{i:02d}.py").write_text(TEXT.replace("Point", f"Point{i}") * (1 + i % 3))
-    return d
-
-
-def tiny_cfg(out, data, **kw):
-    base = dict(preset="tiny", data=str(data), out=str(out), steps=24, batch_size=4, seq_len=32, eval_every=8,
-                eval_tokens=512, save_every=6, log_every=4, warmup=4, val_fraction=0.2)
-    return TrainConfig(**{**base, **kw})
 
 
 def _cli(*args, **kw):
