@@ -369,7 +369,7 @@ class ModelConfig:
         if self.attention == "gqa" and self.head_dim % 2:
             raise _mbad("head_dim", self.head_dim, "rotary embeddings need an even head_dim")
         if self.attention == "mla":
-            if self.q_lora_rank < 0 or isinstance(self.q_lora_rank, bool):
+            if isinstance(self.q_lora_rank, bool) or not isinstance(self.q_lora_rank, int) or self.q_lora_rank < 0:
                 raise _mbad("q_lora_rank", self.q_lora_rank, "expected an int >= 0 (0 = no query compression)")
             for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
                 _mcheck_int(name, getattr(self, name), 1)
@@ -408,9 +408,11 @@ class ModelConfig:
             raise _mbad("clip_qkv", self.clip_qkv, "expected a finite number >= 0 (0 = off)")
         if self.clip_qkv and self.attention == "mla":
             raise _mbad("clip_qkv", self.clip_qkv, "clipping q/k/v is defined for attention='gqa' only")
-        if not (isinstance(self.attn_logit_softcap, (int, float)) and math.isfinite(self.attn_logit_softcap)
-                and self.attn_logit_softcap >= 0):
-            raise _mbad("attn_logit_softcap", self.attn_logit_softcap, "expected a finite number >= 0 (0 = off)")
+        cap = self.attn_logit_softcap
+        # NOTE: a cap that rounds to 0 in fp32 would turn c·tanh(x/c) into 0·nan
+        if not (isinstance(cap, (int, float)) and math.isfinite(cap) and (cap == 0 or cap >= 1.2e-38)):
+            raise _mbad("attn_logit_softcap", cap, "expected 0 (off) or a finite number >= 1.2e-38 (fp32's smallest "
+                        "normal number)")
 
     def _check_rope_scaling(self) -> None:
         from moekit.nn.rope import SCALING_KEYS

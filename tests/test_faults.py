@@ -138,36 +138,47 @@ def _weights(run: Path) -> dict:
 def _start(cfg: TrainConfig, resume: bool):
     code = (f"from moekit.train import TrainConfig, train; "
             f"train(TrainConfig(**{cfg.to_dict()!r}), resume={resume}, progress=False)")
-    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _logged_step(run: Path) -> int:
+    try:
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+        return json.loads(lines[-1])["step"] if lines else 0
+    except (OSError, ValueError, KeyError):
+        return 0  # not there yet, or a line half-written at this instant
 
 
 def _kill_campaign(tmp_path, corpus_dir, kills: int, seed: int):
-    """SIGKILLs one run ``kills`` times at seeded random moments (each after a random delay from its
-    (re)start), resuming each time; returns (kills that landed, kills that left a partial checkpoint)."""
+    """SIGKILLs one run ``kills`` times at seeded random moments, resuming each time; returns (kills
+    that landed, kills that left a checkpoint half-written). Odd kills wait for a checkpoint write to
+    begin; even ones for a random step still ahead, plus a random fraction of a step."""
     steps = 40
     ref = tiny_cfg(tmp_path / "ref", corpus_dir, steps=steps, save_every=2, eval_every=20, keep_last=3)
-    t = time.monotonic()
-    train(ref, progress=False)
-    run_time = time.monotonic() - t
+    ref_proc = _start(ref, False)  # the same kind of process as the killed ones: same threads, same sums
+    assert ref_proc.wait(timeout=300) == 0, ref_proc.stderr.read().decode()[-2000:]
     cfg = tiny_cfg(tmp_path / "run", corpus_dir, steps=steps, save_every=2, eval_every=20, keep_last=3)
+    run = tmp_path / "run"
     rng = random.Random(seed)
     landed = mid_write = 0
     resume = False
     for i in range(kills):
         proc = _start(cfg, resume)
-        if i % 2:  # aim at a checkpoint write: kill the moment its temporary directory appears
-            deadline = time.monotonic() + 60
-            while proc.poll() is None and time.monotonic() < deadline and not (
-                    (tmp_path / "run").exists() and any(p.name.startswith(".tmp-") for p in (tmp_path / "run").iterdir())):
-                time.sleep(0.0005)
-        else:
-            time.sleep(rng.uniform(1.0, 1.0 + run_time))  # interpreter start-up, then somewhere in training
+        target = rng.randint(min(_logged_step(run) if run.exists() else 0, steps - 2), steps - 2)
+        pause = rng.uniform(0, 0.05)
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and time.monotonic() < deadline:
+            if i % 2:  # aim at a checkpoint write: kill the moment its temporary directory appears
+                if run.exists() and any(p.name.startswith(".tmp-") for p in run.iterdir()):
+                    break
+            elif _logged_step(run) >= target:
+                time.sleep(pause)
+                break
+            time.sleep(0.0005)
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
             landed += 1
         proc.wait(timeout=60)
-        run = tmp_path / "run"
         mid_write += any(p.name.startswith(".tmp-") for p in run.iterdir()) if run.exists() else 0
         for ckpt in ckpt_io.checkpoint_dirs(run) if run.exists() else []:
             ckpt_io.verify(ckpt)  # never a half-written checkpoint: every file matches its manifest
@@ -176,7 +187,7 @@ def _kill_campaign(tmp_path, corpus_dir, kills: int, seed: int):
             shutil.rmtree(run)  # killed before its first checkpoint: start again
     proc = _start(cfg, resume)
     assert proc.wait(timeout=300) == 0, proc.stderr.read().decode()[-2000:]
-    a, b = _weights(tmp_path / "ref"), _weights(tmp_path / "run")
+    a, b = _weights(tmp_path / "ref"), _weights(run)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     return landed, mid_write
 
