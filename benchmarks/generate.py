@@ -56,6 +56,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="prompt 32, 16 new tokens, 2 repeats")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="both libraries' weights (default fp32)")
     p.add_argument("--load-probe", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.load_probe:
@@ -67,11 +68,12 @@ def main(argv=None) -> int:
     repeats = 2 if args.quick else args.repeats
     with tempfile.TemporaryDirectory() as tmp:
         build_checkpoint(Path(tmp), 4, 512, 8, 2, 4096)
-        hf = AutoModelForCausalLM.from_pretrained(tmp).eval()
-        ours = moekit.from_pretrained(tmp)
+        dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+        hf = AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype).eval()
+        ours = moekit.from_pretrained(tmp, dtype=dtype)
         probe = subprocess.run([sys.executable, __file__, "--load-probe", tmp], capture_output=True, text=True)
         memory = json.loads(probe.stdout) if probe.returncode == 0 else {"error": probe.stderr[-500:]}
-        report = {"torch": torch.__version__, "threads": torch.get_num_threads(), "prompt": prompt_len,
+        report = {"torch": torch.__version__, "threads": torch.get_num_threads(), "dtype": args.dtype, "prompt": prompt_len,
                   "new_tokens": new, "repeats": repeats, "load_memory": memory, "batches": {}}
         if "peak_load_mb" in memory:
             memory["ratio"] = round(memory["peak_load_mb"] / memory["checkpoint_mb"], 3)
