@@ -40,3 +40,17 @@ def test_memory_probe_in_a_fresh_process():
 def test_bad_options_are_one_line_errors(args, message):
     res = subprocess.run([sys.executable, "-m", "moekit", "bench", "layer", *args], capture_output=True, text=True)
     assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr
+
+
+def test_train_benchmark_runs_both_libraries_on_the_same_weights(monkeypatch):
+    """A miniature of `moekit bench train`: the first step's losses agree (same weights, same maths)."""
+    pytest.importorskip("transformers")
+    from moekit import bench_train
+
+    monkeypatch.setattr(bench_train, "D", 32)
+    monkeypatch.setattr(bench_train, "LAYERS", 1)
+    monkeypatch.setattr(bench_train, "VOCAB", 64)
+    r = bench_train.bench_train_shape(4, 2, 16, batch=2, seq=8, repeats=1, seed=0)
+    assert r["first_loss_max_diff"] < 1e-5
+    assert set(r["step_s"]) == {"moekit", "transformers_eager", "transformers_grouped_mm"}
+    assert all(v > 0 for v in r["moekit_vs"].values())

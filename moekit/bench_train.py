@@ -1,0 +1,184 @@
+"""The training-step benchmark: a full step of a Mixtral-shaped model, moekit against transformers'
+``MixtralForCausalLM`` on the same weights, plus the scaling of the MoE layer.
+
+    moekit bench train [--quick] [--scaling]        # or: python benchmarks/train.py
+
+One JSON document. ``train``: per routing shape (E, k, expert hidden) a random transformers Mixtral
+(vocabulary 4096, d_model 512, 4 layers, 8 heads / 2 KV heads) is saved and loaded into moekit with
+``moekit.from_pretrained``; both then run the same steps (forward with labels, backward, AdamW) on
+the same batches, interleaved, and the report gives the median step time, tokens/s and
+``moekit_vs_X`` = X time / moekit time (> 1: moekit faster) for transformers' ``eager`` and
+``grouped_mm`` expert implementations. The first step's losses are compared (same weights, same
+maths: they must agree to ~1e-5). ``--scaling``: the MoE layer's forward+backward time against tokens
+(should be linear) and against the expert count at fixed active FLOPs (E·hidden/E … k·hidden fixed:
+should stay flat).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import moekit
+from moekit import MoEConfig, MoELayer
+
+D, LAYERS, VOCAB = 512, 4, 4096
+SHAPES = ((8, 2, 1408), (64, 8, 176))  # Mixtral-like and fine-grained, equal active FLOPs
+TRAIN_TARGETS = {(8, 2): 1.1, (64, 8): 1.5}  # moekit step >= this x transformers' (eager)
+
+
+def _hf_model(directory: Path, experts: int, top_k: int, hidden: int, seed: int):
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    cfg = MixtralConfig(vocab_size=VOCAB, hidden_size=D, intermediate_size=hidden, num_hidden_layers=LAYERS,
+                        num_attention_heads=8, num_key_value_heads=2, num_local_experts=experts,
+                        num_experts_per_tok=top_k, max_position_embeddings=2048, router_aux_loss_coef=0.0,
+                        tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    MixtralForCausalLM(cfg).save_pretrained(directory)
+
+
+def _step_fns(directory: Path):
+    """name -> (model, step(ids) -> loss float)."""
+    from transformers import AutoModelForCausalLM
+
+    fns = {}
+    ours = moekit.from_pretrained(directory).train()
+    opt = torch.optim.AdamW(ours.parameters(), lr=1e-4, foreach=False)
+
+    def moekit_step(ids, model=ours, opt=opt):
+        res = model(ids[:, :-1], targets=ids[:, 1:])
+        res.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return res.ce_loss.item()
+
+    fns["moekit"] = moekit_step
+    for impl in ("eager", "grouped_mm"):
+        try:
+            hf = AutoModelForCausalLM.from_pretrained(directory, experts_implementation=impl).train()
+        except (TypeError, ValueError) as err:  # older transformers: one implementation only
+            fns[f"transformers_{impl}"] = f"skipped: {err}"
+            continue
+        hf_opt = torch.optim.AdamW(hf.parameters(), lr=1e-4, foreach=False)
+
+        def hf_step(ids, model=hf, opt=hf_opt):
+            logits = model(input_ids=ids[:, :-1]).logits  # the same next-token loss as moekit's targets
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                                                     ids[:, 1:].reshape(-1))
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return loss.item()
+
+        fns[f"transformers_{impl}"] = hf_step
+    return fns
+
+
+def bench_train_shape(experts: int, top_k: int, hidden: int, batch: int, seq: int, repeats: int, seed: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        _hf_model(Path(tmp), experts, top_k, hidden, seed)
+        fns = _step_fns(Path(tmp))
+    runnable = {k: f for k, f in fns.items() if callable(f)}
+    g = torch.Generator().manual_seed(seed + 1)
+    batches = [torch.randint(0, VOCAB, (batch, seq + 1), generator=g) for _ in range(repeats + 1)]
+    times = {k: [] for k in runnable}
+    first = {}
+    for i, ids in enumerate(batches):  # interleaved; the first round warms up (and compares losses)
+        for name, fn in runnable.items():
+            t = time.perf_counter()
+            loss = fn(ids)
+            if i == 0:
+                first[name] = loss
+            else:
+                times[name].append(time.perf_counter() - t)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    tokens = batch * seq
+    report = {"shape": f"E{experts}k{top_k}F{hidden}", "num_experts": experts, "top_k": top_k,
+              "expert_hidden": hidden, "tokens_per_step": tokens,
+              "step_s": {k: round(v, 4) for k, v in med.items()},
+              "tokens_per_s": {k: round(tokens / v, 1) for k, v in med.items()},
+              "first_step_loss": first,
+              "first_loss_max_diff": max(abs(v - first["moekit"]) for v in first.values()),
+              "skipped": {k: v for k, v in fns.items() if not callable(v)}}
+    report["moekit_vs"] = {k.removeprefix("transformers_"): round(med[k] / med["moekit"], 3)
+                           for k in med if k != "moekit"}
+    target = TRAIN_TARGETS.get((experts, top_k))
+    if target is not None and "transformers_eager" in med:
+        value = report["moekit_vs"]["eager"]
+        report["target"] = {"target": f">= {target} x transformers eager", "value": value, "pass": value >= target}
+    return report
+
+
+def _layer_time(cfg: MoEConfig, tokens: int, repeats: int, seed: int) -> float:
+    torch.manual_seed(seed)
+    layer = MoELayer(cfg).train()
+    x = torch.randn(tokens, cfg.d_model, generator=torch.Generator().manual_seed(seed)).requires_grad_(True)
+    ts = []
+    for i in range(repeats + 1):
+        t = time.perf_counter()
+        res = layer(x)
+        res.output.sum().backward()
+        if i:
+            ts.append(time.perf_counter() - t)
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+    return statistics.median(ts)
+
+
+def scaling(repeats: int, seed: int, quick: bool) -> dict:
+    """fwd+bwd of one MoE layer (d 512, k 8, k·hidden = 1408): time against tokens at E 64, and against
+    E at fixed active FLOPs and tokens."""
+    token_list = (512, 2048, 4096) if quick else (512, 2048, 4096, 16384)
+    by_tokens = {}
+    for T in token_list:
+        cfg = MoEConfig(d_model=D, expert_hidden=176, num_experts=64, top_k=8)
+        by_tokens[T] = _layer_time(cfg, T, repeats, seed)
+    base_T = token_list[0]
+    by_experts = {}
+    for E in (8, 16, 32, 64, 128):
+        cfg = MoEConfig(d_model=D, expert_hidden=176, num_experts=E, top_k=8)
+        by_experts[E] = _layer_time(cfg, 4096, repeats, seed)
+    return {
+        "layer": "MoELayer d 512, top-8, expert hidden 176 (k·hidden 1408), fwd+bwd, fp32",
+        "time_vs_tokens_s": {str(k): round(v, 4) for k, v in by_tokens.items()},
+        "seconds_per_1k_tokens": {str(k): round(v / k * 1000, 4) for k, v in by_tokens.items()},
+        "linearity": round((by_tokens[token_list[-1]] / token_list[-1]) / (by_tokens[base_T] / base_T), 3),
+        "time_vs_experts_s_at_4096_tokens": {str(k): round(v, 4) for k, v in by_experts.items()},
+        "growth_E8_to_E128": round(by_experts[128] / by_experts[8], 3),
+        "target_growth": "<= 1.2",
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="moekit bench train", description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="batch 2 x 256, 2 repeats")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--scaling", action="store_true", help="also the layer's scaling in tokens and experts")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.repeats < 1:
+        p.error(f"--repeats {args.repeats}: expected >= 1")
+    batch, seq = (2, 256) if args.quick else (4, 512)
+    repeats = 2 if args.quick else args.repeats
+    report = {"benchmark": "full training step, moekit vs transformers MixtralForCausalLM, same weights",
+              "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+              "model": {"vocab": VOCAB, "d_model": D, "layers": LAYERS, "heads": 8, "kv_heads": 2},
+              "batch": [batch, seq], "repeats": repeats, "dtype": "fp32",
+              "shapes": [bench_train_shape(E, k, F, batch, seq, repeats, args.seed) for E, k, F in SHAPES]}
+    if args.scaling:
+        report["scaling"] = scaling(repeats, args.seed, args.quick)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
