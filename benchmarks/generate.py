@@ -1,105 +1,13 @@
-"""Greedy generation speed: moekit.generate against transformers' generate on the same weights.
+"""Thin wrapper: ``python benchmarks/generate.py [options]`` = ``moekit bench generate [options]``
+(the logic lives in :mod:`moekit.bench_generate`)."""
 
-    python benchmarks/generate.py            # Mixtral-shaped: 4 layers, d 512, 8 experts top-2, vocab 4096
-    python benchmarks/generate.py --quick
-
-A random MixtralForCausalLM is built and saved locally, loaded by both libraries (moekit through
-``moekit.from_pretrained``), and both continue the same prompt (128 tokens) by 64 greedy tokens at
-batch 1 and 8; medians of interleaved repeats. Also the peak RSS that ``from_pretrained`` adds over
-the checkpoint's size (a fresh process). Prints one JSON document.
-"""
-
-from __future__ import annotations
-
-import argparse
-import json
-import os
-import statistics
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
+# Benchmark this checkout's moekit even where another copy is installed.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-
-import moekit  # noqa: E402
-
-
-def build_checkpoint(directory: Path, layers: int, d: int, experts: int, top_k: int, vocab: int) -> None:
-    from transformers import MixtralConfig, MixtralForCausalLM
-
-    cfg = MixtralConfig(vocab_size=vocab, hidden_size=d, intermediate_size=int(3.5 * d), num_hidden_layers=layers,
-                        num_attention_heads=8, num_key_value_heads=2, num_local_experts=experts,
-                        num_experts_per_tok=top_k, max_position_embeddings=1024)
-    torch.manual_seed(0)
-    MixtralForCausalLM(cfg).save_pretrained(directory)
-
-
-def load_probe(directory: str) -> None:
-    """In a fresh process: peak RSS added by from_pretrained, next to the checkpoint's bytes."""
-    def kb(field):
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
-
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    before = kb("VmRSS")
-    moekit.from_pretrained(directory)
-    size = sum(p.stat().st_size for p in Path(directory).glob("*.safetensors"))
-    print(json.dumps({"peak_load_mb": (kb("VmHWM") - before) / 1024, "checkpoint_mb": size / 2**20}))
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="prompt 32, 16 new tokens, 2 repeats")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="both libraries' weights (default fp32)")
-    p.add_argument("--load-probe", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    if args.load_probe:
-        load_probe(args.load_probe)
-        return 0
-    from transformers import AutoModelForCausalLM
-
-    prompt_len, new = (32, 16) if args.quick else (128, 64)
-    repeats = 2 if args.quick else args.repeats
-    with tempfile.TemporaryDirectory() as tmp:
-        build_checkpoint(Path(tmp), 4, 512, 8, 2, 4096)
-        dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-        hf = AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype).eval()
-        ours = moekit.from_pretrained(tmp, dtype=dtype)
-        probe = subprocess.run([sys.executable, __file__, "--load-probe", tmp], capture_output=True, text=True)
-        memory = json.loads(probe.stdout) if probe.returncode == 0 else {"error": probe.stderr[-500:]}
-        report = {"torch": torch.__version__, "threads": torch.get_num_threads(), "dtype": args.dtype, "prompt": prompt_len,
-                  "new_tokens": new, "repeats": repeats, "load_memory": memory, "batches": {}}
-        if "peak_load_mb" in memory:
-            memory["ratio"] = round(memory["peak_load_mb"] / memory["checkpoint_mb"], 3)
-        for batch in (1, 8):
-            ids = torch.randint(0, 4096, (batch, prompt_len), generator=torch.Generator().manual_seed(batch))
-            times = {"moekit": [], "transformers": []}
-            outs = {}
-            for _ in range(repeats + 1):  # the first round warms up
-                t = time.perf_counter()
-                outs["moekit"] = moekit.generate(ours, ids, new).tokens
-                times["moekit"].append(time.perf_counter() - t)
-                t = time.perf_counter()
-                with torch.no_grad():
-                    outs["transformers"] = hf.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                                                       pad_token_id=0)[:, prompt_len:].tolist()
-                times["transformers"].append(time.perf_counter() - t)
-            med = {k: statistics.median(v[1:]) for k, v in times.items()}
-            report["batches"][str(batch)] = {
-                "moekit_tokens_per_s": round(batch * new / med["moekit"], 1),
-                "transformers_tokens_per_s": round(batch * new / med["transformers"], 1),
-                "speedup": round(med["transformers"] / med["moekit"], 3),
-                "same_tokens": outs["moekit"] == outs["transformers"],
-            }
-    print(json.dumps(report, indent=2))
-    return 0
-
+from moekit.bench_generate import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -58,13 +58,10 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    if args.suite == "train":
-        from moekit import bench_train
+    import importlib
 
-        return bench_train.main(args.rest) or 0
-    from moekit import bench
-
-    return bench.main(args.rest) or 0
+    module = importlib.import_module("moekit.bench" if args.suite == "layer" else f"moekit.bench_{args.suite}")
+    return module.main(args.rest) or 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -241,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_demo)
 
     p = sub.add_parser("bench", help="benchmarks printing JSON")
-    p.add_argument("suite", choices=["layer", "train"])
+    p.add_argument("suite", choices=["layer", "train", "generate", "ep"])
     p.add_argument("rest", nargs=argparse.REMAINDER, help="options of the suite (see --help after it)")
     p.set_defaults(fn=cmd_bench)
 
