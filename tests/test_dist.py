@@ -147,6 +147,8 @@ def test_ep_training_equals_one_process_and_checkpoints_move_between_degrees(tmp
     one, ep2 = _losses(tmp_path / "one"), _losses(tmp_path / "ep2")
     assert sorted(one) == sorted(ep2) == list(range(1, 11))
     assert max(abs(one[s] - ep2[s]) for s in one) < 1e-5, (one, ep2)
+    val = [json.loads((tmp_path / r / "metrics.jsonl").read_text().splitlines()[-1])["val_loss"] for r in ("one", "ep2")]
+    assert abs(val[0] - val[1]) < 1e-5, val  # evaluation split over the ranks gives one process's figure
 
     # the EP-2 checkpoint is an ordinary one: it loads in one process with the same logits
     ids = torch.randint(0, 256, (2, 16))

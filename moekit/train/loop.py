@@ -244,16 +244,30 @@ class TrainResult:
 
 @torch.no_grad()
 def evaluate(model: MoETransformer, tokens, batch_size: int, seq_len: int, max_tokens: int,
-             autocast_dtype: torch.dtype | None = None) -> dict[str, float]:
-    """Mean cross-entropy over fixed validation windows (eval mode: no noise, eval capacity)."""
+             autocast_dtype: torch.dtype | None = None, dims: ParallelDims | None = None) -> dict[str, float]:
+    """Mean cross-entropy over fixed validation windows (eval mode: no noise, eval capacity).
+
+    Under torch.distributed (``dims``) every rank takes an equal share of each window batch (the
+    whole batch when it does not divide) and the sums are all-reduced: the same figure as one process."""
     was_training = model.training
     model.eval()
+    world, rank = (dims.world, dims.rank) if dims is not None and dims.distributed else (1, 0)
     total, count = 0.0, 0
     for x, y in eval_batches(tokens, batch_size, seq_len, max_tokens):
+        share = x.shape[0] % world == 0
+        if share:
+            rows = slice(rank * x.shape[0] // world, (rank + 1) * x.shape[0] // world)
+            x, y = x[rows], y[rows]
         with torch.autocast("cpu", dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
             out = model(x, targets=y)
-        total += out.ce_loss.item() * y.numel()
-        count += y.numel()
+        # a batch every rank ran whole counts once (rank 0's copy)
+        if share or rank == 0:
+            total += out.ce_loss.item() * y.numel()
+            count += y.numel()
+    if world > 1:
+        sums = torch.tensor([total, count], dtype=torch.float64)
+        dist.all_reduce(sums)
+        total, count = sums[0].item(), int(sums[1].item())
     model.train(was_training)
     loss = total / count
     return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": count}
@@ -457,7 +471,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progr
                           "flops": fpt * tokens_seen, "tokens_per_s": cfg.tokens_per_step / dt, "elapsed_s": elapsed,
                           "grad_norm": grad_norm.item(), "skipped_nonfinite": skipped, **layer_metrics(outs)}
             if evaluating:
-                ev = evaluate(model, data.val, cfg.batch_size, cfg.seq_len, cfg.eval_tokens, autocast_dtype)
+                ev = evaluate(model, data.val, cfg.batch_size, cfg.seq_len, cfg.eval_tokens, autocast_dtype, dims)
                 last_val = ev["loss"]
                 record["val_loss"] = ev["loss"]
                 if on_eval and main:
