@@ -192,6 +192,21 @@ def test_ep_degree_must_divide_processes_and_experts(tmp_path):
     assert res.returncode == 2 and "torchrun --nproc_per_node 2" in res.stderr
 
 
+def test_received_rows_regroup_by_expert():
+    from moekit.dist.ep import _regroup_by_expert
+
+    g = torch.Generator().manual_seed(0)
+    for P, El in ((1, 1), (2, 3), (4, 2)):
+        counts = torch.randint(0, 4, (P, El), generator=g)
+        blocks, s = {}, 0  # the straightforward reference: rows [source][expert] -> [expert][source]
+        for src in range(P):
+            for e in range(El):
+                blocks[src, e] = list(range(s, s + int(counts[src, e])))
+                s += int(counts[src, e])
+        want = [r for e in range(El) for src in range(P) for r in blocks[src, e]]
+        assert _regroup_by_expert(counts).tolist() == want
+
+
 def test_parallel_dims_validation():
     from moekit.dist import ParallelDims
 

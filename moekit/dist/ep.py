@@ -155,6 +155,16 @@ def ep_route(layer, x_TD: torch.Tensor) -> tuple[RouterOutput, DispatchPlan]:
     return r, plan
 
 
+def _regroup_by_expert(counts_PE: torch.Tensor) -> torch.Tensor:
+    """Row order that turns received rows, laid out [source rank][local expert], into
+    [local expert][source rank] blocks (each block's rows keep their order)."""
+    lens_PE = counts_PE.flatten()
+    starts_PE = (lens_PE.cumsum(0) - lens_PE).view_as(counts_PE)
+    starts_EP, lens_EP = starts_PE.t().flatten(), counts_PE.t().flatten()  # blocks in the wanted order
+    block_N = torch.repeat_interleave(starts_EP - (lens_EP.cumsum(0) - lens_EP), lens_EP)
+    return block_N + torch.arange(block_N.shape[0], device=counts_PE.device)
+
+
 def ep_experts(layer, x_TD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
     """Runs the kept assignments of ``plan`` on the experts of the whole EP group; [T, D]."""
     ep = layer.ep
@@ -176,22 +186,10 @@ def ep_experts(layer, x_TD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
     x_recv = x_send.new_empty(sum(recv_splits), x_TD.shape[1])
     x_recv = dist_fn.all_to_all_single(x_recv, x_send, recv_splits, send_splits, group=ep.group)
 
-    # received rows are [source][local expert]; the experts want [local expert][source]
-    counts = recv_PE.tolist()
-    starts, s = [], 0
-    for src in range(P):
-        row = []
-        for e in range(El):
-            row.append(s)
-            s += counts[src][e]
-        starts.append(row)
-    device = x_TD.device
-    perm = [torch.arange(starts[src][e], starts[src][e] + counts[src][e], device=device)
-            for e in range(El) for src in range(P)]
-    perm_N = torch.cat(perm) if perm else torch.zeros(0, dtype=torch.long, device=device)
+    perm_N = _regroup_by_expert(recv_PE)
     local_counts = recv_PE.sum(0)
-    local_plan = DispatchPlan(perm_N, torch.ones(perm_N.shape[0], device=device), local_counts, local_counts.clone(),
-                              num_tokens=x_recv.shape[0])
+    local_plan = DispatchPlan(perm_N, torch.ones(perm_N.shape[0], device=x_TD.device), local_counts,
+                              local_counts.clone(), num_tokens=x_recv.shape[0])
     y_recv = layer.experts(x_recv, local_plan)  # row j: its expert's output, unweighted
 
     y_back = y_recv.new_empty(kept, x_TD.shape[1])
