@@ -156,7 +156,8 @@ def _kill_campaign(tmp_path, corpus_dir, kills: int, seed: int):
     steps = 40
     ref = tiny_cfg(tmp_path / "ref", corpus_dir, steps=steps, save_every=2, eval_every=20, keep_last=3)
     ref_proc = _start(ref, False)  # the same kind of process as the killed ones: same threads, same sums
-    assert ref_proc.wait(timeout=300) == 0, ref_proc.stderr.read().decode()[-2000:]
+    _, err = ref_proc.communicate(timeout=300)
+    assert ref_proc.returncode == 0, err.decode()[-2000:]
     cfg = tiny_cfg(tmp_path / "run", corpus_dir, steps=steps, save_every=2, eval_every=20, keep_last=3)
     run = tmp_path / "run"
     rng = random.Random(seed)
@@ -164,7 +165,8 @@ def _kill_campaign(tmp_path, corpus_dir, kills: int, seed: int):
     resume = False
     for i in range(kills):
         proc = _start(cfg, resume)
-        target = rng.randint(min(_logged_step(run) if run.exists() else 0, steps - 2), steps - 2)
+        last_target = steps - 8  # leave the run steps to do, so that the kill lands before it ends
+        target = rng.randint(min(_logged_step(run) if run.exists() else 0, last_target), last_target)
         pause = rng.uniform(0, 0.05)
         deadline = time.monotonic() + 120
         while proc.poll() is None and time.monotonic() < deadline:
@@ -178,7 +180,7 @@ def _kill_campaign(tmp_path, corpus_dir, kills: int, seed: int):
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
             landed += 1
-        proc.wait(timeout=60)
+        proc.communicate(timeout=60)  # also closes its pipes
         mid_write += any(p.name.startswith(".tmp-") for p in run.iterdir()) if run.exists() else 0
         for ckpt in ckpt_io.checkpoint_dirs(run) if run.exists() else []:
             ckpt_io.verify(ckpt)  # never a half-written checkpoint: every file matches its manifest
@@ -186,7 +188,8 @@ def _kill_campaign(tmp_path, corpus_dir, kills: int, seed: int):
         if run.exists() and not resume:
             shutil.rmtree(run)  # killed before its first checkpoint: start again
     proc = _start(cfg, resume)
-    assert proc.wait(timeout=300) == 0, proc.stderr.read().decode()[-2000:]
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err.decode()[-2000:]
     a, b = _weights(tmp_path / "ref"), _weights(run)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     return landed, mid_write
@@ -450,7 +453,7 @@ def test_a_killed_rank_ends_the_job_and_the_run_resumes(tmp_path, corpus_dir):
     assert len(workers) == 2
     t = time.monotonic()
     os.kill(int(workers[1]), signal.SIGKILL)  # rank 1 dies mid-step, without a word
-    proc.wait(timeout=120)
+    proc.communicate(timeout=120)
     took = time.monotonic() - t
     print(json.dumps({"killed_rank_job_exit_s": round(took, 2), "returncode": proc.returncode}))
     assert proc.returncode != 0 and took < 60, (proc.returncode, took)

@@ -168,7 +168,7 @@ def test_interrupted_run_resumes_to_identical_weights(tmp_path, corpus_dir, sig)
     proc = _start_training(cfg_b)
     _wait_for_checkpoint(tmp_path / "b", proc)
     os.kill(proc.pid, sig)
-    proc.wait(timeout=60)
+    proc.communicate(timeout=60)  # also closes its pipes
     if sig == signal.SIGTERM:
         assert proc.returncode == 0  # a clean exit after saving
     last = ckpt_io.latest_checkpoint(tmp_path / "b")

@@ -258,7 +258,6 @@ def expert_slices(model: nn.Module, optimizer: torch.optim.Optimizer, dims: Para
     """Optimizer parameter index -> this rank's slice of the whole expert tensor."""
     expert_ids = {id(p) for n, p in model.named_parameters() if is_expert_param(n)}
     out, i = {}, 0
-    local = None
     for group in optimizer.param_groups:
         for p in group["params"]:
             if id(p) in expert_ids:

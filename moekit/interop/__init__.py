@@ -63,9 +63,9 @@ def from_pretrained(path: str | Path, dtype: torch.dtype | None = None) -> MoETr
         raise InteropError(f"{path / 'config.json'}: {err}") from None
     with torch.device("meta"):
         model = MoETransformer(cfg)
-    ckpt = SafetensorsDir(path)
-    load_with_keymap(model, ckpt, family.KEYMAP, [b.is_moe for b in model.layers],
-                     cfg.moe.num_experts if cfg.moe else 0, dtype)
+    with SafetensorsDir(path) as ckpt:
+        load_with_keymap(model, ckpt, family.KEYMAP, [b.is_moe for b in model.layers],
+                         cfg.moe.num_experts if cfg.moe else 0, dtype)
     for module in model.modules():  # buffers the checkpoint does not carry: the routers' balancing state
         for name, buf in list(module.named_buffers(recurse=False)):
             if buf.is_meta:

@@ -12,9 +12,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
+
+from moekit.checkpoint import CheckpointError, plain_name, refuse_pickle
 
 
 class InteropError(ValueError):
@@ -51,8 +54,6 @@ class SafetensorsDir:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (json.JSONDecodeError, KeyError) as err:
                 raise InteropError(f"{index} is not a valid safetensors index: {err}") from None
-            from moekit.checkpoint import CheckpointError, plain_name
-
             try:
                 files = sorted({plain_name(v, index) for v in weight_map.values()})
             except CheckpointError as err:
@@ -61,8 +62,6 @@ class SafetensorsDir:
             files = sorted(p.name for p in self.directory.glob("*.safetensors"))
             weight_map = None
         if not files:
-            from moekit.checkpoint import refuse_pickle
-
             refuse_pickle(self.directory)
             raise InteropError(f"no *.safetensors weights in {self.directory}")
         self._handles = {}
@@ -76,6 +75,7 @@ class SafetensorsDir:
                 raise InteropError(f"{path} cannot be read: {err}") from None
         self.where = weight_map or {k: name for name, h in self._handles.items() for k in h.keys()}
         self._offsets: dict[str, tuple[int, dict]] = {}
+        self._files: dict[str, Any] = {}  # shard name -> an open binary file, for read_rows
 
     def read_rows(self, key: str, start: int, dst: torch.Tensor) -> None:
         """Rows ``start .. start + len(dst)`` along dim 0 of ``key`` into ``dst`` (same shape per row;
@@ -84,6 +84,7 @@ class SafetensorsDir:
         path = self.directory / name
         if name not in self._offsets:
             self._offsets[name] = _data_offsets(path)
+            self._files[name] = open(path, "rb")  # noqa: SIM115 - kept open for every tensor of the shard
         base, header = self._offsets[name]
         entry = header.get(key)
         dtype = _DTYPES.get(entry["dtype"]) if entry else None
@@ -93,11 +94,11 @@ class SafetensorsDir:
         row_bytes = dst[0].numel() * dtype.itemsize if dst.shape[0] else 0
         begin = base + entry["data_offsets"][0] + start * row_bytes
         target = dst if dst.dtype == dtype else torch.empty(dst.shape, dtype=dtype)
-        with open(path, "rb") as f:
-            f.seek(begin)
-            view = memoryview(target.view(-1).view(torch.uint8).numpy())
-            if f.readinto(view) != len(view):
-                raise InteropError(f"{path}: {key} is truncated")
+        f = self._files[name]
+        f.seek(begin)
+        view = memoryview(target.view(-1).view(torch.uint8).numpy())
+        if f.readinto(view) != len(view):
+            raise InteropError(f"{path}: {key} is truncated")
         if target is not dst:
             dst.copy_(target)
 
@@ -106,6 +107,17 @@ class SafetensorsDir:
 
     def get(self, key: str) -> torch.Tensor:
         return self._handles[self.where[key]].get_tensor(key)
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+
+    def __enter__(self) -> "SafetensorsDir":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self._handles[self.where[key]].get_slice(key).get_shape())

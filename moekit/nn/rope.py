@@ -12,7 +12,8 @@ import math
 
 import torch
 
-# rope_scaling keys per kind (ModelConfig.rope_scaling = {"type": kind, ...}); required ones have no default
+# rope_scaling keys per kind (ModelConfig.rope_scaling = {"type": kind, ...}) with their defaults;
+# factor and original_max_seq_len are required, None elsewhere means "not used"
 SCALING_KEYS = {
     "linear": {"factor": None},
     "yarn": {"factor": None, "original_max_seq_len": None, "beta_fast": 32.0, "beta_slow": 1.0, "mscale": None,
@@ -41,22 +42,23 @@ def scaled_frequencies(rot_dim: int, theta: float, scaling: dict | None, device=
     kind, factor = scaling["type"], float(scaling["factor"])
     if kind == "linear":
         return (inv_freq / factor).to(dtype), 1.0
-    orig = scaling["original_max_seq_len"]
+    opts = {**SCALING_KEYS[kind], **scaling}
+    orig = opts["original_max_seq_len"]
 
     def correction_dim(rotations: float) -> float:  # the dim whose wavelength fits ``rotations`` times in orig
         return rot_dim * math.log(orig / (rotations * 2 * math.pi)) / (2 * math.log(theta))
 
-    low, high = correction_dim(scaling.get("beta_fast", 32.0)), correction_dim(scaling.get("beta_slow", 1.0))
-    if scaling.get("truncate", True):
+    low, high = correction_dim(opts["beta_fast"]), correction_dim(opts["beta_slow"])
+    if opts["truncate"]:
         low, high = math.floor(low), math.ceil(high)
     low, high = max(low, 0), min(high, rot_dim - 1)
     if low == high:
         high += 0.001  # a single-dim ramp
     ramp = ((torch.arange(rot_dim // 2, device=device, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
     inv_freq = inv_freq / factor * ramp + inv_freq * (1 - ramp)  # ramp 0: extrapolate, 1: interpolate
-    attention = scaling.get("attention_factor")
+    attention = opts["attention_factor"]
     if attention is None:
-        m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+        m, m_all = opts["mscale"], opts["mscale_all_dim"]
         attention = yarn_mscale(factor, m) / yarn_mscale(factor, m_all) if m and m_all else yarn_mscale(factor)
     return inv_freq.to(dtype), float(attention)
 

@@ -198,12 +198,12 @@ RESUMABLE = ("out", "steps", "ep", "skip_nonfinite")  # options a resumed run ma
 
 
 def _has_nonfinite(obj) -> bool:
-    t = getattr(obj, "output", None) if not torch.is_tensor(obj) else obj
-    if t is None:
-        t = getattr(obj, "logits", None)
+    """A module output (a tensor, a tuple of them, MoEOutput or ModelOutput) holding NaN or inf."""
     if isinstance(obj, (tuple, list)):
         return any(_has_nonfinite(o) for o in obj)
-    return torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all())
+    if not torch.is_tensor(obj):
+        obj = getattr(obj, "output", getattr(obj, "logits", None))
+    return torch.is_tensor(obj) and obj.is_floating_point() and not bool(torch.isfinite(obj).all())
 
 
 @torch.no_grad()
@@ -216,11 +216,13 @@ def first_nonfinite(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, au
             return f"parameter {name}"
     found: list[str] = []
 
-    def hook(module, args, output, name=""):
-        if not found and _has_nonfinite(output):
-            found.append(f"{name} ({type(module).__name__} output)")
+    def hook_for(name: str):
+        def hook(module, args, output):
+            if not found and _has_nonfinite(output):
+                found.append(f"{name} ({type(module).__name__} output)")
+        return hook
 
-    handles = [m.register_forward_hook(lambda m, a, o, n=n: hook(m, a, o, n)) for n, m in model.named_modules() if n]
+    handles = [m.register_forward_hook(hook_for(n)) for n, m in model.named_modules() if n]
     try:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast_dtype is not None):
             model(x, targets=y)
@@ -303,20 +305,23 @@ class _StopFlag:
             signal.signal(sig, old)
 
 
-def _on_main(dims: ParallelDims, fn: Callable[[], Any]) -> Any:
-    """``fn()`` on rank 0 only; its result, or its exception, reaches every rank."""
+def _on_main(dims: ParallelDims, fn: Callable[[], Any], share: bool = True) -> Any:
+    """``fn()`` on rank 0 only, the others waiting; its exception is raised on every rank, and its
+    result reaches them too when ``share`` (keep that to small values: it is pickled and sent)."""
     if not dims.distributed:
         return fn()
     box: list[Any] = [None, None]
+    result = None
     if dims.is_main:
         try:
-            box[0] = fn()
+            result = fn()
+            box[0] = result if share else None
         except Exception as err:  # noqa: BLE001 - re-raised on every rank below
             box[1] = err
     dist.broadcast_object_list(box, src=0)
     if box[1] is not None:
         raise box[1]
-    return box[0]
+    return result if dims.is_main else box[0]
 
 
 def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progress: bool = True,
@@ -346,7 +351,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progr
         differ = sorted(k for k in mine if k not in RESUMABLE and saved_train.get(k, mine[k]) != mine[k])
         if differ:
             raise ValueError(f"--resume: option(s) {differ} differ from the run saved in {latest}; "
-                             f"resume with the run's own options (only --steps may change)")
+                             f"resume with the run's own options (only {', '.join(RESUMABLE[1:])} may change)")
         tokenizer = load_tokenizer(latest)
     else:
         def make_tokenizer():
@@ -354,9 +359,10 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progr
             tok.save(out)
             return tok
 
-        made = _on_main(dims, make_tokenizer)
-        tokenizer = made if main else load_tokenizer(out)
-    data = _on_main(dims, lambda: load_tokens(corpus, tokenizer))  # rank 0 fills the token cache first
+        tokenizer = _on_main(dims, make_tokenizer, share=False)
+        if not main:
+            tokenizer = load_tokenizer(out)
+    data = _on_main(dims, lambda: load_tokens(corpus, tokenizer), share=False)  # rank 0 fills the token cache
     if not main:
         data = load_tokens(corpus, tokenizer)
 
@@ -412,7 +418,10 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progr
     last_loss = last_val = None
     interrupted = False
     done = start_step
-    with _StopFlag(enabled=not dims.distributed) as stop:
+    def closing(obj):  # closed however the loop ends, an exception included
+        return contextlib.closing(obj) if obj is not None else contextlib.nullcontext()
+
+    with _StopFlag(enabled=not dims.distributed) as stop, closing(metrics), closing(bar):
         for step in range(start_step, cfg.steps):
             t0 = time.perf_counter()
             lr = lr_at(cfg, step)
@@ -498,8 +507,4 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progr
             if stop.signal is not None:
                 interrupted = True
                 break
-    if bar is not None:
-        bar.close()
-    if metrics is not None:
-        metrics.close()
     return TrainResult(out, done, last_loss, last_val, interrupted)
