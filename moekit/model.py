@@ -158,6 +158,15 @@ class MoETransformer(nn.Module):
     def moe_layers(self) -> list[MoELayer]:
         return [blk.ffn for blk in self.layers if blk.is_moe]
 
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(input_ids)
+        return x * self.cfg.embedding_multiplier if self.cfg.embedding_multiplier != 1.0 else x
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Final norm and output projection (times Grok-1's output multiplier)."""
+        logits = F.linear(self.norm(x), self.output_weight())
+        return logits * self.cfg.logit_multiplier if self.cfg.logit_multiplier != 1.0 else logits
+
     def output_weight(self) -> torch.Tensor:
         return self.embed.weight if self.lm_head is None else self.lm_head.weight
 
@@ -183,9 +192,7 @@ class MoETransformer(nn.Module):
             raise ValueError(f"token ids must lie in [0, vocab_size={cfg.vocab_size}); got values in "
                              f"[{int(input_ids.min())}, {int(input_ids.max())}]")
 
-        x = self.embed(input_ids)
-        if cfg.embedding_multiplier != 1.0:
-            x = x * cfg.embedding_multiplier
+        x = self.embed_tokens(input_ids)
         cos, sin, mask = self._positions(B, S, start, cache is not None, attention_mask, x.dtype, input_ids.device)
         layer_caches = cache.layers if cache is not None else [None] * len(self.layers)
         aux = x.new_zeros((), dtype=torch.float32)
@@ -200,9 +207,7 @@ class MoETransformer(nn.Module):
                     terms[k] = terms.get(k, 0) + v
         if cache is not None:
             cache.pos += S
-        logits = F.linear(self.norm(x), self.output_weight())
-        if cfg.logit_multiplier != 1.0:
-            logits = logits * cfg.logit_multiplier
+        logits = self.head(x)
         out = ModelOutput(logits, aux, routing=routing, aux_terms=terms)
         if targets is not None:
             out.ce_loss = F.cross_entropy(logits.float().view(B * S, -1), targets.reshape(B * S),

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from moekit import ModelConfig, MoETransformer
-from moekit.generate import generate, sample
-from moekit.nn.kv_cache import KVCache
+from moekit.generate import generate, sample, static_forward
+from moekit.nn.kv_cache import KVCache, StaticKVCache
 from moekit.presets import miniature
 
 NAMES = ["tiny", "mixtral-8x7b", "deepseek-v3", "grok-1", "qwen3-30b-a3b", "arctic"]
@@ -112,3 +112,51 @@ def test_cli_generate_on_a_trained_run(tmp_path, monkeypatch):
     assert streamed.returncode == 0 and streamed.stdout == out["text"] + "\n"
     too_long = subprocess.run([*run, "--max-new-tokens", "1000"], capture_output=True, text=True)
     assert too_long.returncode == 2 and "max_seq_len" in too_long.stderr and "Traceback" not in too_long.stderr
+
+
+@pytest.mark.parametrize("name", ["tiny", "deepseek-v3"])
+def test_static_cache_forward_equals_the_model(name):
+    """The fixed-shape forward of compiled decoding (run eagerly): prefill then single tokens into a
+    static cache, with left padding, give the model's own logits."""
+    model = _model(name)
+    B, L, C = 2, 9, 16
+    seq = torch.randint(0, model.cfg.vocab_size, (B, L))
+    valid = torch.ones(B, C, dtype=torch.bool)
+    valid[1, :3] = False  # row 1 is left-padded by 3
+    positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
+    cache = StaticKVCache(len(model.layers), C)
+    with torch.no_grad():
+        cache.slots_S = torch.arange(5)
+        got = [static_forward(model, seq[:, :5], positions[:, :5], valid, cache)]
+        for t in range(5, L):
+            cache.slots_S = torch.tensor([t])
+            got.append(static_forward(model, seq[:, t:t + 1], positions[:, t:t + 1], valid, cache))
+        want = model(seq, attention_mask=valid[:, :L]).logits
+    for i, t in enumerate(range(4, L)):
+        torch.testing.assert_close(got[i], want[:, t])
+
+
+@pytest.mark.parametrize("name", ["deepseek-v3", pytest.param("mixtral-8x7b", marks=pytest.mark.slow),
+                                  pytest.param("grok-1", marks=pytest.mark.slow),
+                                  pytest.param("qwen3-30b-a3b", marks=pytest.mark.slow)])
+def test_compiled_decoding_equals_eager(name):
+    """compile=True (static cache, torch.compile, experts read in place) continues padded prompts with
+    exactly the eager path's tokens."""
+    model = _model(name)
+    prompts = [torch.randint(0, model.cfg.vocab_size, (n,)).tolist() for n in (3, 9, 6)]
+    eager = generate(model, prompts, 10)
+    compiled = generate(model, prompts, 10, compile=True)
+    assert compiled.tokens == eager.tokens
+    assert generate(model, prompts[:1], 10, compile=True).tokens[0] == eager.tokens[0]
+
+
+def test_row_product_decomposition_matches_mm():
+    from moekit.generate import _decode_decompositions, _row_products
+
+    a, w = torch.randn(3, 40, dtype=torch.float64), torch.randn(24, 40, dtype=torch.float64)
+    torch.testing.assert_close(_row_products(a, w.t()), a @ w.t())
+    assert _row_products(torch.randn(5, 40), w.t().float()) is NotImplemented  # > 4 rows: left to the GEMM
+    addmm = _decode_decompositions()[torch.ops.aten.addmm.default]
+    bias = torch.randn(24, dtype=torch.float64)
+    torch.testing.assert_close(addmm(bias, a, w.t()), torch.addmm(bias, a, w.t()))
+    assert addmm(bias, a, w.t(), beta=2) is NotImplemented

@@ -194,6 +194,32 @@ def grouped_mm_experts(x_TD: torch.Tensor, plan: DispatchPlan, w_in_EHD: torch.T
     return x_TD.new_zeros(x_TD.shape).index_add_(0, plan.token_ids_N, y_ND)
 
 
+def gather_experts(x_TD: torch.Tensor, expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor,
+                   w_in_EHD: torch.Tensor, w_out_EDF: torch.Tensor, b_in_EH: torch.Tensor | None,
+                   b_out_ED: torch.Tensor | None, act_name: str) -> torch.Tensor:
+    """The decoding path for a handful of tokens under ``torch.compile``: no plan, no host sync.
+
+    Each (token, choice) pair reads its expert's weights in place, out[t] = Σ_k w_tk · W_out[e_tk]
+    act(W_in[e_tk] x_t), written as indexed multiply-and-sum reductions. Compiled, the index and the
+    product fuse into one reduction that streams the chosen experts' weights once (gpt-fast's MoE
+    decoding); eagerly it would copy them, so only the compiled decode step uses it. Tokens pick an
+    expert at most once, and every choice is kept: dropless routing only (no capacity).
+    """
+    T, K = expert_ids_TK.shape
+    # Pairs sorted by expert: consecutive reductions over the same expert find its weights in cache.
+    order_N = expert_ids_TK.flatten().argsort(stable=True)
+    e_N, tok_N = expert_ids_TK.flatten()[order_N], order_N // K
+    h_NH = (w_in_EHD[e_N] * x_TD[tok_N][:, None, :]).sum(-1)
+    if b_in_EH is not None:
+        h_NH = h_NH + b_in_EH[e_N]
+    a_NF = activation_fn(act_name)(h_NH)
+    y_ND = (w_out_EDF[e_N] * a_NF[:, None, :]).sum(-1)
+    if b_out_ED is not None:
+        y_ND = y_ND + b_out_ED[e_N]
+    y_TKD = y_ND[order_N.argsort()].view(T, K, -1)  # back to (token, choice) order: a fixed-order sum
+    return (y_TKD * weights_TK.to(y_TKD.dtype)[..., None]).sum(1)
+
+
 class Experts(nn.Module):
     """E routed expert MLPs with stacked weights ``w_in`` [E, H, D] and ``w_out`` [E, D, F]."""
 

@@ -21,7 +21,7 @@ from torch import nn
 from moekit.config import MoEConfig
 from moekit.dist.ep import ep_experts, ep_route, global_batch_sums
 from moekit.moe.dispatch import DispatchPlan, plan_expert_choice, plan_token_choice
-from moekit.moe.experts import Experts
+from moekit.moe.experts import Experts, gather_experts
 from moekit.moe.losses import load_balancing_loss, router_z_loss, sequence_balance_loss
 from moekit.moe.routers import ExpertChoiceRouter, RouterOutput, build_router
 from moekit.nn.mlp import MLP
@@ -47,7 +47,7 @@ class RoutingStats:
 class MoEOutput:
     output: torch.Tensor  # same shape as the input
     aux_loss: torch.Tensor  # () weighted sum of the enabled auxiliary terms (0 when none)
-    stats: RoutingStats
+    stats: RoutingStats | None  # None from the compiled decoding path (no plan is built)
     aux_terms: dict[str, torch.Tensor] = field(default_factory=dict)  # unweighted enabled terms
     router_logits: torch.Tensor | None = None  # [T, E] fp32
 
@@ -112,8 +112,27 @@ class MoELayer(nn.Module):
         if x_TD.shape[0] == 0:
             return self._empty(x)
 
+        if self._decoding():
+            r = self.router(x_TD)
+            ex = self.experts
+            out_TD = gather_experts(x_TD, r.expert_ids_TK, r.weights_TK, ex.w_in, ex.w_out, ex.b_in, ex.b_out,
+                                    cfg.activation)
+            return MoEOutput(self._residual_experts(x_TD, out_TD).view(x.shape).to(x.dtype),
+                             r.logits_TE.new_zeros(()), None, {}, r.logits_TE)
         r, plan = self.route(x_TD)
         out_TD = self.experts(x_TD, plan) if self.ep is None else ep_experts(self, x_TD, plan)
+        out_TD = self._residual_experts(x_TD, out_TD)
+        aux_loss, terms = self._aux_losses(x, r, plan)
+        return MoEOutput(out_TD.view(x.shape).to(x.dtype), aux_loss, self._stats(r, plan), terms, r.logits_TE)
+
+    def _decoding(self) -> bool:
+        """Inside a compiled inference graph (moekit.generate's decode step) the loop path's host
+        sync cannot run; dropless token choice takes :func:`gather_experts` there instead."""
+        return (torch.compiler.is_compiling() and not torch.is_grad_enabled() and self.ep is None
+                and self.cfg.is_token_choice and self.cfg.capacity(1, self.training) is None)
+
+    def _residual_experts(self, x_TD: torch.Tensor, out_TD: torch.Tensor) -> torch.Tensor:
+        """Adds the shared experts (optionally sigmoid-gated, Qwen-MoE) and the dense residual FFN."""
         if self.shared is not None:
             shared_TD = self.shared(x_TD)
             if self.shared_gate is not None:
@@ -121,9 +140,7 @@ class MoELayer(nn.Module):
             out_TD = out_TD + shared_TD
         if self.dense is not None:
             out_TD = out_TD + self.dense(x_TD)
-
-        aux_loss, terms = self._aux_losses(x, r, plan)
-        return MoEOutput(out_TD.view(x.shape).to(x.dtype), aux_loss, self._stats(r, plan), terms, r.logits_TE)
+        return out_TD
 
     # ---- losses and statistics ---------------------------------------------------------------
     def _aux_losses(self, x: torch.Tensor, r: RouterOutput, plan: DispatchPlan):
