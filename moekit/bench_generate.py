@@ -102,7 +102,9 @@ def main(argv=None) -> int:
                 "speedup_compiled": round(med["transformers"] / med["moekit_compiled"], 3),
                 "speedup_eager": round(med["transformers"] / med["moekit"], 3),
                 "compile_s": round(times["moekit_compiled"][0] - med["moekit_compiled"], 1),
-                "same_tokens": outs["moekit"] == outs["transformers"] == outs["moekit_compiled"],
+                # fp32: all equal; bf16 rounding differs between kernels, so greedy paths may part
+                "same_tokens_eager_vs_transformers": outs["moekit"] == outs["transformers"],
+                "same_tokens_compiled_vs_eager": outs["moekit_compiled"] == outs["moekit"],
             }
     print(json.dumps(report, indent=2))
     return 0
