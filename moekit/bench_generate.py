@@ -54,29 +54,19 @@ def load_probe(directory: str) -> None:
     print(json.dumps({"peak_load_mb": (kb("VmHWM") - before) / 1024, "checkpoint_mb": size / 2**20}))
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="prompt 32, 16 new tokens, 2 repeats")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="both libraries' weights (default fp32)")
-    p.add_argument("--load-probe", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    if args.load_probe:
-        load_probe(args.load_probe)
-        return 0
+def run_generate_benchmark(prompt_len: int = 128, new: int = 64, repeats: int = 3, dtype: str = "fp32") -> dict:
+    """The JSON-ready report: both libraries at batch 1 and 8 on one random Mixtral-shaped model."""
     from transformers import AutoModelForCausalLM
 
-    prompt_len, new = (32, 16) if args.quick else (128, 64)
-    repeats = 2 if args.quick else args.repeats
     with tempfile.TemporaryDirectory() as tmp:
         build_checkpoint(Path(tmp), 4, 512, 8, 2, 4096)
-        dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-        hf = AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype).eval()
-        ours = moekit.from_pretrained(tmp, dtype=dtype)
+        torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+        hf = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch_dtype).eval()
+        ours = moekit.from_pretrained(tmp, dtype=torch_dtype)
         probe = subprocess.run([sys.executable, "-m", "moekit.bench_generate", "--load-probe", tmp],
                                capture_output=True, text=True)
         memory = json.loads(probe.stdout) if probe.returncode == 0 else {"error": probe.stderr[-500:]}
-        report = {"torch": torch.__version__, "threads": torch.get_num_threads(), "dtype": args.dtype, "prompt": prompt_len,
+        report = {"torch": torch.__version__, "threads": torch.get_num_threads(), "dtype": dtype, "prompt": prompt_len,
                   "new_tokens": new, "repeats": repeats, "load_memory": memory, "batches": {}}
         if "peak_load_mb" in memory:
             memory["ratio"] = round(memory["peak_load_mb"] / memory["checkpoint_mb"], 3)
@@ -106,6 +96,23 @@ def main(argv=None) -> int:
                 "same_tokens_eager_vs_transformers": outs["moekit"] == outs["transformers"],
                 "same_tokens_compiled_vs_eager": outs["moekit_compiled"] == outs["moekit"],
             }
+    return report
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="prompt 32, 16 new tokens, 2 repeats")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="both libraries' weights (default fp32)")
+    p.add_argument("--load-probe", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.load_probe:
+        load_probe(args.load_probe)
+        return 0
+    if args.repeats < 1:
+        p.error(f"--repeats {args.repeats}: expected >= 1")
+    prompt_len, new = (32, 16) if args.quick else (128, 64)
+    report = run_generate_benchmark(prompt_len, new, 2 if args.quick else args.repeats, args.dtype)
     print(json.dumps(report, indent=2))
     return 0
 

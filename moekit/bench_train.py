@@ -32,7 +32,9 @@ from moekit import MoEConfig, MoELayer
 
 D, LAYERS, VOCAB = 512, 4, 4096
 SHAPES = ((8, 2, 1408), (64, 8, 176))  # Mixtral-like and fine-grained, equal active FLOPs
-TRAIN_TARGETS = {(8, 2): 1.1, (64, 8): 1.5}  # moekit step >= this x transformers' (eager)
+# moekit step >= this x transformers' step; checked against both of its experts implementations
+# (grouped_mm is its default in transformers 5, eager its per-expert loop)
+TRAIN_TARGETS = {(8, 2): 1.1, (64, 8): 1.5}
 
 
 def _hf_model(directory: Path, experts: int, top_k: int, hidden: int, seed: int):
@@ -112,9 +114,10 @@ def bench_train_shape(experts: int, top_k: int, hidden: int, batch: int, seq: in
     report["moekit_vs"] = {k.removeprefix("transformers_"): round(med[k] / med["moekit"], 3)
                            for k in med if k != "moekit"}
     target = TRAIN_TARGETS.get((experts, top_k))
-    if target is not None and "transformers_eager" in med:
-        value = report["moekit_vs"]["eager"]
-        report["target"] = {"target": f">= {target} x transformers eager", "value": value, "pass": value >= target}
+    if target is not None:
+        report["targets"] = {impl: {"target": f">= {target} x transformers {impl}", "value": value,
+                                    "pass": value >= target}
+                             for impl, value in report["moekit_vs"].items()}
     return report
 
 

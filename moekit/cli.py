@@ -239,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_demo)
 
     p = sub.add_parser("bench", help="benchmarks printing JSON")
-    p.add_argument("suite", choices=["layer", "train", "generate", "ep"])
+    p.add_argument("suite", choices=["layer", "train", "generate", "ep", "suite"])
     p.add_argument("rest", nargs=argparse.REMAINDER, help="options of the suite (see --help after it)")
     p.set_defaults(fn=cmd_bench)
 

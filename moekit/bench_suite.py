@@ -1,0 +1,123 @@
+"""The whole performance suite in one run: layer matrix, training step, generation, scaling.
+
+    moekit bench suite [--quick] [--markdown FILE]
+
+Runs, one after the other on the same idle machine:
+
+* layer: ``moekit bench layer --hf`` at the three routings (E, k, hidden) = (8, 2, 1408),
+  (64, 8, 176), (128, 8, 88), d_model 512, for 512 / 4096 / 16384 tokens, fp32 and bf16 (peak memory
+  at 4096 tokens, fp32);
+* train: ``moekit bench train`` (full step of a Mixtral-shaped model against transformers);
+* generate: ``moekit bench generate`` (fp32 and bf16);
+* scaling: time against tokens and against E at fixed active FLOPs.
+
+Prints one JSON document (every report in full, plus ``summary`` rows and the targets); with
+``--markdown FILE`` also writes the summary as the markdown tables the README carries. The full
+run takes about half an hour on 2 cores; ``--quick`` (1024 tokens, fp32, short generation) a few
+minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+
+from moekit import bench, bench_generate, bench_train
+
+
+def layer_matrix(tokens_list, dtypes, repeats: int, seed: int) -> list[dict]:
+    runs = []
+    for dtype in dtypes:
+        for tokens in tokens_list:
+            memory = tokens == 4096 and dtype == "fp32"
+            runs.append(bench.run_layer_benchmark(tokens=tokens, repeats=repeats, shapes=bench.SUITE_SHAPES, hf=True,
+                                                  memory=memory, dtype=dtype, seed=seed))
+    return runs
+
+
+def layer_rows(runs: list[dict]) -> list[dict]:
+    rows = []
+    for run in runs:
+        for s in run["shapes"]:
+            target = bench.SPEED_TARGETS.get((s["num_experts"], s["top_k"]))
+            rows.append({
+                "dtype": run["dtype"], "tokens": run["tokens"],
+                "routing": f"E{s['num_experts']} k{s['top_k']} F{s['expert_hidden']}",
+                "moe_fwd_bwd_ms": s["moe"]["fwd_bwd_ms"], "dense_fwd_bwd_ms": s["dense"]["fwd_bwd_ms"],
+                "moe_vs_dense": s["moe_vs_dense"]["fwd_bwd"], "target": target,
+                "moe_vs_hf_eager": s.get("moe_vs_hf_eager", {}).get("fwd_bwd"),
+                "moe_vs_hf_grouped_mm": s.get("moe_vs_hf_grouped_mm", {}).get("fwd_bwd"),
+                "peak_ratio_moe_over_dense": s.get("peak_ratio_moe_over_dense"),
+            })
+    return rows
+
+
+def _fmt(value, suffix: str = "") -> str:
+    return "–" if value is None else f"{value}{suffix}"
+
+
+def markdown(report: dict) -> str:
+    lines = ["| dtype | tokens | routing | MoE fwd+bwd | dense | MoE vs dense (target) | vs HF eager | "
+             "vs HF grouped_mm | peak MoE / dense |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in report["summary"]["layer"]:
+        target = f" (≥ {r['target']})" if r["target"] and r["dtype"] == "fp32" else ""
+        lines.append(f"| {r['dtype']} | {r['tokens']} | {r['routing']} | {r['moe_fwd_bwd_ms']} ms | "
+                     f"{r['dense_fwd_bwd_ms']} ms | **{r['moe_vs_dense']}×**{target} | {_fmt(r['moe_vs_hf_eager'], '×')} | "
+                     f"{_fmt(r['moe_vs_hf_grouped_mm'], '×')} | {_fmt(r['peak_ratio_moe_over_dense'])} |")
+    lines += ["", "| training step | moekit | transformers eager | transformers grouped_mm | moekit vs eager / grouped_mm (target) |",
+              "|---|---|---|---|---|"]
+    for s in report["train"]["shapes"]:
+        st, vs = s["step_s"], s["moekit_vs"]
+        target = bench_train.TRAIN_TARGETS.get((s["num_experts"], s["top_k"]))
+        lines.append(f"| {s['shape']} | {st['moekit']} s | {_fmt(st.get('transformers_eager'), ' s')} | "
+                     f"{_fmt(st.get('transformers_grouped_mm'), ' s')} | {_fmt(vs.get('eager'), '×')} / "
+                     f"{_fmt(vs.get('grouped_mm'), '×')} (≥ {target}) |")
+    lines += ["", "| generate | batch | moekit compiled | moekit eager | transformers | compiled vs transformers (target ≥ 2) |",
+              "|---|---|---|---|---|---|"]
+    for g in report["generate"]:
+        for batch, b in g["batches"].items():
+            lines.append(f"| {g['dtype']} | {batch} | {b['moekit_compiled_tokens_per_s']} tok/s | "
+                         f"{b['moekit_eager_tokens_per_s']} | {b['transformers_tokens_per_s']} | "
+                         f"**{b['speedup_compiled']}×** |")
+    sc = report["scaling"]
+    lines += ["", f"Scaling (MoE layer d 512, top-8, fwd+bwd): seconds per 1k tokens "
+                  f"{sc['seconds_per_1k_tokens']} (linearity {sc['linearity']}); at 4096 tokens and fixed active "
+                  f"FLOPs {sc['time_vs_experts_s_at_4096_tokens']} s, E8 → E128 ×{sc['growth_E8_to_E128']} "
+                  f"(target ≤ 1.2)."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="moekit bench suite", description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="1024 tokens, fp32 only, short generation: a few minutes")
+    p.add_argument("--markdown", metavar="FILE", help="also write the summary tables as markdown")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    start = time.perf_counter()
+    tokens_list, dtypes = ((1024,), ("fp32",)) if args.quick else ((512, 4096, 16384), ("fp32", "bf16"))
+    repeats = 2 if args.quick else 3
+    runs = layer_matrix(tokens_list, dtypes, repeats, args.seed)
+    batch, seq = (2, 256) if args.quick else (4, 512)
+    train = {"batch": [batch, seq], "repeats": repeats,
+             "shapes": [bench_train.bench_train_shape(E, k, F, batch, seq, repeats, args.seed)
+                        for E, k, F in bench_train.SHAPES]}
+    prompt, new = (32, 16) if args.quick else (128, 64)
+    generate = [bench_generate.run_generate_benchmark(prompt, new, repeats, dtype) for dtype in dtypes]
+    report = {"benchmark": "moekit performance suite", "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "quick": args.quick, "layer": runs, "train": train, "generate": generate,
+              "scaling": bench_train.scaling(repeats, args.seed, args.quick)}
+    report["summary"] = {"layer": layer_rows(runs)}
+    report["wall_s"] = round(time.perf_counter() - start, 1)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(markdown(report))
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
