@@ -5,7 +5,7 @@
 
 One JSON document. ``train``: per routing shape (E, k, expert hidden) a random transformers Mixtral
 (vocabulary 4096, d_model 512, 4 layers, 8 heads / 2 KV heads) is saved and loaded into moekit with
-``moekit.from_pretrained``; both then run the same steps (forward with labels, backward, AdamW) on
+``moekit.from_pretrained``; both then run the same steps (forward with labels, backward, fused AdamW) on
 the same batches, interleaved, and the report gives the median step time, tokens/s and
 ``moekit_vs_X`` = X time / moekit time (> 1: moekit faster) for transformers' ``eager`` and
 ``grouped_mm`` expert implementations. The first step's losses are compared (same weights, same
@@ -54,7 +54,7 @@ def _step_fns(directory: Path):
 
     fns = {}
     ours = moekit.from_pretrained(directory).train()
-    opt = torch.optim.AdamW(ours.parameters(), lr=1e-4, foreach=False)
+    opt = torch.optim.AdamW(ours.parameters(), lr=1e-4, fused=True)
 
     def moekit_step(ids, model=ours, opt=opt):
         res = model(ids[:, :-1], targets=ids[:, 1:])
@@ -70,7 +70,7 @@ def _step_fns(directory: Path):
         except (TypeError, ValueError) as err:  # older transformers: one implementation only
             fns[f"transformers_{impl}"] = f"skipped: {err}"
             continue
-        hf_opt = torch.optim.AdamW(hf.parameters(), lr=1e-4, foreach=False)
+        hf_opt = torch.optim.AdamW(hf.parameters(), lr=1e-4, fused=True)
 
         def hf_step(ids, model=hf, opt=hf_opt):
             logits = model(input_ids=ids[:, :-1]).logits  # the same next-token loss as moekit's targets

@@ -54,3 +54,25 @@ def test_train_benchmark_runs_both_libraries_on_the_same_weights(monkeypatch):
     assert r["first_loss_max_diff"] < 1e-5
     assert set(r["step_s"]) == {"moekit", "transformers_eager", "transformers_grouped_mm"}
     assert all(v > 0 for v in r["moekit_vs"].values())
+
+
+def test_suite_summary_and_markdown():
+    """`moekit bench suite` plumbing on a tiny layer run and stand-in train/generate/scaling reports."""
+    from moekit import bench_suite
+
+    runs = [bench.run_layer_benchmark(tokens=32, repeats=1, shapes=[(32, 16, 8, 2)], memory=False)]
+    rows = bench_suite.layer_rows(runs)
+    assert rows[0]["routing"] == "E8 k2 F16" and rows[0]["target"] == bench.SPEED_TARGETS[(8, 2)]
+    report = {"summary": {"layer": rows},
+              "train": {"shapes": [{"shape": "E8k2F1408", "num_experts": 8, "top_k": 2,
+                                    "step_s": {"moekit": 1.0, "transformers_eager": 1.5},
+                                    "moekit_vs": {"eager": 1.5}}]},
+              "generate": [{"dtype": "fp32", "batches": {"1": {"moekit_compiled_tokens_per_s": 300.0,
+                                                               "moekit_eager_tokens_per_s": 110.0,
+                                                               "transformers_tokens_per_s": 110.0,
+                                                               "speedup_compiled": 2.727}}}],
+              "scaling": {"seconds_per_1k_tokens": {"512": 0.1}, "linearity": 0.7,
+                          "time_vs_experts_s_at_4096_tokens": {"8": 0.3}, "growth_E8_to_E128": 1.1}}
+    text = bench_suite.markdown(report)
+    assert "| fp32 | 32 | E8 k2 F16 |" in text and "(≥ 1.1)" in text
+    assert "1.5× / – (≥ 1.1)" in text and "**2.727×**" in text and "×1.1 (target ≤ 1.2)" in text
