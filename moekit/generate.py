@@ -80,7 +80,7 @@ def _row_products(a_MK: torch.Tensor, b_KN: torch.Tensor):
     streaming the weight near memory bandwidth (MKL's GEMM reads it at about half that). At 8 rows
     MKL is faster again (decode step at batch 1/2/4/8: 2.3/5.3/9.1/15.0 ms decomposed vs
     3.6/6.8/9.6/12.2 ms with MKL, Mixtral-shaped d512 E8 fp32, 2 cores)."""
-    if a_MK.dim() != 2 or a_MK.shape[0] > 4:
+    if a_MK.dim() != 2 or a_MK.shape[0] > 4 or a_MK.device.type != "cpu":  # measured on CPUs only
         return NotImplemented
     acc = torch.promote_types(a_MK.dtype, torch.float32)
     return (a_MK.to(acc)[:, :, None] * b_KN.to(acc)[None]).sum(1).to(a_MK.dtype)
@@ -170,7 +170,8 @@ def generate(model: MoETransformer, prompts: Sequence[Sequence[int]] | torch.Ten
     ``compile=True`` runs each decode step through ``torch.compile`` with a static KV cache (the
     experts of dropless token-choice layers then read their weights in place, see
     :func:`moekit.moe.experts.gather_experts`): about twice the tokens/s once compiled, at a one-off
-    compile of several seconds per (model, batch size, cache length) in a process. It needs the C++
+    compile of several seconds per (model, batch size, cache length) in a process; past dynamo's
+    recompile limit (8 graphs) further shapes decode eagerly, correct but slower. It needs the C++
     compiler inductor uses on a CPU.
     """
     _check(max_new_tokens, temperature, top_k, top_p)
