@@ -54,6 +54,11 @@ def load_probe(directory: str) -> None:
     print(json.dumps({"peak_load_mb": (kb("VmHWM") - before) / 1024, "checkpoint_mb": size / 2**20}))
 
 
+def sizes(quick: bool) -> tuple[int, int]:
+    """(prompt tokens, new tokens)."""
+    return (32, 16) if quick else (128, 64)
+
+
 def run_generate_benchmark(prompt_len: int = 128, new: int = 64, repeats: int = 3, dtype: str = "fp32") -> dict:
     """The JSON-ready report: both libraries at batch 1 and 8 on one random Mixtral-shaped model."""
     from transformers import AutoModelForCausalLM
@@ -111,8 +116,7 @@ def main(argv=None) -> int:
         return 0
     if args.repeats < 1:
         p.error(f"--repeats {args.repeats}: expected >= 1")
-    prompt_len, new = (32, 16) if args.quick else (128, 64)
-    report = run_generate_benchmark(prompt_len, new, 2 if args.quick else args.repeats, args.dtype)
+    report = run_generate_benchmark(*sizes(args.quick), 2 if args.quick else args.repeats, args.dtype)
     print(json.dumps(report, indent=2))
     return 0
 

@@ -170,17 +170,22 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.repeats < 1:
         p.error(f"--repeats {args.repeats}: expected >= 1")
-    batch, seq = (2, 256) if args.quick else (4, 512)
     repeats = 2 if args.quick else args.repeats
-    report = {"benchmark": "full training step, moekit vs transformers MixtralForCausalLM, same weights",
-              "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-              "model": {"vocab": VOCAB, "d_model": D, "layers": LAYERS, "heads": 8, "kv_heads": 2},
-              "batch": [batch, seq], "repeats": repeats, "dtype": "fp32",
-              "shapes": [bench_train_shape(E, k, F, batch, seq, repeats, args.seed) for E, k, F in SHAPES]}
+    report = run_train_benchmark(args.quick, repeats, args.seed)
     if args.scaling:
         report["scaling"] = scaling(repeats, args.seed, args.quick)
     print(json.dumps(report, indent=2))
     return 0
+
+
+def run_train_benchmark(quick: bool, repeats: int, seed: int) -> dict:
+    """Every shape of SHAPES at batch 4 x 512 (quick: 2 x 256); the JSON-ready report."""
+    batch, seq = (2, 256) if quick else (4, 512)
+    return {"benchmark": "full training step, moekit vs transformers MixtralForCausalLM, same weights",
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+            "model": {"vocab": VOCAB, "d_model": D, "layers": LAYERS, "heads": 8, "kv_heads": 2},
+            "batch": [batch, seq], "repeats": repeats, "dtype": "fp32",
+            "shapes": [bench_train_shape(E, k, F, batch, seq, repeats, seed) for E, k, F in SHAPES]}
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from moekit.model import MoETransformer
+from moekit.model import MoETransformer, padded_causal_mask, padded_positions
+from moekit.moe.layer import gather_decoding
 from moekit.nn.kv_cache import KVCache, StaticKVCache
 
 
@@ -61,11 +62,7 @@ def static_forward(model: MoETransformer, ids_BS: torch.Tensor, positions_BS: to
     """
     x = model.embed_tokens(ids_BS)
     cos, sin = model.rope(positions_BS, x.dtype)
-    slots_S = cache.slots_S
-    k_L = torch.arange(cache.max_len, device=ids_BS.device)
-    # causal over slots, never onto padding; a padding query attends to itself so its row stays finite
-    allowed_BSL = ((k_L[None, None, :] <= slots_S[None, :, None]) & valid_BL[:, None, :]) | \
-        (k_L[None, :] == slots_S[:, None])[None]
+    allowed_BSL = padded_causal_mask(cache.slots_S, torch.arange(cache.max_len, device=ids_BS.device), valid_BL)
     for blk, layer_cache in zip(model.layers, cache.layers):
         x, _ = blk(x, cos[:, None], sin[:, None], layer_cache, allowed_BSL[:, None])
     return model.head(x[:, -1])
@@ -80,7 +77,7 @@ def _row_products(a_MK: torch.Tensor, b_KN: torch.Tensor):
     streaming the weight near memory bandwidth (MKL's GEMM reads it at about half that). At 8 rows
     MKL is faster again (decode step at batch 1/2/4/8: 2.3/5.3/9.1/15.0 ms decomposed vs
     3.6/6.8/9.6/12.2 ms with MKL, Mixtral-shaped d512 E8 fp32, 2 cores)."""
-    if a_MK.dim() != 2 or a_MK.shape[0] > 4 or a_MK.device.type != "cpu":  # measured on CPUs only
+    if a_MK.shape[0] > 4 or a_MK.device.type != "cpu":  # measured on CPUs only
         return NotImplemented
     acc = torch.promote_types(a_MK.dtype, torch.float32)
     return (a_MK.to(acc)[:, :, None] * b_KN.to(acc)[None]).sum(1).to(a_MK.dtype)
@@ -89,10 +86,15 @@ def _row_products(a_MK: torch.Tensor, b_KN: torch.Tensor):
 def _decode_decompositions():
     from torch._inductor.decomposition import select_decomp_table
 
+    # NOTE: these replace inductor's own mm/addmm rules (no fallback to them); the decode figures in
+    # the README were measured so.
     table = dict(select_decomp_table())
-    table[_aten.mm.default] = _row_products
-    table[_aten.addmm.default] = lambda bias, a, b, beta=1, alpha=1: (
-        NotImplemented if beta != 1 or alpha != 1 or (out := _row_products(a, b)) is NotImplemented else bias + out)
+
+    def addmm(bias, a, b, beta=1, alpha=1):
+        out = _row_products(a, b) if beta == 1 and alpha == 1 else NotImplemented
+        return out if out is NotImplemented else bias + out
+
+    table[_aten.mm.default], table[_aten.addmm.default] = _row_products, addmm
     return table
 
 
@@ -139,7 +141,7 @@ class _CompiledDecoder:
         self.cache = StaticKVCache(len(model.layers), cache_len)
         self.valid_BC = mask_BT.new_zeros(B, cache_len)
         self.valid_BC[:, :T] = mask_BT
-        self.positions_BC = (self.valid_BC.long().cumsum(dim=-1) - 1).clamp(min=0)
+        self.positions_BC = padded_positions(self.valid_BC)
         self.slot_1 = torch.zeros(1, dtype=torch.long, device=mask_BT.device)
         self.pos_B1 = torch.zeros(B, 1, dtype=torch.long, device=mask_BT.device)
         self.forward = _compiled_static_forward()
@@ -154,7 +156,8 @@ class _CompiledDecoder:
         col = self.L + step
         self.slot_1.fill_(col)
         self.pos_B1.copy_(self.positions_BC[:, col:col + 1])
-        return self.forward(self.model, nxt_B[:, None], self.pos_B1, self.valid_BC, self.cache)
+        with gather_decoding():
+            return self.forward(self.model, nxt_B[:, None], self.pos_B1, self.valid_BC, self.cache)
 
 
 @torch.no_grad()
@@ -169,7 +172,8 @@ def generate(model: MoETransformer, prompts: Sequence[Sequence[int]] | torch.Ten
 
     ``compile=True`` runs each decode step through ``torch.compile`` with a static KV cache (the
     experts of dropless token-choice layers then read their weights in place, see
-    :func:`moekit.moe.experts.gather_experts`): about twice the tokens/s once compiled, at a one-off
+    :func:`moekit.moe.experts.gather_experts`): in fp32 on a 2-core CPU 2.0-2.9x the eager tokens/s
+    at batch 1-8 once compiled (bf16 at batch 8 gains nothing), at a one-off
     compile of several seconds per (model, batch size, cache length) in a process; past dynamo's
     recompile limit (8 graphs) further shapes decode eagerly, correct but slower. It needs the C++
     compiler inductor uses on a CPU.
@@ -190,19 +194,20 @@ def generate(model: MoETransformer, prompts: Sequence[Sequence[int]] | torch.Ten
         input_ids[b, L - len(r):] = torch.tensor(r, device=device)
         mask[b, L - len(r):] = True
     mask[:, L:] = True
-    lo, hi = min(min(r) for r in rows), max(max(r) for r in rows)
-    if lo < 0 or hi >= model.cfg.vocab_size:  # the compiled path skips the model's own check
-        raise ValueError(f"token ids must lie in [0, vocab_size={model.cfg.vocab_size}); got values in [{lo}, {hi}]")
+    model.check_token_ids(input_ids)  # the compiled path skips the model's own check
     padded = any(len(r) != L for r in rows)
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     stop = torch.tensor(sorted(set(stop_tokens)), dtype=torch.long, device=device)
 
     was_training = model.training
     model.eval()
-    decoder = (_CompiledDecoder if compile else _EagerDecoder)(model, input_ids, mask, padded)
     out_tokens: list[list[int]] = [[] for _ in range(B)]
     finished = torch.zeros(B, dtype=torch.bool, device=device)
+    if max_new_tokens == 0:
+        model.train(was_training)
+        return GenerateResult(out_tokens, finished.tolist())
     try:
+        decoder = (_CompiledDecoder if compile else _EagerDecoder)(model, input_ids, mask, padded)
         # 1. Prefill: the whole prompt at once.
         logits = decoder.prefill()
         for step in range(max_new_tokens):

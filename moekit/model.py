@@ -78,6 +78,18 @@ class Block(nn.Module):
         return x_BSD + y, res
 
 
+def padded_positions(valid_BT: torch.Tensor) -> torch.Tensor:
+    """Rotary positions of a left-padded batch: counted from each row's first real token."""
+    return (valid_BT.long().cumsum(dim=-1) - 1).clamp(min=0)
+
+
+def padded_causal_mask(q_pos_S: torch.Tensor, k_pos_L: torch.Tensor, valid_BL: torch.Tensor) -> torch.Tensor:
+    """[B, S, L] True where query position q may attend key position k: causal, never onto padding;
+    a padding query attends to itself only, so its (unused) row stays finite."""
+    causal_SL = k_pos_L[None, :] <= q_pos_S[:, None]
+    return (causal_SL[None] & valid_BL[:, None, :]) | (k_pos_L[None, :] == q_pos_S[:, None])[None]
+
+
 class MoETransformer(nn.Module):
     """Token embedding, ``n_layers`` :class:`Block` s, final norm and LM head (optionally tied)."""
 
@@ -147,16 +159,18 @@ class MoETransformer(nn.Module):
             raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected ({B}, {end}): "
                              f"batch x (cached positions + new tokens)")
         valid = attention_mask.to(device=device, dtype=torch.bool)
-        positions = (valid.long().cumsum(dim=-1) - 1).clamp(min=0)[:, start:]
-        cos, sin = self.rope(positions, dtype)
-        q_pos, k_pos = torch.arange(start, end, device=device)[:, None], torch.arange(end, device=device)[None]
-        # a padding query attends to itself only, so its (unused) row stays finite
-        allowed = ((k_pos <= q_pos)[None] & valid[:, None, :]) | (k_pos == q_pos)[None]
+        cos, sin = self.rope(padded_positions(valid)[:, start:], dtype)
+        allowed = padded_causal_mask(torch.arange(start, end, device=device), torch.arange(end, device=device), valid)
         return cos[:, None], sin[:, None], allowed[:, None]
 
     @property
     def moe_layers(self) -> list[MoELayer]:
         return [blk.ffn for blk in self.layers if blk.is_moe]
+
+    def check_token_ids(self, input_ids: torch.Tensor) -> None:
+        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.cfg.vocab_size):
+            raise ValueError(f"token ids must lie in [0, vocab_size={self.cfg.vocab_size}); got values in "
+                             f"[{int(input_ids.min())}, {int(input_ids.max())}]")
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         x = self.embed(input_ids)
@@ -188,9 +202,7 @@ class MoETransformer(nn.Module):
         start = cache.pos if cache is not None else 0
         if start + S > cfg.max_seq_len:
             raise ValueError(f"sequence length {start + S} exceeds ModelConfig.max_seq_len={cfg.max_seq_len}")
-        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= cfg.vocab_size):
-            raise ValueError(f"token ids must lie in [0, vocab_size={cfg.vocab_size}); got values in "
-                             f"[{int(input_ids.min())}, {int(input_ids.max())}]")
+        self.check_token_ids(input_ids)
 
         x = self.embed_tokens(input_ids)
         cos, sin, mask = self._positions(B, S, start, cache is not None, attention_mask, x.dtype, input_ids.device)

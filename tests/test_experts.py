@@ -121,3 +121,24 @@ def test_gather_path_matches_reference(overrides):
                                 layer.cfg.activation)
         got = layer._residual_experts(x_TD, routed)
         torch.testing.assert_close(got, reference_forward(layer, x_TD).output, atol=1e-12, rtol=1e-12)
+
+
+def test_gather_path_only_inside_the_decode_step(monkeypatch):
+    """gather_experts runs only under gather_decoding() in a compiled no-grad forward of a few tokens of
+    a dropless token-choice layer; a user's own torch.compile(model) keeps the loop path."""
+    from moekit.moe import layer as moe_layer
+
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    dropless, soft = make_layer().eval(), make_layer(router="soft", top_k=4).eval()
+    capped = make_layer(capacity_factor=1.0, eval_capacity_factor=1.0).eval()
+    expert_choice = make_layer(router="expert_choice", capacity_factor=1.0).eval()
+    x = torch.randn(3, 16, dtype=torch.float64)
+    with torch.no_grad():
+        assert not dropless._decoding(x)
+        with moe_layer.gather_decoding():
+            assert dropless._decoding(x) and soft._decoding(x)
+            assert not dropless._decoding(torch.randn(moe_layer.GATHER_MAX_TOKENS + 1, 16))
+            assert not capped._decoding(x) and not expert_choice._decoding(x)
+        assert not dropless._decoding(x)
+    with moe_layer.gather_decoding():
+        assert not dropless._decoding(x)  # gradients recorded: never

@@ -248,15 +248,16 @@ class Experts(nn.Module):
         fast = x_TD.is_cuda and x_TD.dtype == torch.bfloat16 and grouped_mm_aligned(self.cfg)
         return "grouped_mm" if fast else "loop"
 
-    def forward(self, x_TD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    def cast(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+        """The input and (w_in, w_out, b_in, b_out) in the compute dtype: autocast's, else the input's."""
         params = [self.w_in, self.w_out, self.b_in, self.b_out]
         device_type = x_TD.device.type
-        if torch.is_autocast_enabled(device_type):
-            dtype = torch.get_autocast_dtype(device_type)
-            x_TD = x_TD.to(dtype)
-            params = [p.to(dtype) if p is not None else None for p in params]
-        else:
-            params = [p.to(x_TD.dtype) if p is not None else None for p in params]
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x_TD.dtype
+        return x_TD.to(dtype), [p.to(dtype) if p is not None else None for p in params]
+
+    def forward(self, x_TD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+        device_type = x_TD.device.type
+        x_TD, params = self.cast(x_TD)
         with torch.autocast(device_type=device_type, enabled=False):
             if self.impl_for(x_TD) == "grouped_mm":
                 return grouped_mm_experts(x_TD, plan, *params, self.cfg.activation)

@@ -13,6 +13,7 @@ Usage::
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -25,6 +26,23 @@ from moekit.moe.experts import Experts, gather_experts
 from moekit.moe.losses import load_balancing_loss, router_z_loss, sequence_balance_loss
 from moekit.moe.routers import ExpertChoiceRouter, RouterOutput, build_router
 from moekit.nn.mlp import MLP
+
+
+_gather_decoding = False
+GATHER_MAX_TOKENS = 64  # each (token, choice) reads its expert's weights: for decoding steps only
+
+
+@contextmanager
+def gather_decoding():
+    """Inside, compiled no-grad forwards of dropless token-choice MoE layers over at most
+    ``GATHER_MAX_TOKENS`` tokens run :func:`moekit.moe.experts.gather_experts` (moekit.generate's
+    compiled decode step); everywhere else the loop path runs."""
+    global _gather_decoding
+    previous, _gather_decoding = _gather_decoding, True
+    try:
+        yield
+    finally:
+        _gather_decoding = previous
 
 
 @dataclass
@@ -112,11 +130,10 @@ class MoELayer(nn.Module):
         if x_TD.shape[0] == 0:
             return self._empty(x)
 
-        if self._decoding():
+        if self._decoding(x_TD):
             r = self.router(x_TD)
-            ex = self.experts
-            out_TD = gather_experts(x_TD, r.expert_ids_TK, r.weights_TK, ex.w_in, ex.w_out, ex.b_in, ex.b_out,
-                                    cfg.activation)
+            x_cast, params = self.experts.cast(x_TD)
+            out_TD = gather_experts(x_cast, r.expert_ids_TK, r.weights_TK, *params, cfg.activation)
             return MoEOutput(self._residual_experts(x_TD, out_TD).view(x.shape).to(x.dtype),
                              r.logits_TE.new_zeros(()), None, {}, r.logits_TE)
         r, plan = self.route(x_TD)
@@ -125,11 +142,12 @@ class MoELayer(nn.Module):
         aux_loss, terms = self._aux_losses(x, r, plan)
         return MoEOutput(out_TD.view(x.shape).to(x.dtype), aux_loss, self._stats(r, plan), terms, r.logits_TE)
 
-    def _decoding(self) -> bool:
-        """Inside a compiled inference graph (moekit.generate's decode step) the loop path's host
-        sync cannot run; dropless token choice takes :func:`gather_experts` there instead."""
-        return (torch.compiler.is_compiling() and not torch.is_grad_enabled() and self.ep is None
-                and self.cfg.is_token_choice and self.cfg.capacity(1, self.training) is None)
+    def _decoding(self, x_TD: torch.Tensor) -> bool:
+        """Inside the compiled decode step (see :func:`gather_decoding`) the loop path's host sync
+        cannot run; dropless token choice takes :func:`gather_experts` there instead."""
+        return (_gather_decoding and torch.compiler.is_compiling() and not torch.is_grad_enabled()
+                and x_TD.shape[0] <= GATHER_MAX_TOKENS and self.ep is None
+                and not isinstance(self.router, ExpertChoiceRouter) and self.cfg.capacity(1, self.training) is None)
 
     def _residual_experts(self, x_TD: torch.Tensor, out_TD: torch.Tensor) -> torch.Tensor:
         """Adds the shared experts (optionally sigmoid-gated, Qwen-MoE) and the dense residual FFN."""

@@ -385,6 +385,8 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progr
     if resuming:
         slices = expert_slices(model, optimizer, dims) if dims.ep > 1 else None
         state = ckpt_io.load_trainer_state(latest, optimizer, slices)
+        for group in optimizer.param_groups:  # load_state_dict restores the saved kernel choice: keep ours
+            group["fused"], group["foreach"] = fused, None
         start_step, tokens_seen, elapsed = state["step"], state["tokens"], state["elapsed"]
         skipped = state.get("skipped_nonfinite", 0)
         if metrics is not None:
