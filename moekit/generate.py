@@ -72,12 +72,18 @@ _compiled_forward = None
 _aten = torch.ops.aten
 
 
+# Products with at most this many rows become reductions in the compiled decode step. A one-off
+# trial on the model of `python benchmarks/generate.py` (fp32, 2 cores), with this limit at 16 and
+# then with plain inductor, gave decode steps of 2.3/5.3/9.1/15.0 ms at batch 1/2/4/8 decomposed vs
+# 3.6/6.8/9.6/12.2 ms with MKL: MKL wins again at 8 rows.
+ROW_PRODUCT_MAX_ROWS = 4
+
+
 def _row_products(a_MK: torch.Tensor, b_KN: torch.Tensor):
-    """A product of at most 4 rows as multiply-and-sum, which inductor fuses into one reduction
-    streaming the weight near memory bandwidth (MKL's GEMM reads it at about half that). At 8 rows
-    MKL is faster again (decode step at batch 1/2/4/8: 2.3/5.3/9.1/15.0 ms decomposed vs
-    3.6/6.8/9.6/12.2 ms with MKL, Mixtral-shaped d512 E8 fp32, 2 cores)."""
-    if a_MK.shape[0] > 4 or a_MK.device.type != "cpu":  # measured on CPUs only
+    """A product of a few rows as multiply-and-sum, which inductor fuses into one reduction
+    streaming the weight near memory bandwidth (MKL's GEMM reads it at about half that:
+    ``python benchmarks/decode_gemv.py``)."""
+    if a_MK.shape[0] > ROW_PRODUCT_MAX_ROWS or a_MK.device.type != "cpu":  # measured on CPUs only
         return NotImplemented
     acc = torch.promote_types(a_MK.dtype, torch.float32)
     return (a_MK.to(acc)[:, :, None] * b_KN.to(acc)[None]).sum(1).to(a_MK.dtype)
@@ -199,13 +205,12 @@ def generate(model: MoETransformer, prompts: Sequence[Sequence[int]] | torch.Ten
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     stop = torch.tensor(sorted(set(stop_tokens)), dtype=torch.long, device=device)
 
-    was_training = model.training
-    model.eval()
     out_tokens: list[list[int]] = [[] for _ in range(B)]
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     if max_new_tokens == 0:
-        model.train(was_training)
         return GenerateResult(out_tokens, finished.tolist())
+    was_training = model.training
+    model.eval()
     try:
         decoder = (_CompiledDecoder if compile else _EagerDecoder)(model, input_ids, mask, padded)
         # 1. Prefill: the whole prompt at once.

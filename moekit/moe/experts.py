@@ -149,6 +149,13 @@ class _LoopExperts(torch.autograd.Function):
                 grad_b_out, None, None)
 
 
+def inverse_permutation(order_N: torch.Tensor) -> torch.Tensor:
+    """inverse[order[i]] = i: where each original row went."""
+    inverse_N = torch.empty_like(order_N)
+    inverse_N[order_N] = torch.arange(order_N.shape[0], device=order_N.device)
+    return inverse_N
+
+
 def grouped_mm_aligned(cfg: MoEConfig) -> bool:
     """``grouped_mm`` needs every row stride to be a multiple of 16 bytes: widths divisible by 8."""
     return cfg.d_model % 8 == 0 and cfg.expert_hidden % 8 == 0
@@ -188,9 +195,7 @@ def grouped_mm_experts(x_TD: torch.Tensor, plan: DispatchPlan, w_in_EHD: torch.T
     y_ND = torch.where(kept_N1, y_ND, 0.0) * w_N1
     if plan.order_N is not None:
         T = plan.num_tokens
-        inverse_N = torch.empty_like(plan.order_N)
-        inverse_N[plan.order_N] = torch.arange(N, device=x_TD.device)
-        return y_ND[inverse_N].view(T, N // T, -1).sum(dim=1)
+        return y_ND[inverse_permutation(plan.order_N)].view(T, N // T, -1).sum(dim=1)
     return x_TD.new_zeros(x_TD.shape).index_add_(0, plan.token_ids_N, y_ND)
 
 
@@ -216,7 +221,7 @@ def gather_experts(x_TD: torch.Tensor, expert_ids_TK: torch.Tensor, weights_TK: 
     y_ND = (w_out_EDF[e_N] * a_NF[:, None, :]).sum(-1)
     if b_out_ED is not None:
         y_ND = y_ND + b_out_ED[e_N]
-    y_TKD = y_ND[order_N.argsort()].view(T, K, -1)  # back to (token, choice) order: a fixed-order sum
+    y_TKD = y_ND[inverse_permutation(order_N)].view(T, K, -1)  # back to (token, choice) order: a fixed-order sum
     return (y_TKD * weights_TK.to(y_TKD.dtype)[..., None]).sum(1)
 
 
