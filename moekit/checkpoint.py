@@ -112,9 +112,17 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, model_cfg:
         shutil.rmtree(old)
 
     if keep_last:
-        for old in checkpoint_dirs(run_dir)[:-keep_last]:
-            shutil.rmtree(old)
+        for stale in checkpoint_dirs(run_dir)[:-keep_last]:
+            _remove(stale)
     return final
+
+
+def _remove(ckpt: Path) -> None:
+    """Deletes a checkpoint so that a kill at any moment leaves it whole or gone: renamed out of the
+    listing first (one atomic step), then removed; :func:`clean_partial` finishes an interrupted one."""
+    trash = ckpt.parent / f".old-{ckpt.name}-{os.getpid()}"
+    os.rename(ckpt, trash)
+    shutil.rmtree(trash)
 
 
 def clean_partial(run_dir: Path) -> None:
