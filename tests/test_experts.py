@@ -5,7 +5,7 @@ import torch
 
 from moekit import MoEConfig, MoELayer, reference_forward
 from moekit.moe.dispatch import plan_token_choice
-from moekit.moe.experts import Experts
+from moekit.moe.experts import Experts, _LoopExperts, bucketed_rows
 
 from conftest import grads_of, make_layer
 
@@ -60,6 +60,52 @@ def test_idle_experts_get_exact_zero_gradients():
         assert experts.w_in.grad[e].abs().sum() == 0 and experts.w_out.grad[e].abs().sum() == 0
     for e in (0, 3):
         assert experts.w_in.grad[e].abs().sum() > 0
+
+
+def test_bucketed_rows_bound_the_shapes():
+    sizes = [bucketed_rows(n) for n in range(1, 20001)]
+    assert all(n <= m <= n + max(1, n // 8) for n, m in enumerate(sizes, 1))
+    assert len(set(sizes)) <= 16 + 8 * 11  # 8 per power of two from 16 to 2**15
+    assert sizes[:16] == list(range(1, 17))
+
+
+@pytest.mark.parametrize("activation,bias,capacity", [("swiglu", False, None), ("gelu", True, 45),
+                                                      ("geglu", True, None)])
+def test_bucketed_expert_gemms_match_exact_rows(activation, bias, capacity):
+    """The CPU bf16 path runs each expert on bucketed row counts; in fp64 it must equal the exact-rows
+    path, outputs and every gradient (extra rows: other experts' tokens, and past the end token 0)."""
+    torch.manual_seed(0)
+    E, T, D, F_ = 6, 150, 8, 12
+    cfg = MoEConfig(d_model=D, expert_hidden=F_, num_experts=E, top_k=2, activation=activation, mlp_bias=bias)
+    experts = Experts(cfg).double()
+    for b in (experts.b_in, experts.b_out):
+        if b is not None:
+            torch.nn.init.normal_(b)
+    ids_TK = torch.stack([torch.randperm(E - 1)[:2] for _ in range(T)])  # ~60 rows each, expert E-1 idle
+    plan = plan_token_choice(ids_TK, torch.rand(T, 2, dtype=torch.float64), E, capacity=capacity)
+    counts = plan.counts_E.tolist()
+    assert any(bucketed_rows(n) > n for n in counts) and 0 in counts
+    results = []
+    for bucket in (False, True):
+        x = torch.randn(T, D, dtype=torch.float64, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        w = plan.weights_N.clone().requires_grad_(True)
+        params = [p.detach().clone().requires_grad_(True) for p in experts.parameters()]
+        w_in, w_out, b_in, b_out = params if bias else (*params, None, None)
+        out = _LoopExperts.apply(x, plan.token_ids_N, w, w_in, w_out, b_in, b_out, counts, activation, bucket)
+        out.backward(torch.randn(T, D, dtype=torch.float64, generator=torch.Generator().manual_seed(2)))
+        results.append([out.detach(), x.grad, w.grad] + [p.grad for p in params])
+    for exact, bucketed in zip(*results):
+        torch.testing.assert_close(bucketed, exact, atol=1e-12, rtol=1e-12)
+
+
+def test_cpu_bf16_experts_bucket_their_rows(monkeypatch):
+    seen = []
+    monkeypatch.setattr(_LoopExperts, "apply", lambda *args: seen.append(args[-1]) or args[0].clone())
+    layer = make_layer(dtype=torch.float32)
+    layer(torch.randn(20, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        layer(torch.randn(20, 16))
+    assert seen == [False, True]
 
 
 def test_combine_is_deterministic():

@@ -79,41 +79,63 @@ def _act_backward(act_name: str, h_nH: torch.Tensor, grad_a_nF: torch.Tensor) ->
     return grad_h_nH
 
 
+def bucketed_rows(n: int) -> int:
+    """``n`` rounded up to one of 8 sizes per power of two above 16 (at most 1/8 more rows)."""
+    if n <= 16:
+        return n
+    step = 1 << (n.bit_length() - 4)
+    return -(-n // step) * step
+
+
 class _LoopExperts(torch.autograd.Function):
-    """out[t] = Σ_{assignments a of t} w_a · down_e(act(in_e(x_t)))  — see the module docstring."""
+    """out[t] = Σ_{assignments a of t} w_a · down_e(act(in_e(x_t)))  — see the module docstring.
+
+    With ``bucket`` each expert's GEMMs run on ``bucketed_rows(n)`` rows instead of its n: oneDNN,
+    which runs CPU bf16/fp16 GEMMs, builds a kernel per new shape (~0.5 ms here, 6x the GEMM itself at
+    E64-E128 sizes), and routing gives new row counts every step; bucketing bounds the shapes.
+    The extra rows are the next experts' (past the end: token 0 gathered again); their outputs are
+    never scattered, and in backward their cotangent rows are zeroed so they add nothing to the
+    gradients. Experts run in order, so each writes its own rows after the previous one's spill-over.
+    """
 
     @staticmethod
-    def forward(ctx, x_TD, token_ids_N, weights_N, w_in_EHD, w_out_EDF, b_in_EH, b_out_ED, counts, act_name):
+    def forward(ctx, x_TD, token_ids_N, weights_N, w_in_EHD, w_out_EDF, b_in_EH, b_out_ED, counts, act_name,
+                bucket):
         kept = sum(counts)
+        rows = bucketed_rows if bucket else int
+        pad = max((rows(n) - n for n in counts), default=0)
         tok_n, w_n = token_ids_N[:kept], weights_N[:kept].to(x_TD.dtype)
-        h_NH = x_TD.new_empty(kept, w_in_EHD.shape[1])
-        a_NF = x_TD.new_empty(kept, w_out_EDF.shape[2])
+        # Bucketed gathers past the last slice read token 0; its rows are never scattered.
+        tok_pad = torch.cat([tok_n, tok_n.new_zeros(pad)]) if pad else tok_n
+        h_NH = x_TD.new_empty(kept + pad, w_in_EHD.shape[1])
+        a_NF = x_TD.new_empty(kept + pad, w_out_EDF.shape[2])
         out_TD = x_TD.new_zeros(x_TD.shape)
         for e, s, t in _slices(counts):
+            u = s + rows(t - s)
             # 1. Gather the expert's tokens and run its first projection on the contiguous slice.
-            x_e = x_TD.index_select(0, tok_n[s:t])
+            x_e = x_TD.index_select(0, tok_pad[s:u])
             if b_in_EH is None:
-                torch.mm(x_e, w_in_EHD[e].t(), out=h_NH[s:t])
+                torch.mm(x_e, w_in_EHD[e].t(), out=h_NH[s:u])
             else:
-                torch.addmm(b_in_EH[e], x_e, w_in_EHD[e].t(), out=h_NH[s:t])
+                torch.addmm(b_in_EH[e], x_e, w_in_EHD[e].t(), out=h_NH[s:u])
             # 2. Activation, then the down projection of the unweighted activation.
-            _act_forward(act_name, h_NH[s:t], a_NF[s:t])
-            y_e = torch.mm(a_NF[s:t], w_out_EDF[e].t())
+            _act_forward(act_name, h_NH[s:u], a_NF[s:u])
+            y_e = torch.mm(a_NF[s:u], w_out_EDF[e].t())[: t - s]
             # 3. Weight and scatter back. A token appears at most once per expert and experts are
             #    visited in order, so the sum is deterministic.
             y_e.mul_(w_n[s:t, None])
             if b_out_ED is not None:
                 y_e.addr_(w_n[s:t], b_out_ED[e])
             out_TD.index_add_(0, tok_n[s:t], y_e)
-        ctx.save_for_backward(x_TD, tok_n, w_n, w_in_EHD, w_out_EDF, b_in_EH, b_out_ED, h_NH, a_NF)
+        ctx.save_for_backward(x_TD, tok_pad, w_n, w_in_EHD, w_out_EDF, b_in_EH, b_out_ED, h_NH, a_NF)
         ctx.counts, ctx.act_name, ctx.num_assignments = counts, act_name, weights_N.shape[0]
-        ctx.weights_dtype = weights_N.dtype
+        ctx.weights_dtype, ctx.rows = weights_N.dtype, rows
         return out_TD
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out_TD):
-        x_TD, tok_n, w_n, w_in_EHD, w_out_EDF, b_in_EH, b_out_ED, h_NH, a_NF = ctx.saved_tensors
+        x_TD, tok_pad, w_n, w_in_EHD, w_out_EDF, b_in_EH, b_out_ED, h_NH, a_NF = ctx.saved_tensors
         g_TD = grad_out_TD.contiguous()
         need_x = ctx.needs_input_grad[0]
         grad_x_TD = torch.zeros_like(x_TD) if need_x else None
@@ -123,30 +145,35 @@ class _LoopExperts(torch.autograd.Function):
         grad_b_in = torch.zeros_like(b_in_EH) if b_in_EH is not None else None
         grad_b_out = torch.zeros_like(b_out_ED) if b_out_ED is not None else None
         grad_weights_N = w_n.new_zeros(ctx.num_assignments)
+        pad = tok_pad.shape[0] - w_n.shape[0]
+        w_pad = torch.cat([w_n, w_n.new_zeros(pad)]) if pad else w_n
         for e, s, t in _slices(ctx.counts):
-            a_e, w_e = a_NF[s:t], w_n[s:t]
-            # 1. Down projection: y = w · (a W_out^T + b_out).
-            g_e = g_TD.index_select(0, tok_n[s:t])
-            gw_e = g_e * w_e[:, None]
+            n, u = t - s, s + ctx.rows(t - s)
+            a_e = a_NF[s:u]
+            # 1. Down projection: y = w · (a W_out^T + b_out). Bucketed rows get a zero cotangent.
+            g_e = g_TD.index_select(0, tok_pad[s:u])
+            if u > n:
+                g_e[n:] = 0
+            gw_e = g_e * w_pad[s:u, None]
             torch.mm(gw_e.t(), a_e, out=grad_w_out[e])
             grad_a_e = torch.mm(g_e, w_out_EDF[e])  # dL/da before the routing weight
             # dL/dw = <dL/dy, a W_out^T + b_out> = <grad_a_e, a> + <g, b_out>
-            torch.linalg.vecdot(grad_a_e, a_e, out=grad_weights_N[s:t])
+            torch.linalg.vecdot(grad_a_e[:n], a_e[:n], out=grad_weights_N[s:t])
             if b_out_ED is not None:
                 torch.sum(gw_e, dim=0, out=grad_b_out[e])
-                grad_weights_N[s:t] += torch.mv(g_e, b_out_ED[e])
-            grad_a_e.mul_(w_e[:, None])
+                grad_weights_N[s:t] += torch.mv(g_e[:n], b_out_ED[e])
+            grad_a_e.mul_(w_pad[s:u, None])
             # 2. Activation.
-            grad_h_e = _act_backward(ctx.act_name, h_NH[s:t], grad_a_e)
+            grad_h_e = _act_backward(ctx.act_name, h_NH[s:u], grad_a_e)
             # 3. First projection: weight gradient, and the input gradient scattered back.
-            x_e = x_TD.index_select(0, tok_n[s:t])
+            x_e = x_TD.index_select(0, tok_pad[s:u])
             torch.mm(grad_h_e.t(), x_e, out=grad_w_in[e])
             if grad_b_in is not None:
                 torch.sum(grad_h_e, dim=0, out=grad_b_in[e])
             if need_x:
-                grad_x_TD.index_add_(0, tok_n[s:t], torch.mm(grad_h_e, w_in_EHD[e]))
+                grad_x_TD.index_add_(0, tok_pad[s:t], torch.mm(grad_h_e, w_in_EHD[e])[:n])
         return (grad_x_TD, None, grad_weights_N.to(ctx.weights_dtype), grad_w_in, grad_w_out, grad_b_in,
-                grad_b_out, None, None)
+                grad_b_out, None, None, None)
 
 
 def inverse_permutation(order_N: torch.Tensor) -> torch.Tensor:
@@ -267,5 +294,7 @@ class Experts(nn.Module):
             if self.impl_for(x_TD) == "grouped_mm":
                 return grouped_mm_experts(x_TD, plan, *params, self.cfg.activation)
             counts = plan.counts_E.tolist()  # the one host sync of the loop path: slice bounds
+            # NOTE: CPU bf16/fp16 GEMMs run on oneDNN, which compiles a kernel per new shape
+            bucket = x_TD.device.type == "cpu" and x_TD.dtype in (torch.bfloat16, torch.float16)
             return _LoopExperts.apply(x_TD.contiguous(), plan.token_ids_N, plan.weights_N, *params,
-                                      counts, self.cfg.activation)
+                                      counts, self.cfg.activation, bucket)
