@@ -178,15 +178,19 @@ def train_step(side: Side, x: torch.Tensor, grads: dict[torch.dtype, torch.Tenso
     return forward_done - start, time.perf_counter() - start
 
 
-def time_sides(sides: dict[str, Side], x: torch.Tensor, repeats: int, dtype: str) -> dict[str, dict[str, float]]:
+def time_sides(sides: dict[str, Side], xs: Sequence[torch.Tensor], repeats: int,
+               dtype: str) -> dict[str, dict[str, float]]:
     """Median seconds per side; sides alternate within each repeat so drifts of a shared, noisy
-    machine (frequency, other load) hit every side alike."""
-    grads = cotangents(x)
-    for _ in range(WARMUP):
+    machine (frequency, other load) hit every side alike. Round i feeds every side ``xs[i]``: a new
+    batch each round, so the routing (and the experts' row counts) change as in training."""
+    if len(xs) < WARMUP + repeats:
+        raise ValueError(f"time_sides needs {WARMUP + repeats} inputs (warmup + repeats), got {len(xs)}")
+    grads = cotangents(xs[0])
+    for x in xs[:WARMUP]:
         for side in sides.values():
             train_step(side, x, grads, dtype)
     samples: dict[str, list[tuple[float, float]]] = {name: [] for name in sides}
-    for _ in range(repeats):
+    for x in xs[WARMUP:WARMUP + repeats]:
         for name, side in sides.items():
             samples[name].append(train_step(side, x, grads, dtype))
     return {name: {"fwd": statistics.median(s[0] for s in runs), "fwd_bwd": statistics.median(s[1] for s in runs)}
@@ -276,7 +280,8 @@ def bench_shape(shape: Shape, tokens: int, repeats: int, hf: bool, memory: bool,
                 seed: int) -> tuple[dict, set[str]]:
     """One shape's report, and the memory methods its probes used."""
     sides, notes = build_sides(shape, hf, seed)
-    seconds = time_sides(sides, make_input(tokens, shape, seed), repeats, dtype)
+    xs = [make_input(tokens, shape, seed + i) for i in range(WARMUP + repeats)]
+    seconds = time_sides(sides, xs, repeats, dtype)
     report: dict = {"shape": shape.name, **shape._asdict(), "dense_hidden": shape.top_k * shape.expert_hidden}
     methods = set()
     for name, side in sides.items():
@@ -351,8 +356,9 @@ def run_layer_benchmark(tokens: int = 4096, repeats: int = 5, shapes: Sequence[S
         "repeats": repeats,
         "warmup": WARMUP,
         "seed": seed,
-        "timing": "time.perf_counter medians over repeats interleaving the sides; fwd is the training forward "
-                  "(autograd recording), fwd_bwd adds backward of a ones cotangent with x.requires_grad",
+        "timing": "time.perf_counter medians over repeats interleaving the sides, a new random input each round "
+                  "(new routing, as in training); fwd is the training forward (autograd recording), fwd_bwd "
+                  "adds backward of a ones cotangent with x.requires_grad",
         "memory_method": "; ".join(MEMORY_METHODS[m] for m in sorted(methods)) if memory
                          else "not measured (--no-memory)",
         "ratios": "moe_vs_X = X time / moe time (> 1: moe faster); peak_ratio_moe_over_X = moe peak / X peak",
