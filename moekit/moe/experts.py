@@ -63,20 +63,26 @@ def _act_forward(act_name: str, h_nH: torch.Tensor, a_nF: torch.Tensor) -> None:
         fwd(h_nH, a_nF)
 
 
-def _act_backward(act_name: str, h_nH: torch.Tensor, grad_a_nF: torch.Tensor) -> torch.Tensor:
-    """dL/dh from dL/da; for gated a = act(gate) · up."""
+def _act_backward(act_name: str, h_nH: torch.Tensor, grad_a_nF: torch.Tensor, grad_h_nH: torch.Tensor,
+                  scratch_nF: torch.Tensor) -> torch.Tensor:
+    """dL/dh from dL/da into ``grad_h_nH``; for gated a = act(gate) · up (``scratch_nF``: a temporary)."""
     kernel, gated = _ACT_OF[act_name]
     fwd, bwd = _ACT_KERNELS[kernel]
-    grad_h_nH = torch.empty_like(h_nH)
     if not gated:
         bwd(grad_a_nF, h_nH, grad_h_nH)
         return grad_h_nH
     F_ = grad_a_nF.shape[1]
     gate, up = h_nH[:, :F_], h_nH[:, F_:]
-    bwd(grad_a_nF * up, gate, grad_h_nH[:, :F_])
+    bwd(torch.mul(grad_a_nF, up, out=scratch_nF), gate, grad_h_nH[:, :F_])
     fwd(gate, grad_h_nH[:, F_:])
     grad_h_nH[:, F_:].mul_(grad_a_nF)
     return grad_h_nH
+
+
+def _workspace(x_TD: torch.Tensor, counts: list[int], rows, widths: list[int]) -> list[torch.Tensor]:
+    """One [rows of the largest slice, width] buffer per width."""
+    m = max((rows(n) for n in counts), default=0)
+    return [x_TD.new_empty(m, w) for w in widths]
 
 
 def bucketed_rows(n: int) -> int:
@@ -110,17 +116,20 @@ class _LoopExperts(torch.autograd.Function):
         h_NH = x_TD.new_empty(kept + pad, w_in_EHD.shape[1])
         a_NF = x_TD.new_empty(kept + pad, w_out_EDF.shape[2])
         out_TD = x_TD.new_zeros(x_TD.shape)
+        # Per-expert temporaries live in buffers of the largest slice, allocated once per call:
+        # fresh ones per expert cost page faults whenever the allocator hands their pages back.
+        x_buf, y_buf = _workspace(x_TD, counts, rows, [x_TD.shape[1]] * 2)
         for e, s, t in _slices(counts):
             u = s + rows(t - s)
             # 1. Gather the expert's tokens and run its first projection on the contiguous slice.
-            x_e = x_TD.index_select(0, tok_pad[s:u])
+            x_e = torch.index_select(x_TD, 0, tok_pad[s:u], out=x_buf[: u - s])
             if b_in_EH is None:
                 torch.mm(x_e, w_in_EHD[e].t(), out=h_NH[s:u])
             else:
                 torch.addmm(b_in_EH[e], x_e, w_in_EHD[e].t(), out=h_NH[s:u])
             # 2. Activation, then the down projection of the unweighted activation.
             _act_forward(act_name, h_NH[s:u], a_NF[s:u])
-            y_e = torch.mm(a_NF[s:u], w_out_EDF[e].t())[: t - s]
+            y_e = torch.mm(a_NF[s:u], w_out_EDF[e].t(), out=y_buf[: u - s])[: t - s]
             # 3. Weight and scatter back. A token appears at most once per expert and experts are
             #    visited in order, so the sum is deterministic.
             y_e.mul_(w_n[s:t, None])
@@ -147,16 +156,19 @@ class _LoopExperts(torch.autograd.Function):
         grad_weights_N = w_n.new_zeros(ctx.num_assignments)
         pad = tok_pad.shape[0] - w_n.shape[0]
         w_pad = torch.cat([w_n, w_n.new_zeros(pad)]) if pad else w_n
+        D, H, F_ = x_TD.shape[1], h_NH.shape[1], a_NF.shape[1]
+        g_buf, gw_buf, x_buf, gx_buf, ga_buf, gh_buf, tmp_buf = _workspace(x_TD, ctx.counts, ctx.rows,
+                                                                           [D, D, D, D, F_, H, F_])
         for e, s, t in _slices(ctx.counts):
             n, u = t - s, s + ctx.rows(t - s)
-            a_e = a_NF[s:u]
+            a_e, r = a_NF[s:u], u - s
             # 1. Down projection: y = w · (a W_out^T + b_out). Bucketed rows get a zero cotangent.
-            g_e = g_TD.index_select(0, tok_pad[s:u])
+            g_e = torch.index_select(g_TD, 0, tok_pad[s:u], out=g_buf[:r])
             if u > n:
                 g_e[n:] = 0
-            gw_e = g_e * w_pad[s:u, None]
+            gw_e = torch.mul(g_e, w_pad[s:u, None], out=gw_buf[:r])
             torch.mm(gw_e.t(), a_e, out=grad_w_out[e])
-            grad_a_e = torch.mm(g_e, w_out_EDF[e])  # dL/da before the routing weight
+            grad_a_e = torch.mm(g_e, w_out_EDF[e], out=ga_buf[:r])  # dL/da before the routing weight
             # dL/dw = <dL/dy, a W_out^T + b_out> = <grad_a_e, a> + <g, b_out>
             torch.linalg.vecdot(grad_a_e[:n], a_e[:n], out=grad_weights_N[s:t])
             if b_out_ED is not None:
@@ -164,14 +176,14 @@ class _LoopExperts(torch.autograd.Function):
                 grad_weights_N[s:t] += torch.mv(g_e[:n], b_out_ED[e])
             grad_a_e.mul_(w_pad[s:u, None])
             # 2. Activation.
-            grad_h_e = _act_backward(ctx.act_name, h_NH[s:u], grad_a_e)
+            grad_h_e = _act_backward(ctx.act_name, h_NH[s:u], grad_a_e, gh_buf[:r], tmp_buf[:r])
             # 3. First projection: weight gradient, and the input gradient scattered back.
-            x_e = x_TD.index_select(0, tok_pad[s:u])
+            x_e = torch.index_select(x_TD, 0, tok_pad[s:u], out=x_buf[:r])
             torch.mm(grad_h_e.t(), x_e, out=grad_w_in[e])
             if grad_b_in is not None:
                 torch.sum(grad_h_e, dim=0, out=grad_b_in[e])
             if need_x:
-                grad_x_TD.index_add_(0, tok_pad[s:t], torch.mm(grad_h_e, w_in_EHD[e])[:n])
+                grad_x_TD.index_add_(0, tok_pad[s:t], torch.mm(grad_h_e, w_in_EHD[e], out=gx_buf[:r])[:n])
         return (grad_x_TD, None, grad_weights_N.to(ctx.weights_dtype), grad_w_in, grad_w_out, grad_b_in,
                 grad_b_out, None, None, None)
 
