@@ -121,37 +121,38 @@ def bench_train_shape(experts: int, top_k: int, hidden: int, batch: int, seq: in
     return report
 
 
-def _layer_time(cfg: MoEConfig, tokens: int, repeats: int, seed: int) -> float:
+def _layer_times(cases: dict, repeats: int, seed: int) -> dict:
+    """Median fwd+bwd seconds of one MoE layer per case (name -> (MoEConfig, tokens)). The cases
+    alternate within each round, so a drift of the machine's speed hits them alike; each round draws
+    a new input (new routing, as in training) and gradients are allocated afresh as after
+    ``zero_grad(set_to_none=True)``."""
     torch.manual_seed(seed)
-    layer = MoELayer(cfg).train()
-    x = torch.randn(tokens, cfg.d_model, generator=torch.Generator().manual_seed(seed)).requires_grad_(True)
-    ts = []
-    for i in range(repeats + 1):
-        t = time.perf_counter()
-        res = layer(x)
-        res.output.sum().backward()
-        if i:
-            ts.append(time.perf_counter() - t)
-        layer.zero_grad(set_to_none=True)
-        x.grad = None
-    return statistics.median(ts)
+    layers = {name: MoELayer(cfg).train() for name, (cfg, _) in cases.items()}
+    g = torch.Generator().manual_seed(seed)
+    times: dict = {name: [] for name in cases}
+    for i in range(repeats + 1):  # the first round warms up
+        for name, (cfg, tokens) in cases.items():
+            x = torch.randn(tokens, cfg.d_model, generator=g).requires_grad_(True)
+            layer = layers[name]
+            t = time.perf_counter()
+            layer(x).output.sum().backward()
+            if i:
+                times[name].append(time.perf_counter() - t)
+            layer.zero_grad(set_to_none=True)
+    return {name: statistics.median(v) for name, v in times.items()}
 
 
 def scaling(repeats: int, seed: int, quick: bool) -> dict:
     """fwd+bwd of one MoE layer (d 512, k 8, k·hidden = 1408): time against tokens at E 64, and against
-    E at fixed active FLOPs and tokens."""
+    E at fixed active FLOPs and tokens (every case interleaved with the others of its sweep)."""
     token_list = (512, 2048, 4096) if quick else (512, 2048, 4096, 16384)
-    by_tokens = {}
-    for T in token_list:
-        cfg = MoEConfig(d_model=D, expert_hidden=176, num_experts=64, top_k=8)
-        by_tokens[T] = _layer_time(cfg, T, repeats, seed)
+    by_tokens = _layer_times({T: (MoEConfig(d_model=D, expert_hidden=176, num_experts=64, top_k=8), T)
+                              for T in token_list}, repeats, seed)
     base_T = token_list[0]
-    by_experts = {}
-    for E in (8, 16, 32, 64, 128):
-        cfg = MoEConfig(d_model=D, expert_hidden=176, num_experts=E, top_k=8)
-        by_experts[E] = _layer_time(cfg, 4096, repeats, seed)
+    by_experts = _layer_times({E: (MoEConfig(d_model=D, expert_hidden=176, num_experts=E, top_k=8), 4096)
+                               for E in (8, 16, 32, 64, 128)}, repeats, seed)
     return {
-        "layer": "MoELayer d 512, top-8, expert hidden 176 (k·hidden 1408), fwd+bwd, fp32",
+        "layer": "MoELayer d 512, top-8, expert hidden 176 (k·hidden 1408), fwd+bwd, fp32, a new input each round",
         "time_vs_tokens_s": {str(k): round(v, 4) for k, v in by_tokens.items()},
         "seconds_per_1k_tokens": {str(k): round(v / k * 1000, 4) for k, v in by_tokens.items()},
         "linearity": round((by_tokens[token_list[-1]] / token_list[-1]) / (by_tokens[base_T] / base_T), 3),
