@@ -108,6 +108,9 @@ def test_cli_generate_on_a_trained_run(tmp_path, monkeypatch):
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
     assert out["prompt_ids"] == list(b"hello") and len(out["ids"]) == 6
+    compiled = subprocess.run([*run, "--max-new-tokens", "6", "--json", "--compile"], capture_output=True, text=True)
+    assert compiled.returncode == 0, compiled.stderr
+    assert json.loads(compiled.stdout)["ids"] == out["ids"]  # greedy: the compiled path picks the same tokens
     streamed = subprocess.run([*run, "--max-new-tokens", "6"], capture_output=True, text=True)
     assert streamed.returncode == 0 and streamed.stdout == out["text"] + "\n"
     too_long = subprocess.run([*run, "--max-new-tokens", "1000"], capture_output=True, text=True)

@@ -179,6 +179,29 @@ def test_interrupted_run_resumes_to_identical_weights(tmp_path, corpus_dir, sig)
     assert _losses(tmp_path / "a") == _losses(tmp_path / "b")
 
 
+def test_resume_of_a_checkpoint_saved_with_another_adamw_kernel_runs_fused(tmp_path, corpus_dir, monkeypatch):
+    """optimizer.load_state_dict restores each group's saved ``fused``/``foreach``; a checkpoint from
+    a run on the per-tensor loop must still resume on the fused kernel."""
+    cfg = tiny_cfg(tmp_path / "r", corpus_dir, steps=2, save_every=2, eval_every=20)
+    train(cfg, progress=False)
+    ckpt = ckpt_io.latest_checkpoint(tmp_path / "r")
+    state_path = ckpt / "state.json"
+    state = json.loads(state_path.read_text())
+    for group in state["optimizer"]["param_groups"]:
+        group["fused"], group["foreach"] = None, True  # as saved by a run without the fused kernel
+    state_path.write_text(json.dumps(state))
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    manifest["state.json"] = {"size": state_path.stat().st_size, "sha256": ckpt_io._sha256(state_path)}
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    seen = []
+    step = torch.optim.AdamW.step
+    monkeypatch.setattr(torch.optim.AdamW, "step",
+                        lambda self, *a, **k: seen.append([(g["fused"], g["foreach"]) for g in self.param_groups])
+                        or step(self, *a, **k))
+    train(TrainConfig(**{**cfg.to_dict(), "steps": 4}), resume=True, progress=False)
+    assert seen and all(flags == (True, None) for groups in seen for flags in groups)
+
+
 # ---- bad input at the CLI -----------------------------------------------------------------------
 def _err(result):
     assert result.returncode == 2, result.stderr
