@@ -4,9 +4,10 @@
 
 Runs, one after the other on the same idle machine:
 
-* layer: ``moekit bench layer --hf`` at the three routings (E, k, hidden) = (8, 2, 1408),
+* layer: ``moekit bench layer`` at the three routings (E, k, hidden) = (8, 2, 1408),
   (64, 8, 176), (128, 8, 88), d_model 512, for 512 / 4096 / 16384 tokens, fp32 and bf16 (peak memory
-  at 4096 tokens, fp32);
+  at 4096 tokens, fp32), MoE against dense alone; then MoE against transformers' blocks (``--hf``)
+  in a second interleaved set, whose ratios fill the transformers columns;
 * train: ``moekit bench train`` (full step of a Mixtral-shaped model against transformers);
 * generate: ``moekit bench generate`` (fp32 and bf16);
 * scaling: time against tokens and against E at fixed active FLOPs.
@@ -28,28 +29,37 @@ import torch
 from moekit import bench, bench_generate, bench_train
 
 
-def layer_matrix(tokens_list, dtypes, repeats: int, seed: int) -> list[dict]:
-    runs = []
+def layer_matrix(tokens_list, dtypes, repeats: int, seed: int) -> dict[str, list[dict]]:
+    """Two interleaved sets per (dtype, tokens): MoE against dense alone (the target ratios, with
+    more repeats: nothing else's allocations in between), then MoE against transformers' two blocks."""
+    runs: dict[str, list[dict]] = {"vs_dense": [], "vs_hf": []}
     for dtype in dtypes:
         for tokens in tokens_list:
             memory = tokens == 4096 and dtype == "fp32"
-            runs.append(bench.run_layer_benchmark(tokens=tokens, repeats=repeats, shapes=bench.SUITE_SHAPES, hf=True,
-                                                  memory=memory, dtype=dtype, seed=seed))
+            runs["vs_dense"].append(bench.run_layer_benchmark(tokens=tokens, repeats=repeats + 2,
+                                                              shapes=bench.SUITE_SHAPES, memory=memory,
+                                                              dtype=dtype, seed=seed))
+            runs["vs_hf"].append(bench.run_layer_benchmark(tokens=tokens, repeats=repeats, shapes=bench.SUITE_SHAPES,
+                                                           hf=True, memory=False, dtype=dtype, seed=seed))
     return runs
 
 
-def layer_rows(runs: list[dict]) -> list[dict]:
+def layer_rows(runs: list[dict], hf_runs: list[dict] | None = None) -> list[dict]:
+    """Summary rows: MoE and dense from ``runs``, the transformers ratios from the matching
+    ``hf_runs`` (default: ``runs`` themselves)."""
     rows = []
-    for run in runs:
+    for run, hf_run in zip(runs, hf_runs or runs):
+        hf_shapes = {s["shape"]: s for s in hf_run["shapes"]}
         for s in run["shapes"]:
+            hf = hf_shapes.get(s["shape"], {})
             target = bench.SPEED_TARGETS.get((s["num_experts"], s["top_k"]))
             rows.append({
                 "dtype": run["dtype"], "tokens": run["tokens"],
                 "routing": f"E{s['num_experts']} k{s['top_k']} F{s['expert_hidden']}",
                 "moe_fwd_bwd_ms": s["moe"]["fwd_bwd_ms"], "dense_fwd_bwd_ms": s["dense"]["fwd_bwd_ms"],
                 "moe_vs_dense": s["moe_vs_dense"]["fwd_bwd"], "target": target,
-                "moe_vs_hf_eager": s.get("moe_vs_hf_eager", {}).get("fwd_bwd"),
-                "moe_vs_hf_grouped_mm": s.get("moe_vs_hf_grouped_mm", {}).get("fwd_bwd"),
+                "moe_vs_hf_eager": hf.get("moe_vs_hf_eager", {}).get("fwd_bwd"),
+                "moe_vs_hf_grouped_mm": hf.get("moe_vs_hf_grouped_mm", {}).get("fwd_bwd"),
                 "peak_ratio_moe_over_dense": s.get("peak_ratio_moe_over_dense"),
             })
     return rows
@@ -106,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {"benchmark": "moekit performance suite", "torch": torch.__version__, "threads": torch.get_num_threads(),
               "quick": args.quick, "layer": runs, "train": train, "generate": generate,
               "scaling": bench_train.scaling(repeats, args.seed, args.quick)}
-    report["summary"] = {"layer": layer_rows(runs)}
+    report["summary"] = {"layer": layer_rows(runs["vs_dense"], runs["vs_hf"])}
     report["wall_s"] = round(time.perf_counter() - start, 1)
     if args.markdown:
         with open(args.markdown, "w") as f:

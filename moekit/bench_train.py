@@ -29,6 +29,7 @@ import torch
 
 import moekit
 from moekit import MoEConfig, MoELayer
+from moekit.bench import fresh_interpreter_json
 
 D, LAYERS, VOCAB = 512, 4, 4096
 SHAPES = ((8, 2, 1408), (64, 8, 176))  # Mixtral-like and fine-grained, equal active FLOPs
@@ -168,10 +169,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--scaling", action="store_true", help="also the layer's scaling in tokens and experts")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--one-shape", metavar="E,K,F", help=argparse.SUPPRESS)  # a fresh process's share
     args = p.parse_args(argv)
     if args.repeats < 1:
         p.error(f"--repeats {args.repeats}: expected >= 1")
     repeats = 2 if args.quick else args.repeats
+    if args.one_shape:
+        E, k, F = (int(v) for v in args.one_shape.split(","))
+        batch, seq = _batch(args.quick)
+        print(json.dumps(bench_train_shape(E, k, F, batch, seq, repeats, args.seed)))
+        return 0
     report = run_train_benchmark(args.quick, repeats, args.seed)
     if args.scaling:
         report["scaling"] = scaling(repeats, args.seed, args.quick)
@@ -179,14 +186,27 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _batch(quick: bool) -> tuple[int, int]:
+    return (2, 256) if quick else (4, 512)
+
+
+def _shape_in_fresh_process(experts: int, top_k: int, hidden: int, quick: bool, repeats: int, seed: int) -> dict:
+    args = ["--one-shape", f"{experts},{top_k},{hidden}", "--repeats", str(repeats), "--seed", str(seed),
+            *(["--quick"] if quick else [])]
+    return fresh_interpreter_json(args, f"training-step benchmark of E{experts} k{top_k} F{hidden}",
+                                  module="moekit.bench_train")
+
+
 def run_train_benchmark(quick: bool, repeats: int, seed: int) -> dict:
-    """Every shape of SHAPES at batch 4 x 512 (quick: 2 x 256); the JSON-ready report."""
-    batch, seq = (2, 256) if quick else (4, 512)
+    """Every shape of SHAPES at batch 4 x 512 (quick: 2 x 256), each in a fresh interpreter (one shape
+    per process, as in a training run); the JSON-ready report."""
+    batch, seq = _batch(quick)
     return {"benchmark": "full training step, moekit vs transformers MixtralForCausalLM, same weights",
             "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
             "model": {"vocab": VOCAB, "d_model": D, "layers": LAYERS, "heads": 8, "kv_heads": 2},
             "batch": [batch, seq], "repeats": repeats, "dtype": "fp32",
-            "shapes": [bench_train_shape(E, k, F, batch, seq, repeats, seed) for E, k, F in SHAPES]}
+            "process": "a fresh interpreter per shape",
+            "shapes": [_shape_in_fresh_process(E, k, F, quick, repeats, seed) for E, k, F in SHAPES]}
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from moekit import bench
 
 def test_small_run_reports_every_field():
     report = bench.run_layer_benchmark(tokens=64, repeats=1, shapes=[(32, 16, 4, 2)], memory=False)
+    assert report["process"] == "a fresh interpreter per shape"
     shape = report["shapes"][0]
     assert shape["dense_hidden"] == 32
     for side in ("moe", "dense"):
@@ -60,9 +61,14 @@ def test_suite_summary_and_markdown():
     """`moekit bench suite` plumbing on a tiny layer run and stand-in train/generate/scaling reports."""
     from moekit import bench_suite
 
-    runs = [bench.run_layer_benchmark(tokens=32, repeats=1, shapes=[(32, 16, 8, 2)], memory=False)]
+    runs = [bench.run_layer_benchmark(tokens=32, repeats=1, shapes=[(32, 16, 8, 2)], memory=False,
+                                      fresh_process=False)]
+    assert runs[0]["process"] == "this process, shapes one after the other"
     rows = bench_suite.layer_rows(runs)
     assert rows[0]["routing"] == "E8 k2 F16" and rows[0]["target"] == bench.SPEED_TARGETS[(8, 2)]
+    hf_run = {"shapes": [{**runs[0]["shapes"][0], "moe_vs_hf_eager": {"fwd_bwd": 9.9}}]}
+    paired = bench_suite.layer_rows(runs, [hf_run])  # transformers ratios from their own interleaved set
+    assert paired[0]["moe_vs_hf_eager"] == 9.9 and paired[0]["moe_vs_dense"] == rows[0]["moe_vs_dense"]
     report = {"summary": {"layer": rows},
               "train": {"shapes": [{"shape": "E8k2F1408", "num_experts": 8, "top_k": 2,
                                     "step_s": {"moekit": 1.0, "transformers_eager": 1.5},
