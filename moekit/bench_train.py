@@ -122,38 +122,52 @@ def bench_train_shape(experts: int, top_k: int, hidden: int, batch: int, seq: in
     return report
 
 
-def _layer_times(cases: dict, repeats: int, seed: int) -> dict:
-    """Median fwd+bwd seconds of one MoE layer per case (name -> (MoEConfig, tokens)). The cases
-    alternate within each round, so a drift of the machine's speed hits them alike; each round draws
-    a new input (new routing, as in training) and gradients are allocated afresh as after
-    ``zero_grad(set_to_none=True)``."""
+def _layer_time(cfg: MoEConfig, tokens: int, repeats: int, seed: int) -> float:
+    """Median fwd+bwd seconds of one MoE layer; each round draws a new input (new routing, as in
+    training) and gradients are allocated afresh as after ``zero_grad(set_to_none=True)``."""
     torch.manual_seed(seed)
-    layers = {name: MoELayer(cfg).train() for name, (cfg, _) in cases.items()}
+    layer = MoELayer(cfg).train()
     g = torch.Generator().manual_seed(seed)
-    times: dict = {name: [] for name in cases}
+    times = []
     for i in range(repeats + 1):  # the first round warms up
-        for name, (cfg, tokens) in cases.items():
-            x = torch.randn(tokens, cfg.d_model, generator=g).requires_grad_(True)
-            layer = layers[name]
-            t = time.perf_counter()
-            layer(x).output.sum().backward()
-            if i:
-                times[name].append(time.perf_counter() - t)
-            layer.zero_grad(set_to_none=True)
-    return {name: statistics.median(v) for name, v in times.items()}
+        x = torch.randn(tokens, cfg.d_model, generator=g).requires_grad_(True)
+        t = time.perf_counter()
+        layer(x).output.sum().backward()
+        if i:
+            times.append(time.perf_counter() - t)
+        layer.zero_grad(set_to_none=True)
+    return statistics.median(times)
+
+
+def _case_in_fresh_process(experts: int, tokens: int, repeats: int, seed: int) -> float:
+    """One scaling case in a fresh interpreter: in one process the allocator's state after another
+    case's buffers shifts the time by up to 20% (see moekit.bench.run_layer_benchmark)."""
+    args = ["--layer-case", f"{experts},{tokens}", "--repeats", str(repeats), "--seed", str(seed)]
+    return fresh_interpreter_json(args, f"scaling case E{experts} T{tokens}", module="moekit.bench_train")["seconds"]
+
+
+def _sweep(cases: list[tuple[int, int]], repeats: int, seed: int, passes: int) -> dict:
+    """Median over ``passes`` sweeps of the cases, alternately in order and reversed, so that a drift
+    of the machine's speed does not land on the cases at one end."""
+    times: dict = {case: [] for case in cases}
+    for i in range(passes):
+        for case in cases if i % 2 == 0 else cases[::-1]:
+            times[case].append(_case_in_fresh_process(*case, repeats, seed))
+    return {case: statistics.median(v) for case, v in times.items()}
 
 
 def scaling(repeats: int, seed: int, quick: bool) -> dict:
     """fwd+bwd of one MoE layer (d 512, k 8, k·hidden = 1408): time against tokens at E 64, and against
-    E at fixed active FLOPs and tokens (every case interleaved with the others of its sweep)."""
+    E at fixed active FLOPs and tokens; each case in a fresh interpreter, medians of 3 sweeps (1 quick)."""
     token_list = (512, 2048, 4096) if quick else (512, 2048, 4096, 16384)
-    by_tokens = _layer_times({T: (MoEConfig(d_model=D, expert_hidden=176, num_experts=64, top_k=8), T)
-                              for T in token_list}, repeats, seed)
+    passes = 1 if quick else 3
+    by_tokens = {T: t for (_, T), t in _sweep([(64, T) for T in token_list], repeats, seed, passes).items()}
     base_T = token_list[0]
-    by_experts = _layer_times({E: (MoEConfig(d_model=D, expert_hidden=176, num_experts=E, top_k=8), 4096)
-                               for E in (8, 16, 32, 64, 128)}, repeats, seed)
+    by_experts = {E: t for (E, _), t in _sweep([(E, 4096) for E in (8, 16, 32, 64, 128)], repeats, seed,
+                                               passes).items()}
     return {
-        "layer": "MoELayer d 512, top-8, expert hidden 176 (k·hidden 1408), fwd+bwd, fp32, a new input each round",
+        "layer": "MoELayer d 512, top-8, expert hidden 176 (k·hidden 1408), fwd+bwd, fp32, a new input each "
+                 "round, each case in a fresh interpreter, medians over sweeps in alternating order",
         "time_vs_tokens_s": {str(k): round(v, 4) for k, v in by_tokens.items()},
         "seconds_per_1k_tokens": {str(k): round(v / k * 1000, 4) for k, v in by_tokens.items()},
         "linearity": round((by_tokens[token_list[-1]] / token_list[-1]) / (by_tokens[base_T] / base_T), 3),
@@ -170,10 +184,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scaling", action="store_true", help="also the layer's scaling in tokens and experts")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--one-shape", metavar="E,K,F", help=argparse.SUPPRESS)  # a fresh process's share
+    p.add_argument("--layer-case", metavar="E,T", help=argparse.SUPPRESS)  # one scaling case, likewise
     args = p.parse_args(argv)
     if args.repeats < 1:
         p.error(f"--repeats {args.repeats}: expected >= 1")
     repeats = 2 if args.quick else args.repeats
+    if args.layer_case:
+        E, T = (int(v) for v in args.layer_case.split(","))
+        cfg = MoEConfig(d_model=D, expert_hidden=176, num_experts=E, top_k=8)
+        print(json.dumps({"seconds": _layer_time(cfg, T, repeats, args.seed)}))
+        return 0
     if args.one_shape:
         E, k, F = (int(v) for v in args.one_shape.split(","))
         batch, seq = _batch(args.quick)
