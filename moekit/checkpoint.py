@@ -102,10 +102,9 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, model_cfg:
         with open(p, "rb") as fh:
             os.fsync(fh.fileno())
     _fsync_dir(tmp)
-    old = None
-    if final.exists():  # re-saving the same step (e.g. a signal right after a periodic save)
-        old = run_dir / f".old-{PREFIX}{step:08d}-{os.getpid()}"
-        os.rename(final, old)  # the previous copy stays whole until the new one is in place
+    # Re-saving the same step (e.g. a signal right after a periodic save): the previous copy stays
+    # whole, out of the listing, until the new one is in place.
+    old = _set_aside(final) if final.exists() else None
     os.rename(tmp, final)
     _fsync_dir(run_dir)
     if old is not None:
@@ -113,16 +112,16 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, model_cfg:
 
     if keep_last:
         for stale in checkpoint_dirs(run_dir)[:-keep_last]:
-            _remove(stale)
+            shutil.rmtree(_set_aside(stale))
     return final
 
 
-def _remove(ckpt: Path) -> None:
-    """Deletes a checkpoint so that a kill at any moment leaves it whole or gone: renamed out of the
-    listing first (one atomic step), then removed; :func:`clean_partial` finishes an interrupted one."""
-    trash = ckpt.parent / f".old-{ckpt.name}-{os.getpid()}"
-    os.rename(ckpt, trash)
-    shutil.rmtree(trash)
+def _set_aside(ckpt: Path) -> Path:
+    """Renames a checkpoint out of the listing in one atomic step, so that deleting it can be killed at
+    any moment: the checkpoint is whole or gone, and :func:`clean_partial` removes what is left."""
+    aside = ckpt.parent / f".old-{ckpt.name}-{os.getpid()}"
+    os.rename(ckpt, aside)
+    return aside
 
 
 def clean_partial(run_dir: Path) -> None:
