@@ -19,7 +19,7 @@ DROP_POLICIES = ("position", "score")
 SOFTMAX_ORDERS = ("before", "after")
 GROUP_SCORES = ("max", "top2_sum")
 LB_CONVENTIONS = ("standard", "hf_compat")
-EXPERT_IMPLS = ("auto", "loop", "grouped_mm")
+EXPERT_IMPLS = ("auto", "native", "loop", "grouped_mm")
 
 
 def _bad(field: str, value: Any, allowed: str, owner: str = "MoEConfig") -> ValueError:
@@ -101,8 +101,8 @@ class MoEConfig:
         num_shared_experts, shared_expert_hidden: experts every token uses (DeepSeekMoE); their hidden
             width defaults to ``expert_hidden``. shared_expert_gate: scale them by sigmoid(x·w)
             (Qwen2-MoE).  dense_hidden: a dense FFN in parallel with the MoE (Arctic), 0 = none.
-        expert_impl: ``"auto"`` (grouped GEMM on CUDA in bf16, the slice loop elsewhere),
-            ``"loop"`` or ``"grouped_mm"``; "auto" takes grouped GEMM on CUDA in bf16 only.
+        expert_impl: ``"auto"`` (grouped GEMM on CUDA in bf16; on a CPU the slice loop in C++,
+            ``"native"``, when it builds, else in Python, ``"loop"``), or one of those named.
     """
 
     d_model: int

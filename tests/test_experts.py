@@ -1,11 +1,16 @@
-"""The two expert paths (slice loop and grouped_mm) against each other and the reference."""
+"""The expert paths (the slice loop in Python and in C++, grouped_mm) against each other and the reference."""
+
+import importlib.util
+import shutil
 
 import pytest
 import torch
 
 from moekit import MoEConfig, MoELayer, reference_forward
 from moekit.moe.dispatch import plan_token_choice
+from moekit.moe import native
 from moekit.moe.experts import Experts, _LoopExperts, bucketed_rows
+from moekit.moe.native import NativeLoopExperts
 
 from conftest import grads_of, make_layer
 
@@ -43,10 +48,12 @@ def test_grouped_mm_needs_aligned_widths():
         layer(torch.randn(4, 12))
 
 
-def test_auto_uses_loop_on_cpu():
+def test_auto_uses_the_cpp_loop_on_cpu_else_the_python_loop(monkeypatch):
     layer = make_layer(dtype=torch.float32)
+    assert layer.experts.impl_for(torch.randn(2, 16)) == "native"
+    assert layer.experts.impl_for(torch.randn(2, 16, dtype=torch.bfloat16)) == "native"
+    monkeypatch.setattr(native, "load", lambda: None)  # as when the C++ loop does not build
     assert layer.experts.impl_for(torch.randn(2, 16)) == "loop"
-    assert layer.experts.impl_for(torch.randn(2, 16, dtype=torch.bfloat16)) == "loop"
 
 
 def test_idle_experts_get_exact_zero_gradients():
@@ -98,10 +105,11 @@ def test_bucketed_expert_gemms_match_exact_rows(activation, bias, capacity):
         torch.testing.assert_close(bucketed, exact, atol=1e-12, rtol=1e-12)
 
 
-def test_cpu_bf16_experts_bucket_their_rows(monkeypatch):
+@pytest.mark.parametrize("impl,fn,bucket_arg", [("loop", _LoopExperts, -1), ("native", NativeLoopExperts, -2)])
+def test_cpu_bf16_experts_bucket_their_rows(monkeypatch, impl, fn, bucket_arg):
     seen = []
-    monkeypatch.setattr(_LoopExperts, "apply", lambda *args: seen.append(args[-1]) or args[0].clone())
-    layer = make_layer(dtype=torch.float32)
+    monkeypatch.setattr(fn, "apply", lambda *args: seen.append(args[bucket_arg]) or args[0].clone())
+    layer = make_layer(dtype=torch.float32, expert_impl=impl)
     layer(torch.randn(20, 16))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         layer(torch.randn(20, 16))
@@ -188,3 +196,106 @@ def test_gather_path_only_inside_the_decode_step(monkeypatch):
         assert not dropless._decoding(x)
     with moe_layer.gather_decoding():
         assert not dropless._decoding(x)  # gradients recorded: never
+
+
+# --- the slice loop in C++ (moekit.moe.native) against the Python loop ---------------------------------
+
+def _run_loop(fn, extra, experts, plan, counts, activation, bucket, bias, dtype):
+    x = torch.randn(plan.num_tokens, experts.cfg.d_model, generator=torch.Generator().manual_seed(1)).to(dtype)
+    x.requires_grad_(True)
+    w = plan.weights_N.to(dtype).clone().requires_grad_(True)
+    params = [p.detach().to(dtype).clone().requires_grad_(True) for p in experts.parameters()]
+    w_in, w_out, b_in, b_out = params if bias else (*params, None, None)
+    out = fn.apply(x, plan.token_ids_N, w, w_in, w_out, b_in, b_out, counts, activation, bucket, *extra)
+    out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(dtype))
+    return [out.detach(), x.grad, w.grad] + [p.grad for p in params]
+
+
+def _loop_case(activation, bias, capacity, E=7, T=150):
+    torch.manual_seed(0)
+    cfg = MoEConfig(d_model=8, expert_hidden=12, num_experts=E, top_k=2, activation=activation, mlp_bias=bias)
+    experts = Experts(cfg).double()
+    for b in (experts.b_in, experts.b_out):
+        if b is not None:
+            torch.nn.init.normal_(b)
+    ids_TK = torch.stack([torch.randperm(E - 1)[:2] for _ in range(T)])  # expert E-1 idle
+    plan = plan_token_choice(ids_TK, torch.rand(T, 2, dtype=torch.float64), E, capacity=capacity)
+    return experts, plan, plan.counts_E.tolist()
+
+
+@pytest.mark.parametrize("groups", [1, 2, 3])
+@pytest.mark.parametrize("activation,bias,capacity,bucket", [
+    ("swiglu", False, None, False), ("swiglu", False, None, True), ("geglu", True, 45, True),
+    ("gelu", True, None, False), ("relu", False, 45, True), ("relu", True, None, False)])
+def test_native_loop_matches_python_loop(activation, bias, capacity, bucket, groups):
+    """fp64: outputs and every gradient (input, routing weights, weights, biases) equal the Python loop,
+    with expert groups on threads (spill-over rows of bucketed GEMMs included), idle experts and drops."""
+    experts, plan, counts = _loop_case(activation, bias, capacity)
+    assert 0 in counts and (not bucket or any(bucketed_rows(n) > n for n in counts))
+    want = _run_loop(_LoopExperts, (), experts, plan, counts, activation, bucket, bias, torch.float64)
+    got = _run_loop(NativeLoopExperts, (groups,), experts, plan, counts, activation, bucket, bias, torch.float64)
+    for name, g, w in zip(["out", "x", "weights", "w_in", "w_out", "b_in", "b_out"], got, want):
+        torch.testing.assert_close(g, w, atol=1e-12, rtol=1e-12, msg=lambda m: f"{name}: {m}")
+    assert torch.equal(got[3][-1], torch.zeros_like(got[3][-1]))  # the idle expert's weight gradient
+
+
+def test_native_loop_bf16_with_threads_matches_python_loop():
+    experts, plan, counts = _loop_case("swiglu", True, None, E=9, T=400)
+    want = _run_loop(_LoopExperts, (), experts, plan, counts, "swiglu", True, True, torch.bfloat16)
+    got = _run_loop(NativeLoopExperts, (2,), experts, plan, counts, "swiglu", True, True, torch.bfloat16)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.float(), w.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_native_loop_is_deterministic_and_skips_the_input_gradient():
+    experts, plan, counts = _loop_case("swiglu", False, None)
+    x = torch.randn(plan.num_tokens, 8, dtype=torch.float64)  # no grad: the backward skips dL/dx
+    w_in = experts.w_in.detach().clone().requires_grad_(True)
+    outs = [NativeLoopExperts.apply(x, plan.token_ids_N, plan.weights_N, w_in, experts.w_out, None, None, counts,
+                                    "swiglu", False, 2) for _ in range(2)]
+    assert torch.equal(outs[0], outs[1])
+    outs[0].sum().backward()
+    assert w_in.grad is not None and x.grad is None
+
+
+def test_split_groups_and_layout_keep_groups_apart():
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        E = int(torch.randint(1, 12, (1,), generator=gen))
+        counts = torch.randint(0, 300, (E,), generator=gen).tolist()
+        groups = int(torch.randint(1, 5, (1,), generator=gen))
+        bounds = native.split_groups(counts, groups)
+        assert len(bounds) == groups + 1 and bounds[0] == 0 and bounds[-1] == E
+        assert all(a <= b for a, b in zip(bounds, bounds[1:]))
+        meta, pad, h_rows = native.layout(counts, bucketed_rows, bounds)
+        assert meta[:, 0].tolist() == [sum(counts[:e]) for e in range(E)] and meta[:, 1].tolist() == counts
+        # rows an expert writes (its r rows from o) stay below the next group's first row
+        for g in range(groups):
+            group = range(bounds[g], bounds[g + 1])
+            last = max((int(meta[e, 3] + meta[e, 2]) for e in group), default=0)
+            nxt = [int(meta[e, 3]) for e in range(bounds[g + 1], E)]
+            assert last <= h_rows and all(last <= o for o in nxt)
+    # equal rows split evenly
+    assert native.split_groups([10] * 8, 2) == [0, 4, 8] and native.split_groups([10] * 9, 3) == [0, 3, 6, 9]
+
+
+def test_native_loop_is_built_where_a_compiler_is():
+    """A build failure must show here, not only as a slower CPU path."""
+    if not shutil.which("c++") or not (shutil.which("ninja") or importlib.util.find_spec("ninja")):
+        pytest.skip("no C++ compiler or ninja here: moekit runs the Python loop")
+    assert native.load() is not None, native.unavailable_reason()
+
+
+def test_native_requested_but_unavailable_says_why(monkeypatch):
+    monkeypatch.setattr(native, "_build", lambda: (None, "OSError: no compiler"))
+    layer = make_layer(dtype=torch.float32, expert_impl="native")
+    with pytest.raises(RuntimeError, match="no compiler"):
+        layer(torch.randn(4, 16))
+    assert make_layer(dtype=torch.float32).experts.impl_for(torch.randn(2, 16)) == "loop"
+
+
+def test_thread_groups_by_expert_size():
+    small = Experts(MoEConfig(d_model=512, expert_hidden=176, num_experts=4, top_k=2))
+    large = Experts(MoEConfig(d_model=512, expert_hidden=1408, num_experts=4, top_k=2))
+    assert native.thread_groups(small.w_in, small.w_out) == min(torch.get_num_threads(), 4)
+    assert native.thread_groups(large.w_in, large.w_out) == 1

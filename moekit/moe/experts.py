@@ -3,8 +3,10 @@
 Legend: T tokens, D model width, E experts, F expert hidden width, H = 2F for gated activations
 (gate and up fused, gate first) else F, N assignments.
 
-Two fast paths, both checked against :mod:`moekit.moe.reference` by the tests:
+Three fast paths, all checked against :mod:`moekit.moe.reference` by the tests:
 
+* ``native`` (CPU, the default there): the ``loop`` below in C++ (:mod:`moekit.moe.native`), with
+  groups of small experts on the intra-op threads; the tests compare it with the Python loop.
 * ``loop`` (CPU, and any dtype): one fused autograd function. For each expert it gathers its tokens,
   runs its GEMMs on its slice, and scatters the weighted result back; the backward writes each
   expert's weight gradient straight into its slice of one preallocated [E, ...] gradient.
@@ -24,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moekit.config import MoEConfig
+from moekit.moe import native
 from moekit.moe.dispatch import DispatchPlan
 from moekit.nn.mlp import activation_fn
 
@@ -290,7 +293,9 @@ class Experts(nn.Module):
             return self.cfg.expert_impl
         # NOTE: bf16 only: fp16 grouped_mm takes a slow fallback in PyTorch
         fast = x_TD.is_cuda and x_TD.dtype == torch.bfloat16 and grouped_mm_aligned(self.cfg)
-        return "grouped_mm" if fast else "loop"
+        if fast:
+            return "grouped_mm"
+        return "native" if x_TD.device.type == "cpu" and native.load() is not None else "loop"
 
     def cast(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
         """The input and (w_in, w_out, b_in, b_out) in the compute dtype: autocast's, else the input's."""
@@ -303,10 +308,16 @@ class Experts(nn.Module):
         device_type = x_TD.device.type
         x_TD, params = self.cast(x_TD)
         with torch.autocast(device_type=device_type, enabled=False):
-            if self.impl_for(x_TD) == "grouped_mm":
+            impl = self.impl_for(x_TD)
+            if impl == "grouped_mm":
                 return grouped_mm_experts(x_TD, plan, *params, self.cfg.activation)
             counts = plan.counts_E.tolist()  # the one host sync of the loop path: slice bounds
             # NOTE: CPU bf16/fp16 GEMMs run on oneDNN, which compiles a kernel per new shape
             bucket = x_TD.device.type == "cpu" and x_TD.dtype in (torch.bfloat16, torch.float16)
-            return _LoopExperts.apply(x_TD.contiguous(), plan.token_ids_N, plan.weights_N, *params,
-                                      counts, self.cfg.activation, bucket)
+            args = (x_TD.contiguous(), plan.token_ids_N, plan.weights_N, *params, counts, self.cfg.activation, bucket)
+            if impl == "native":
+                if x_TD.device.type != "cpu":
+                    raise ValueError(f"expert_impl='native' runs on the CPU, got a tensor on {x_TD.device}; "
+                                     f"use 'auto', 'loop' or 'grouped_mm'")
+                return native.NativeLoopExperts.apply(*args, native.thread_groups(params[0], params[1]))
+            return _LoopExperts.apply(*args)

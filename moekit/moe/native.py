@@ -1,0 +1,158 @@
+"""The expert slice loop in C++ (``csrc/loop_experts.cpp``), built on first use with PyTorch's
+extension builder (a C++ compiler and ninja; cached per source and torch version).
+
+Same algorithm as :class:`moekit.moe.experts._LoopExperts`, step for step, and the tests compare the
+two (outputs and every gradient). What the C++ buys on a CPU: at E64-E128 an expert's GEMMs take
+0.1-0.3 ms and the ~20 other ops around them (each a Python call and a fork/join of the intra-op
+threads) as much again. Here the experts are split into contiguous groups of about equal rows, one
+group per intra-op thread, every op inside single-threaded; each thread scatters into its own [T, D]
+partial sum and the partials are added in group order, so the result is deterministic for a given
+thread count. Experts with large weights keep one group on the calling thread instead (each GEMM on
+all threads), see :data:`GROUPED_THREADS_MAX_WEIGHT_BYTES`.
+
+If the build fails (no compiler, no ninja) the experts run the Python loop, after one warning.
+``MOEKIT_NATIVE=0`` turns the C++ loop off; ``MOEKIT_CACHE_DIR`` moves its build cache.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import sys
+import sysconfig
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("csrc") / "loop_experts.cpp"
+
+# Split the experts over the intra-op threads only when one expert's weights (w_in and w_out, in the
+# compute dtype) take at most this many bytes. One-off trials on this 2-core CPU (1 MiB L2 per core),
+# fwd+bwd of one layer at 4096 tokens, each variant in fresh processes: E8-E128 experts of hidden
+# 88-176 (0.5-1.1 MB) ran 2-20% faster split; hidden 704 and 1408 (4.3 and 8.7 MB) 9% and 19% slower
+# than one group whose GEMMs use both threads.
+GROUPED_THREADS_MAX_WEIGHT_BYTES = 2 * 2**20
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("MOEKIT_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "moekit")
+    return Path(root)
+
+
+@functools.cache
+def _build() -> tuple[object | None, str | None]:
+    if os.environ.get("MOEKIT_NATIVE", "1") == "0":
+        return None, "turned off by MOEKIT_NATIVE=0"
+    try:
+        from torch.utils import cpp_extension
+
+        name = "moekit_loop_experts_" + hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
+        build_dir = cache_dir() / f"torch-{torch.__version__}" / name
+        build_dir.mkdir(parents=True, exist_ok=True)
+        if not any(build_dir.glob(name + ".*")):
+            print(f"moekit: compiling the C++ expert loop into {build_dir} (once, ~20 s)", file=sys.stderr)
+        # The builder runs `ninja` from PATH: the one pip put next to this interpreter comes first.
+        scripts = sysconfig.get_path("scripts")
+        path = os.environ.get("PATH", "")
+        if scripts and scripts not in path.split(os.pathsep):
+            os.environ["PATH"] = os.pathsep.join([scripts, path]) if path else scripts
+        module = cpp_extension.load(name=name, sources=[str(SOURCE)], build_directory=str(build_dir),
+                                    extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
+        return module, None
+    except Exception as exc:  # no compiler, no ninja, a failed compile: the Python loop still works
+        reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        warnings.warn(f"moekit: the C++ expert loop ({SOURCE}) did not build ({reason}); experts run the "
+                      f"Python loop, slower on CPU. MOEKIT_NATIVE=0 skips the build.", RuntimeWarning, stacklevel=3)
+        return None, reason
+
+
+def load():
+    """The compiled module, or None when it cannot be built (see :func:`unavailable_reason`)."""
+    return _build()[0]
+
+
+def unavailable_reason() -> str | None:
+    return _build()[1]
+
+
+def thread_groups(w_in_EHD: torch.Tensor, w_out_EDF: torch.Tensor) -> int:
+    """How many groups to split the experts into: one per intra-op thread for small experts, else 1."""
+    expert_bytes = (w_in_EHD[0].numel() + w_out_EDF[0].numel()) * w_in_EHD.element_size()
+    if expert_bytes > GROUPED_THREADS_MAX_WEIGHT_BYTES:
+        return 1
+    return max(1, min(torch.get_num_threads(), w_in_EHD.shape[0]))
+
+
+def split_groups(counts: list[int], groups: int) -> list[int]:
+    """Bounds of ``groups`` contiguous expert ranges of about equal rows: experts b[g] .. b[g+1]-1."""
+    E, total = len(counts), sum(counts)
+    cum = [0]
+    for n in counts:
+        cum.append(cum[-1] + n)
+    bounds = [0]
+    for g in range(1, groups):
+        target = total * g / groups
+        e = bounds[-1]
+        while e < E and cum[e] < target:
+            e += 1
+        if e > bounds[-1] and target - cum[e - 1] < cum[e] - target:  # the nearer of the two cuts
+            e -= 1
+        bounds.append(e)
+    bounds.append(E)
+    return bounds
+
+
+def layout(counts: list[int], rows, bounds: list[int]) -> tuple[torch.Tensor, int, int]:
+    """Per expert (s, n, r, o) as an [E, 4] int64 tensor, the pad and the rows of the h / a buffers.
+
+    The expert's assignments are s .. s+n-1; its GEMMs run on r = rows(n) rows; its h / a rows start at
+    o. Each group after the first is shifted by one more pad (the largest r - n), so the bucketed rows
+    an expert spills past its n never reach the next group's rows (written by another thread).
+    """
+    pad = max((rows(n) - n for n in counts), default=0)
+    meta, s = [], 0
+    for g in range(len(bounds) - 1):
+        for e in range(bounds[g], bounds[g + 1]):
+            n = counts[e]
+            meta.append((s, n, rows(n), s + g * pad))
+            s += n
+    return torch.tensor(meta, dtype=torch.long).reshape(len(counts), 4), pad, s + (len(bounds) - 1) * pad
+
+
+class NativeLoopExperts(torch.autograd.Function):
+    """:class:`moekit.moe.experts._LoopExperts` with the loop in C++; ``groups`` expert groups run on
+    the intra-op threads (1: on the calling thread). Same arguments, plus ``groups``."""
+
+    @staticmethod
+    def forward(ctx, x_TD, token_ids_N, weights_N, w_in_EHD, w_out_EDF, b_in_EH, b_out_ED, counts, act_name,
+                bucket, groups):
+        from moekit.moe.experts import bucketed_rows
+
+        module = load()
+        if module is None:
+            raise RuntimeError(f"expert_impl='native': the C++ expert loop is unavailable ({unavailable_reason()})")
+        kept = sum(counts)
+        bounds = split_groups(counts, groups)
+        meta_E4, pad, h_rows = layout(counts, bucketed_rows if bucket else int, bounds)
+        # Bucketed rows past the last assignment read token 0 with weight 0; they are never scattered.
+        tok_pad = torch.cat([token_ids_N[:kept], token_ids_N.new_zeros(pad)])
+        w_pad = torch.cat([weights_N[:kept].to(x_TD.dtype), x_TD.new_zeros(pad)])
+        out_TD, h_NH, a_NF = module.forward(x_TD, tok_pad, w_pad, w_in_EHD, w_out_EDF, b_in_EH, b_out_ED, meta_E4,
+                                            bounds, act_name, h_rows)
+        ctx.save_for_backward(x_TD, tok_pad, w_pad, w_in_EHD, w_out_EDF, b_in_EH, b_out_ED, h_NH, a_NF, meta_E4)
+        ctx.bounds, ctx.act_name, ctx.num_assignments = bounds, act_name, weights_N.shape[0]
+        ctx.weights_dtype = weights_N.dtype
+        return out_TD
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out_TD):
+        x_TD, tok_pad, w_pad, w_in_EHD, w_out_EDF, b_in_EH, b_out_ED, h_NH, a_NF, meta_E4 = ctx.saved_tensors
+        grad_x, grad_w, grad_w_in, grad_w_out, grad_b_in, grad_b_out = load().backward(
+            grad_out_TD.contiguous(), x_TD, tok_pad, w_pad, w_in_EHD, w_out_EDF, b_in_EH, b_out_ED, h_NH, a_NF,
+            meta_E4, ctx.bounds, ctx.act_name, ctx.needs_input_grad[0], ctx.num_assignments)
+        return (grad_x, None, grad_w.to(ctx.weights_dtype), grad_w_in, grad_w_out, grad_b_in, grad_b_out,
+                None, None, None, None)
