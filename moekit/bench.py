@@ -34,7 +34,7 @@ from torch import nn
 
 import moekit
 from moekit.config import MoEConfig
-from moekit.moe import MoELayer
+from moekit.moe import MoELayer, native
 from moekit.nn import MLP
 
 WARMUP = 2  # steps per side before timing: the allocator's first steps map fresh pages
@@ -87,6 +87,7 @@ def build_side(name: str, shape: Shape, seed: int) -> Side:
         return Side(mlp, mlp)
     layer = MoELayer(shape.config())
     if name == "moe":
+        native.load()  # build / load the C++ expert loop now: code, not a step's memory or time
         return Side(layer, lambda x: layer(x).output)
     block = hf_mixtral_block(layer, name.removeprefix("hf_"))
     return Side(block, lambda x: block(x.unsqueeze(0)).squeeze(0))

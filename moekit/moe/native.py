@@ -1,8 +1,10 @@
 """The expert slice loop in C++ (``csrc/loop_experts.cpp``), built on first use with PyTorch's
 extension builder (a C++ compiler and ninja; cached per source and torch version).
 
-Same algorithm as :class:`moekit.moe.experts._LoopExperts`, step for step, and the tests compare the
-two (outputs and every gradient). What the C++ buys on a CPU: at E64-E128 an expert's GEMMs take
+Same algorithm as :class:`moekit.moe.experts._LoopExperts`, step for step, except that the backward
+recomputes the activation from the saved pre-activation (two elementwise ops per expert) instead of
+holding the [N, F] activation between the passes; the tests compare the two (outputs and every
+gradient). What the C++ buys on a CPU: at E64-E128 an expert's GEMMs take
 0.1-0.3 ms and the ~20 other ops around them (each a Python call and a fork/join of the intra-op
 threads) as much again. Here the experts are split into contiguous groups of about equal rows, one
 group per intra-op thread, every op inside single-threaded; each thread scatters into its own [T, D]
@@ -106,9 +108,9 @@ def split_groups(counts: list[int], groups: int) -> list[int]:
 
 
 def layout(counts: list[int], rows, bounds: list[int]) -> tuple[torch.Tensor, int, int]:
-    """Per expert (s, n, r, o) as an [E, 4] int64 tensor, the pad and the rows of the h / a buffers.
+    """Per expert (s, n, r, o) as an [E, 4] int64 tensor, the pad and the rows of the h buffer.
 
-    The expert's assignments are s .. s+n-1; its GEMMs run on r = rows(n) rows; its h / a rows start at
+    The expert's assignments are s .. s+n-1; its GEMMs run on r = rows(n) rows; its h rows start at
     o. Each group after the first is shifted by one more pad (the largest r - n), so the bucketed rows
     an expert spills past its n never reach the next group's rows (written by another thread).
     """
@@ -140,9 +142,9 @@ class NativeLoopExperts(torch.autograd.Function):
         # Bucketed rows past the last assignment read token 0 with weight 0; they are never scattered.
         tok_pad = torch.cat([token_ids_N[:kept], token_ids_N.new_zeros(pad)])
         w_pad = torch.cat([weights_N[:kept].to(x_TD.dtype), x_TD.new_zeros(pad)])
-        out_TD, h_NH, a_NF = module.forward(x_TD, tok_pad, w_pad, w_in_EHD, w_out_EDF, b_in_EH, b_out_ED, meta_E4,
-                                            bounds, act_name, h_rows)
-        ctx.save_for_backward(x_TD, tok_pad, w_pad, w_in_EHD, w_out_EDF, b_in_EH, b_out_ED, h_NH, a_NF, meta_E4)
+        out_TD, h_NH = module.forward(x_TD, tok_pad, w_pad, w_in_EHD, w_out_EDF, b_in_EH, b_out_ED, meta_E4, bounds,
+                                      act_name, h_rows)
+        ctx.save_for_backward(x_TD, tok_pad, w_pad, w_in_EHD, w_out_EDF, b_in_EH, b_out_ED, h_NH, meta_E4)
         ctx.bounds, ctx.act_name, ctx.num_assignments = bounds, act_name, weights_N.shape[0]
         ctx.weights_dtype = weights_N.dtype
         return out_TD
@@ -150,9 +152,9 @@ class NativeLoopExperts(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out_TD):
-        x_TD, tok_pad, w_pad, w_in_EHD, w_out_EDF, b_in_EH, b_out_ED, h_NH, a_NF, meta_E4 = ctx.saved_tensors
+        x_TD, tok_pad, w_pad, w_in_EHD, w_out_EDF, b_in_EH, b_out_ED, h_NH, meta_E4 = ctx.saved_tensors
         grad_x, grad_w, grad_w_in, grad_w_out, grad_b_in, grad_b_out = load().backward(
-            grad_out_TD.contiguous(), x_TD, tok_pad, w_pad, w_in_EHD, w_out_EDF, b_in_EH, b_out_ED, h_NH, a_NF,
-            meta_E4, ctx.bounds, ctx.act_name, ctx.needs_input_grad[0], ctx.num_assignments)
+            grad_out_TD.contiguous(), x_TD, tok_pad, w_pad, w_in_EHD, w_out_EDF, b_in_EH, b_out_ED, h_NH, meta_E4,
+            ctx.bounds, ctx.act_name, ctx.needs_input_grad[0], ctx.num_assignments)
         return (grad_x, None, grad_w.to(ctx.weights_dtype), grad_w_in, grad_w_out, grad_b_in, grad_b_out,
                 None, None, None, None)

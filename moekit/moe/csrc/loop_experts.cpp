@@ -1,6 +1,7 @@
 // The slice loop of moekit.moe.experts in C++: per expert gather -> GEMM -> activation -> GEMM ->
 // weighted scatter, and its backward. The Python loop (_LoopExperts) is the same algorithm, step for
-// step; the tests compare the two and both against moekit.moe.reference.
+// step, except that here the backward recomputes the activation from h instead of keeping it; the
+// tests compare the two and both against moekit.moe.reference.
 //
 // Why C++: at E64-E128 an expert's GEMMs take ~0.1-0.3 ms on a CPU, and the ~20 other ops around them
 // (each a Python call and a fork/join of the intra-op threads) cost as much again. Here the experts are
@@ -10,7 +11,7 @@
 //
 // Layout (computed in Python, see moekit.moe.native): meta[e] = (s, n, r, o): the expert's
 // assignments are tok[s:s+n]; its GEMMs run on r >= n rows (bucketed row counts for oneDNN, rows past
-// n are the next assignments' tokens and are never scattered); its rows of h and a start at o.
+// n are the next assignments' tokens and are never scattered); its rows of h start at o.
 // Groups are laid out with a gap of max(r - n) between them, so one group's spill-over rows never
 // reach the next group's.
 #include <torch/extension.h>
@@ -104,8 +105,21 @@ Tensor reduce_partials(std::vector<Tensor>& partials) {
   return partials[0];
 }
 
+// a = act(gate) * up (gated, with act(gate) left in act_e) or act(h).
+void activate(const Activation& act, const Tensor& h_e, Tensor& a_e, Tensor& act_e) {
+  if (!act.gated) {
+    act_forward(act.kind, h_e, a_e);
+    return;
+  }
+  const int64_t F = a_e.size(1);
+  act_forward(act.kind, h_e.slice(1, 0, F), act_e);
+  at::mul_out(a_e, act_e, h_e.slice(1, F, 2 * F));
+}
+
 }  // namespace
 
+// Returns (out, h). The activation a is not kept: the backward recomputes it from h (two elementwise
+// ops per expert) rather than hold [N, F] between the passes.
 std::vector<Tensor> loop_experts_forward(const Tensor& x, const Tensor& tok, const Tensor& w, const Tensor& w_in,
                                          const Tensor& w_out, const c10::optional<Tensor>& b_in,
                                          const c10::optional<Tensor>& b_out, const Tensor& meta,
@@ -114,28 +128,28 @@ std::vector<Tensor> loop_experts_forward(const Tensor& x, const Tensor& tok, con
   const auto act = parse_activation(act_name);
   const auto sl = read_meta(meta);
   const int64_t D = x.size(1), H = w_in.size(1), F = w_out.size(2), groups = bounds.size() - 1;
-  auto h = x.new_empty({h_rows, H}), a = x.new_empty({h_rows, F});
+  auto h = x.new_empty({h_rows, H});
   auto outs = partial_sums(x, groups);
   const int64_t m = max_rows(sl);
   for_each_group(groups, [&](int64_t g) {
-    auto x_buf = x.new_empty({m, D}), y_buf = x.new_empty({m, D});
+    auto x_buf = x.new_empty({m, D}), y_buf = x.new_empty({m, D}), a_buf = x.new_empty({m, F}),
+         act_buf = x.new_empty({m, F});
     for (int64_t e = bounds[g]; e < bounds[g + 1]; ++e) {
       const auto [s, n, r, o] = sl[e];
       if (n == 0) continue;
       auto tok_r = tok.slice(0, s, s + r), tok_n = tok.slice(0, s, s + n);
+      // 1. Gather the expert's tokens and run its first projection on its rows of h.
       auto x_e = x_buf.slice(0, 0, r);
       at::index_select_out(x_e, x, 0, tok_r);
-      auto h_e = h.slice(0, o, o + r), a_e = a.slice(0, o, o + r);
+      auto h_e = h.slice(0, o, o + r);
       if (b_in) at::addmm_out(h_e, (*b_in)[e], x_e, w_in[e].t());
       else at::mm_out(h_e, x_e, w_in[e].t());
-      if (act.gated) {
-        act_forward(act.kind, h_e.slice(1, 0, F), a_e);
-        a_e.mul_(h_e.slice(1, F, H));
-      } else {
-        act_forward(act.kind, h_e, a_e);
-      }
+      // 2. Activation, then the down projection of the unweighted activation.
+      auto a_e = a_buf.slice(0, 0, r), act_e = act_buf.slice(0, 0, r);
+      activate(act, h_e, a_e, act_e);
       auto y_e = y_buf.slice(0, 0, r);
       at::mm_out(y_e, a_e, w_out[e].t());
+      // 3. Weight and scatter back into this thread's partial sum.
       auto y_n = y_e.slice(0, 0, n);
       auto w_e = w.slice(0, s, s + n);
       y_n.mul_(w_e.unsqueeze(1));
@@ -143,14 +157,14 @@ std::vector<Tensor> loop_experts_forward(const Tensor& x, const Tensor& tok, con
       outs[g].index_add_(0, tok_n, y_n);
     }
   });
-  return {reduce_partials(outs), h, a};
+  return {reduce_partials(outs), h};
 }
 
 std::vector<c10::optional<Tensor>> loop_experts_backward(
     const Tensor& grad_out, const Tensor& x, const Tensor& tok, const Tensor& w, const Tensor& w_in,
     const Tensor& w_out, const c10::optional<Tensor>& b_in, const c10::optional<Tensor>& b_out, const Tensor& h,
-    const Tensor& a, const Tensor& meta, const std::vector<int64_t>& bounds, const std::string& act_name,
-    bool need_x, int64_t num_assignments) {
+    const Tensor& meta, const std::vector<int64_t>& bounds, const std::string& act_name, bool need_x,
+    int64_t num_assignments) {
   const auto act = parse_activation(act_name);
   const auto sl = read_meta(meta);
   const int64_t D = x.size(1), H = w_in.size(1), F = w_out.size(2), groups = bounds.size() - 1;
@@ -164,8 +178,8 @@ std::vector<c10::optional<Tensor>> loop_experts_backward(
   std::vector<Tensor> grad_xs = need_x ? partial_sums(x, groups) : std::vector<Tensor>{};
   const int64_t m = max_rows(sl);
   for_each_group(groups, [&](int64_t g) {
-    auto g_buf = x.new_empty({m, D}), gw_buf = x.new_empty({m, D}), x_buf = x.new_empty({m, D}),
-         gx_buf = x.new_empty({m, D}), ga_buf = x.new_empty({m, F}), gh_buf = x.new_empty({m, H}),
+    auto g_buf = x.new_empty({m, D}), x_buf = x.new_empty({m, D}), a_buf = x.new_empty({m, F}),
+         act_buf = x.new_empty({m, F}), ga_buf = x.new_empty({m, F}), gh_buf = x.new_empty({m, H}),
          tmp_buf = x.new_empty({m, F});
     for (int64_t e = bounds[g]; e < bounds[g + 1]; ++e) {
       const auto [s, n, r, o] = sl[e];
@@ -178,24 +192,25 @@ std::vector<c10::optional<Tensor>> loop_experts_backward(
         continue;
       }
       auto tok_r = tok.slice(0, s, s + r), tok_n = tok.slice(0, s, s + n);
-      auto a_e = a.slice(0, o, o + r), h_e = h.slice(0, o, o + r);
+      auto h_e = h.slice(0, o, o + r);
       auto w_r = w.slice(0, s, s + r).unsqueeze(1);  // rows past n: the next assignments' (w is padded)
+      auto a_e = a_buf.slice(0, 0, r), act_e = act_buf.slice(0, 0, r);
+      activate(act, h_e, a_e, act_e);
       // 1. Down projection: y = w (a W_out^T + b_out). Bucketed rows get a zero cotangent.
       auto g_e = g_buf.slice(0, 0, r);
       at::index_select_out(g_e, grad_out, 0, tok_r);
       if (r > n) g_e.slice(0, n, r).zero_();
-      auto gw_e = gw_buf.slice(0, 0, r);
-      at::mul_out(gw_e, g_e, w_r);
-      at::mm_out(gw_out_e, gw_e.t(), a_e);
       auto grad_a = ga_buf.slice(0, 0, r);
       at::mm_out(grad_a, g_e, w_out[e]);  // dL/da before the routing weight
       // dL/dw = <dL/dy, a W_out^T + b_out> = <grad_a, a> + <g, b_out>
       auto grad_w_e = grad_w.slice(0, s, s + n);
       at::linalg_vecdot_out(grad_w_e, grad_a.slice(0, 0, n), a_e.slice(0, 0, n));
+      if (b_out) grad_w_e.add_(at::mv(g_e.slice(0, 0, n), (*b_out)[e]));
+      g_e.mul_(w_r);  // now dL/d(a W_out^T + b_out)
+      at::mm_out(gw_out_e, g_e.t(), a_e);
       if (b_out) {
         auto gb = (*grad_b_out)[e];
-        at::sum_out(gb, gw_e, kRows);
-        grad_w_e.add_(at::mv(g_e.slice(0, 0, n), (*b_out)[e]));
+        at::sum_out(gb, g_e, kRows);
       }
       grad_a.mul_(w_r);
       // 2. Activation.
@@ -205,8 +220,7 @@ std::vector<c10::optional<Tensor>> loop_experts_backward(
         auto tmp = tmp_buf.slice(0, 0, r), grad_gate = grad_h.slice(1, 0, F), grad_up = grad_h.slice(1, F, H);
         at::mul_out(tmp, grad_a, up);
         act_backward(act.kind, tmp, gate, grad_gate);
-        act_forward(act.kind, gate, grad_up);
-        grad_up.mul_(grad_a);
+        at::mul_out(grad_up, act_e, grad_a);
       } else {
         act_backward(act.kind, grad_a, h_e, grad_h);
       }
@@ -219,7 +233,7 @@ std::vector<c10::optional<Tensor>> loop_experts_backward(
         at::sum_out(gb, grad_h, kRows);
       }
       if (need_x) {
-        auto gx = gx_buf.slice(0, 0, r);
+        auto gx = x_e;  // the gathered input is spent: its buffer takes dL/dx
         at::mm_out(gx, grad_h, w_in[e]);
         grad_xs[g].index_add_(0, tok_n, gx.slice(0, 0, n));
       }
@@ -231,7 +245,7 @@ std::vector<c10::optional<Tensor>> loop_experts_backward(
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &loop_experts_forward, "the expert slice loop: (out, h, a)");
+  m.def("forward", &loop_experts_forward, "the expert slice loop: (out, h)");
   m.def("backward", &loop_experts_backward,
         "its backward: (grad_x, grad_weights, grad_w_in, grad_w_out, grad_b_in, grad_b_out)");
 }
