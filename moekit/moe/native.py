@@ -13,7 +13,7 @@ thread count. Experts with large weights keep one group on the calling thread in
 all threads), see :data:`GROUPED_THREADS_MAX_WEIGHT_BYTES`.
 
 If the build fails (no compiler, no ninja) the experts run the Python loop, after one warning.
-``MOEKIT_NATIVE=0`` turns the C++ loop off; ``MOEKIT_CACHE_DIR`` moves its build cache.
+``MOEKIT_NATIVE=0`` turns the C++ loop off; it is built under ``$MOEKIT_CACHE`` (``~/.cache/moekit``).
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from moekit.config import cache_dir
+
 SOURCE = Path(__file__).with_name("csrc") / "loop_experts.cpp"
 
 # Split the experts over the intra-op threads only when one expert's weights (w_in and w_out, in the
@@ -36,12 +38,6 @@ SOURCE = Path(__file__).with_name("csrc") / "loop_experts.cpp"
 # 88-176 (0.5-1.1 MB) ran 2-20% faster split; hidden 704 and 1408 (4.3 and 8.7 MB) 9% and 19% slower
 # than one group whose GEMMs use both threads.
 GROUPED_THREADS_MAX_WEIGHT_BYTES = 2 * 2**20
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("MOEKIT_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "moekit")
-    return Path(root)
 
 
 @functools.cache
