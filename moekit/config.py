@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from dataclasses import dataclass
 from fractions import Fraction
-from pathlib import Path
 from typing import Any
 
 ROUTERS = ("softmax_topk", "switch", "noisy_topk", "sigmoid", "expert_choice", "soft")
@@ -467,8 +465,3 @@ class ModelConfig:
         cfg = get_preset(name)
         return cfg.replace(**overrides) if overrides else cfg
 
-
-def cache_dir() -> Path:
-    """Where moekit caches tokenized data and its compiled C++ expert loop: ``$MOEKIT_CACHE``,
-    default ``~/.cache/moekit``."""
-    return Path(os.environ.get("MOEKIT_CACHE", Path.home() / ".cache" / "moekit"))

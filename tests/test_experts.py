@@ -299,3 +299,33 @@ def test_thread_groups_by_expert_size():
     large = Experts(MoEConfig(d_model=512, expert_hidden=1408, num_experts=4, top_k=2))
     assert native.thread_groups(small.w_in, small.w_out) == min(torch.get_num_threads(), 4)
     assert native.thread_groups(large.w_in, large.w_out) == 1
+
+
+def test_native_build_cache_survives_a_corrupt_library(tmp_path, monkeypatch):
+    """A library that cannot be loaded (a truncated copy, say) is named in a warning and built again;
+    an existing good one is imported without building."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    name = "moekit_loop_experts_" + __import__("hashlib").sha256(native.SOURCE.read_bytes()).hexdigest()[:12]
+    root = native.build_root()
+    root.mkdir(parents=True)
+    (root / f"{name}.so").write_bytes(b"\x7fELF truncated")
+    built = []
+    monkeypatch.setattr(native, "_compile", lambda n, r: built.append((n, r)) or "rebuilt")
+    with pytest.warns(RuntimeWarning, match="could not load .*" + name):
+        assert native._build.__wrapped__() == ("rebuilt", None)
+    assert built == [(name, root)]
+    good = native.load()  # the session's real build, imported from its own cache
+    monkeypatch.setattr(native, "_import", lambda n, p: good)
+    built.clear()
+    assert native._build.__wrapped__() == (good, None) and built == []
+
+
+def test_native_build_failure_falls_back_with_one_warning(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+
+    def fail(name, root):
+        raise OSError("c++: command not found")
+
+    monkeypatch.setattr(native, "_compile", fail)
+    with pytest.warns(RuntimeWarning, match="did not build .*command not found"):
+        assert native._build.__wrapped__() == (None, "OSError: c++: command not found")

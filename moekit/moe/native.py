@@ -13,22 +13,23 @@ thread count. Experts with large weights keep one group on the calling thread in
 all threads), see :data:`GROUPED_THREADS_MAX_WEIGHT_BYTES`.
 
 If the build fails (no compiler, no ninja) the experts run the Python loop, after one warning.
-``MOEKIT_NATIVE=0`` turns the C++ loop off; it is built under ``$MOEKIT_CACHE`` (``~/.cache/moekit``).
+``MOEKIT_NATIVE=0`` turns the C++ loop off; :func:`build_root` says where the build is kept.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.util
 import os
+import shutil
 import sys
 import sysconfig
+import tempfile
 import warnings
 from pathlib import Path
 
 import torch
-
-from moekit.config import cache_dir
 
 SOURCE = Path(__file__).with_name("csrc") / "loop_experts.cpp"
 
@@ -40,26 +41,58 @@ SOURCE = Path(__file__).with_name("csrc") / "loop_experts.cpp"
 GROUPED_THREADS_MAX_WEIGHT_BYTES = 2 * 2**20
 
 
+def build_root() -> Path:
+    """Where the compiled loop is kept: under PyTorch's JIT-extension directory
+    (``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``), per torch and Python version."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(os.path.expanduser("~"), ".cache",
+                                                                   "torch_extensions")
+    return Path(root) / "moekit" / f"torch-{torch.__version__}-{sys.implementation.cache_tag}"
+
+
+def _import(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _compile(name: str, root: Path) -> object:
+    """Builds in a private directory, then publishes the library with one atomic rename: a build that
+    is interrupted (Ctrl-C, kill) leaves no lock or half-written file for the next process to wait on
+    or load, and processes building at once each publish a whole file."""
+    from torch.utils import cpp_extension
+
+    print(f"moekit: compiling the C++ expert loop into {root} (once, ~20 s)", file=sys.stderr)
+    # The builder runs `ninja` from PATH: the one pip put next to this interpreter comes first.
+    scripts = sysconfig.get_path("scripts")
+    path = os.environ.get("PATH", "")
+    if scripts and scripts not in path.split(os.pathsep):
+        os.environ["PATH"] = os.pathsep.join([scripts, path]) if path else scripts
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=root, prefix=f".build-{name}-", ignore_cleanup_errors=True) as tmp:
+        module = cpp_extension.load(name=name, sources=[str(SOURCE)], build_directory=tmp,
+                                    extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
+        built = Path(module.__file__)
+        staged = root / f".{name}.{os.getpid()}.partial"
+        shutil.copyfile(built, staged)
+        os.replace(staged, root / built.name)
+    return module
+
+
 @functools.cache
 def _build() -> tuple[object | None, str | None]:
     if os.environ.get("MOEKIT_NATIVE", "1") == "0":
         return None, "turned off by MOEKIT_NATIVE=0"
     try:
-        from torch.utils import cpp_extension
-
         name = "moekit_loop_experts_" + hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
-        build_dir = cache_dir() / f"torch-{torch.__version__}" / name
-        build_dir.mkdir(parents=True, exist_ok=True)
-        if not any(build_dir.glob(name + ".*")):
-            print(f"moekit: compiling the C++ expert loop into {build_dir} (once, ~20 s)", file=sys.stderr)
-        # The builder runs `ninja` from PATH: the one pip put next to this interpreter comes first.
-        scripts = sysconfig.get_path("scripts")
-        path = os.environ.get("PATH", "")
-        if scripts and scripts not in path.split(os.pathsep):
-            os.environ["PATH"] = os.pathsep.join([scripts, path]) if path else scripts
-        module = cpp_extension.load(name=name, sources=[str(SOURCE)], build_directory=str(build_dir),
-                                    extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
-        return module, None
+        root = build_root()
+        for built in sorted(root.glob(name + ".*")):  # built before, by this or another process
+            try:
+                return _import(name, built), None
+            except ImportError as exc:  # unreadable: build it again over it
+                warnings.warn(f"moekit: could not load {built} ({exc}); rebuilding it", RuntimeWarning,
+                              stacklevel=3)
+        return _compile(name, root), None
     except Exception as exc:  # no compiler, no ninja, a failed compile: the Python loop still works
         reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
         warnings.warn(f"moekit: the C++ expert loop ({SOURCE}) did not build ({reason}); experts run the "

@@ -28,8 +28,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moekit.config import cache_dir
-
 DOC_SEPARATOR = "\n"
 EXCLUDED_DIRS = {"site-packages", "dist-packages", "__pycache__"}
 
@@ -167,6 +165,10 @@ def _tokenize(docs: list[Document], tokenizer) -> np.ndarray:
             flush()
     flush()
     return np.concatenate(chunks) if chunks else np.zeros(0, dtype=dtype)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("MOEKIT_CACHE", Path.home() / ".cache" / "moekit"))
 
 
 def _cache_key(docs: list[Document], source: str, tokenizer, part: str) -> str:
