@@ -288,7 +288,8 @@ def bench_shape(shape: Shape, tokens: int, repeats: int, hf: bool, memory: bool,
     sides, notes = build_sides(shape, hf, seed)
     xs = [make_input(tokens, shape, seed + i) for i in range(WARMUP + repeats)]
     seconds = time_sides(sides, xs, repeats, dtype)
-    report: dict = {"shape": shape.name, **shape._asdict(), "dense_hidden": shape.top_k * shape.expert_hidden}
+    report: dict = {"shape": shape.name, **shape._asdict(), "dense_hidden": shape.top_k * shape.expert_hidden,
+                    "moe_expert_impl": sides["moe"].module.experts.impl_for(xs[0])}
     methods = set()
     for name, side in sides.items():
         report[name] = _side_report(seconds[name], tokens, side.module)

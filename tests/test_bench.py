@@ -14,6 +14,7 @@ def test_small_run_reports_every_field():
     assert report["process"] == "a fresh interpreter per shape"
     shape = report["shapes"][0]
     assert shape["dense_hidden"] == 32
+    assert shape["moe_expert_impl"] in ("native", "loop")  # which CPU path was timed
     for side in ("moe", "dense"):
         assert shape[side]["fwd_ms"] > 0 and shape[side]["fwd_bwd_ms"] >= shape[side]["fwd_ms"]
     assert shape["moe_vs_dense"]["fwd_bwd"] > 0
