@@ -56,6 +56,24 @@ def _import(name: str, path: Path):
     return module
 
 
+def _flags() -> tuple[list[str], list[str]]:
+    """Compile and link flags. Without OpenMP (Apple clang) ``at::parallel_for`` runs the groups one
+    after the other: still correct, without the split's gain."""
+    if sys.platform == "win32":
+        return ["/O2", "/openmp"], []
+    if sys.platform == "darwin":
+        return ["-O3"], []
+    return ["-O3", "-fopenmp"], ["-fopenmp"]
+
+
+def library_name() -> str:
+    """The source, the flags and the torch build it is compiled against, hashed into the name."""
+    key = hashlib.sha256(SOURCE.read_bytes())
+    key.update(repr((_flags(), torch.__version__, torch.version.git_version,
+                     torch._C._GLIBCXX_USE_CXX11_ABI)).encode())
+    return "moekit_loop_experts_" + key.hexdigest()[:12]
+
+
 def _compile(name: str, root: Path) -> object:
     """Builds in a private directory, then publishes the library with one atomic rename: a build that
     is interrupted (Ctrl-C, kill) leaves no lock or half-written file for the next process to wait on
@@ -63,19 +81,30 @@ def _compile(name: str, root: Path) -> object:
     from torch.utils import cpp_extension
 
     print(f"moekit: compiling the C++ expert loop into {root} (once, ~20 s)", file=sys.stderr)
+    cflags, ldflags = _flags()
     # The builder runs `ninja` from PATH: the one pip put next to this interpreter comes first.
-    scripts = sysconfig.get_path("scripts")
-    path = os.environ.get("PATH", "")
-    if scripts and scripts not in path.split(os.pathsep):
-        os.environ["PATH"] = os.pathsep.join([scripts, path]) if path else scripts
+    scripts, path = sysconfig.get_path("scripts"), os.environ.get("PATH")
+    if scripts:
+        os.environ["PATH"] = os.pathsep.join(filter(None, [scripts, path]))
     root.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=root, prefix=f".build-{name}-", ignore_cleanup_errors=True) as tmp:
-        module = cpp_extension.load(name=name, sources=[str(SOURCE)], build_directory=tmp,
-                                    extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
-        built = Path(module.__file__)
-        staged = root / f".{name}.{os.getpid()}.partial"
-        shutil.copyfile(built, staged)
-        os.replace(staged, root / built.name)
+    try:
+        with tempfile.TemporaryDirectory(dir=root, prefix=f".build-{name}-", ignore_cleanup_errors=True) as tmp:
+            module = cpp_extension.load(name=name, sources=[str(SOURCE)], build_directory=tmp,
+                                        extra_cflags=cflags, extra_ldflags=ldflags, verbose=False)
+            built = Path(module.__file__)
+            staged = root / f".{name}.{os.getpid()}.partial"
+            try:
+                shutil.copyfile(built, staged)
+                os.replace(staged, root / built.name)
+            except OSError as exc:  # read-only or full disk, a loaded library on Windows: this process still has it
+                warnings.warn(f"moekit: could not keep the compiled expert loop in {root} ({exc}); the next "
+                              f"process compiles it again", RuntimeWarning, stacklevel=4)
+                staged.unlink(missing_ok=True)
+    finally:
+        if path is None:
+            os.environ.pop("PATH", None)
+        else:
+            os.environ["PATH"] = path
     return module
 
 
@@ -84,22 +113,39 @@ def _build() -> tuple[object | None, str | None]:
     if os.environ.get("MOEKIT_NATIVE", "1") == "0":
         return None, "turned off by MOEKIT_NATIVE=0"
     try:
-        name = "moekit_loop_experts_" + hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
-        root = build_root()
+        root, name = build_root(), library_name()
+        failed = root / f"{name}.failed"
+        if failed.exists():  # an earlier process could not build it: do not pay for the attempt again
+            raise RuntimeError(f"{failed.read_text().strip()} (recorded in {failed}; delete it to try again)")
         for built in sorted(root.glob(name + ".*")):  # built before, by this or another process
+            if built.suffix in (".so", ".pyd"):
+                try:
+                    return _import(name, built), None
+                except ImportError as exc:  # unreadable: build it again over it
+                    warnings.warn(f"moekit: could not load {built} ({exc}); rebuilding it", RuntimeWarning,
+                                  stacklevel=3)
+        try:
+            return _compile(name, root), None
+        except Exception as exc:
             try:
-                return _import(name, built), None
-            except ImportError as exc:  # unreadable: build it again over it
-                warnings.warn(f"moekit: could not load {built} ({exc}); rebuilding it", RuntimeWarning,
-                              stacklevel=3)
-        return _compile(name, root), None
+                root.mkdir(parents=True, exist_ok=True)
+                failed.write_text(f"{type(exc).__name__}: {_first_line(exc)}\n")
+            except OSError:
+                pass
+            raise
     except Exception as exc:  # no compiler, no ninja, a failed compile: the Python loop still works
-        reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        reason = f"{type(exc).__name__}: {_first_line(exc)}"
         warnings.warn(f"moekit: the C++ expert loop ({SOURCE}) did not build ({reason}); experts run the "
                       f"Python loop, slower on CPU. MOEKIT_NATIVE=0 skips the build.", RuntimeWarning, stacklevel=3)
         return None, reason
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""
+
+
+@torch.compiler.disable  # loading code, not tensor maths: out of any compiled graph
 def load():
     """The compiled module, or None when it cannot be built (see :func:`unavailable_reason`)."""
     return _build()[0]

@@ -63,12 +63,21 @@ struct Slice {
   int64_t s, n, r, o;
 };
 
-std::vector<Slice> read_meta(const Tensor& meta) {
+// The layout, checked against the tensors it indexes (slice() would clamp a bad bound silently).
+std::vector<Slice> read_meta(const Tensor& meta, const Tensor& w_in, int64_t tok_rows, int64_t h_rows) {
   TORCH_CHECK(meta.dim() == 2 && meta.size(1) == 4 && meta.scalar_type() == at::kLong && meta.is_contiguous(),
               "moekit loop_experts: meta must be a contiguous int64 [E, 4] tensor");
+  TORCH_CHECK(meta.size(0) == w_in.size(0), "moekit loop_experts: meta has ", meta.size(0), " experts, w_in ",
+              w_in.size(0));
   const int64_t* p = meta.data_ptr<int64_t>();
   std::vector<Slice> out(meta.size(0));
-  for (size_t e = 0; e < out.size(); ++e) out[e] = {p[4 * e], p[4 * e + 1], p[4 * e + 2], p[4 * e + 3]};
+  for (size_t e = 0; e < out.size(); ++e) {
+    out[e] = {p[4 * e], p[4 * e + 1], p[4 * e + 2], p[4 * e + 3]};
+    const auto& x = out[e];
+    TORCH_CHECK(x.s >= 0 && x.n >= 0 && x.n <= x.r && x.s + x.r <= tok_rows && x.o >= 0 && x.o + x.r <= h_rows,
+                "moekit loop_experts: expert ", e, " has (s, n, r, o) = (", x.s, ", ", x.n, ", ", x.r, ", ", x.o,
+                ") outside ", tok_rows, " token rows / ", h_rows, " h rows");
+  }
   return out;
 }
 
@@ -126,8 +135,10 @@ std::vector<Tensor> loop_experts_forward(const Tensor& x, const Tensor& tok, con
                                          const std::vector<int64_t>& bounds, const std::string& act_name,
                                          int64_t h_rows) {
   const auto act = parse_activation(act_name);
-  const auto sl = read_meta(meta);
+  const auto sl = read_meta(meta, w_in, tok.size(0), h_rows);
   const int64_t D = x.size(1), H = w_in.size(1), F = w_out.size(2), groups = bounds.size() - 1;
+  TORCH_CHECK(groups >= 1 && bounds.front() == 0 && bounds.back() == w_in.size(0),
+              "moekit loop_experts: group bounds must run from 0 to the expert count");
   auto h = x.new_empty({h_rows, H});
   auto outs = partial_sums(x, groups);
   const int64_t m = max_rows(sl);
@@ -166,8 +177,10 @@ std::vector<c10::optional<Tensor>> loop_experts_backward(
     const Tensor& meta, const std::vector<int64_t>& bounds, const std::string& act_name, bool need_x,
     int64_t num_assignments) {
   const auto act = parse_activation(act_name);
-  const auto sl = read_meta(meta);
+  const auto sl = read_meta(meta, w_in, tok.size(0), h.size(0));
   const int64_t D = x.size(1), H = w_in.size(1), F = w_out.size(2), groups = bounds.size() - 1;
+  TORCH_CHECK(groups >= 1 && bounds.front() == 0 && bounds.back() == w_in.size(0),
+              "moekit loop_experts: group bounds must run from 0 to the expert count");
   // Every expert's slice is written below (idle experts zeroed by their own thread), so the page faults
   // of these fresh buffers are taken in parallel.
   auto grad_w_in = at::empty_like(w_in), grad_w_out = at::empty_like(w_out);
