@@ -2,7 +2,6 @@
 
 import importlib.util
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -324,9 +323,11 @@ def test_thread_groups_by_expert_size():
 def test_native_build_is_imported_from_the_cache_and_a_corrupt_copy_rebuilt(tmp_path, monkeypatch):
     """A library built before is imported without compiling; one that cannot be loaded (a truncated
     copy, say) is named in a warning and built again."""
-    good = Path(native.load().__file__)  # the session's real build, before anything is patched
+    assert native.load() is not None  # the session's real build, published before anything is patched
+    name = native.library_name()
+    good = native.build_root() / f"{name}.so"
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
-    name, root = native.library_name(), native.build_root()
+    root = native.build_root()
     root.mkdir(parents=True)
     built = []
     monkeypatch.setattr(native, "_compile", lambda n, r: built.append((n, r)) or "rebuilt")
