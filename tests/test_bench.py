@@ -29,8 +29,20 @@ def test_hf_side_is_verified_against_moekit():
 
 
 def test_memory_probe_in_a_fresh_process():
-    probe = bench.measure_memory("moe", bench.Shape(32, 16, 4, 2), 64, "fp32", 0)
+    probe = bench.measure_memory("moe", bench.Shape(64, 64, 4, 2), 64, "fp32", 0)
     assert probe["peak_step_mb"] >= 0 and probe["memory_method"] in bench.MEMORY_METHODS
+    # w_in [4, 128, 64] + w_out [4, 64, 64] + router [4, 64], fp32
+    assert probe["param_grads_mb"] == round((4 * 128 * 64 + 4 * 64 * 64 + 4 * 64) * 4 / 2**20, 1) == 0.2
+
+
+def test_memory_probe_counts_no_lazy_import():
+    """The step's peak must be the step's: what a first step imports lazily, the probe imports before
+    its baseline (torch._dynamo); a new torch that imports more in a step shows here."""
+    code = ("import sys; import torch._dynamo; from moekit import bench; s = bench.Shape(32, 16, 4, 2); "
+            "side = bench.build_side('dense', s, 0); x = bench.make_input(64, s, 0); before = set(sys.modules); "
+            "bench.train_step(side, x, bench.cotangents(x), 'fp32'); print(sorted(set(sys.modules) - before))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 @pytest.mark.parametrize("args,message", [
