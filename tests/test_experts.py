@@ -305,7 +305,7 @@ def test_native_loop_is_built_where_a_compiler_is():
 
 
 def test_native_requested_but_unavailable_says_why(monkeypatch):
-    monkeypatch.setattr(native, "_build", lambda: (None, "OSError: no compiler"))
+    monkeypatch.setattr(native, "_loaded", (None, "OSError: no compiler"))
     layer = make_layer(dtype=torch.float32, expert_impl="native")
     with pytest.raises(RuntimeError, match="no compiler"):
         layer(torch.randn(4, 16))
@@ -332,7 +332,7 @@ def test_native_build_is_imported_from_the_cache_and_a_corrupt_copy_rebuilt(tmp_
     built = []
     monkeypatch.setattr(native, "_compile", lambda n, r: built.append((n, r)) or "rebuilt")
     shutil.copyfile(good, root / f"{name}.so")
-    module, reason = native._build.__wrapped__()
+    module, reason = native._build()
     assert reason is None and callable(module.forward) and built == []
     # elsewhere: this process keeps the library it loaded above by its path
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "other"))
@@ -340,7 +340,7 @@ def test_native_build_is_imported_from_the_cache_and_a_corrupt_copy_rebuilt(tmp_
     root.mkdir(parents=True)
     (root / f"{name}.so").write_bytes(b"\x7fELF truncated")
     with pytest.warns(RuntimeWarning, match="could not load .*" + name):
-        assert native._build.__wrapped__() == ("rebuilt", None)
+        assert native._build() == ("rebuilt", None)
     assert built == [(name, root)]
 
 
@@ -354,10 +354,10 @@ def test_native_build_failure_falls_back_once_and_is_remembered(tmp_path, monkey
 
     monkeypatch.setattr(native, "_compile", fail)
     with pytest.warns(RuntimeWarning, match="did not build .*command not found"):
-        assert native._build.__wrapped__() == (None, "OSError: c++: command not found")
+        assert native._build() == (None, "OSError: c++: command not found")
     # the next process does not try again until the record is deleted
     with pytest.warns(RuntimeWarning, match="delete it to try again"):
-        module, reason = native._build.__wrapped__()
+        module, reason = native._build()
     assert module is None and "command not found" in reason and len(attempts) == 1
 
 

@@ -18,7 +18,6 @@ If the build fails (no compiler, no ninja) the experts run the Python loop, afte
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import importlib.util
 import os
@@ -108,7 +107,6 @@ def _compile(name: str, root: Path) -> object:
     return module
 
 
-@functools.cache
 def _build() -> tuple[object | None, str | None]:
     if os.environ.get("MOEKIT_NATIVE", "1") == "0":
         return None, "turned off by MOEKIT_NATIVE=0"
@@ -145,14 +143,26 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else ""
 
 
-@torch.compiler.disable  # loading code, not tensor maths: out of any compiled graph
+_loaded: tuple[object | None, str | None] | None = None  # (module, why not), once per process
+
+
+def _state() -> tuple[object | None, str | None]:
+    # NOTE: a plain global, not functools.cache or @torch.compiler.disable: Dynamo reads a global
+    # without tracing into the build, and the decorator would import torch._dynamo with moekit
+    # (+1.4 s, +70 MB for every `import moekit`).
+    global _loaded
+    if _loaded is None:
+        _loaded = _build()
+    return _loaded
+
+
 def load():
     """The compiled module, or None when it cannot be built (see :func:`unavailable_reason`)."""
-    return _build()[0]
+    return _state()[0]
 
 
 def unavailable_reason() -> str | None:
-    return _build()[1]
+    return _state()[1]
 
 
 def thread_groups(w_in_EHD: torch.Tensor, w_out_EDF: torch.Tensor) -> int:
