@@ -88,6 +88,12 @@ def _workspace(x_TD: torch.Tensor, counts: list[int], rows, widths: list[int]) -
     return [x_TD.new_empty(m, w) for w in widths]
 
 
+def pad_rows(t_N: torch.Tensor, pad: int) -> torch.Tensor:
+    """``t_N`` followed by ``pad`` zeros: bucketed rows past the last assignment read token 0 with
+    routing weight 0 (never scattered)."""
+    return torch.cat([t_N, t_N.new_zeros(pad)]) if pad else t_N
+
+
 def bucketed_rows(n: int) -> int:
     """``n`` rounded up to one of 8 sizes per power of two above 16 (at most 1/8 more rows)."""
     if n <= 16:
@@ -115,7 +121,7 @@ class _LoopExperts(torch.autograd.Function):
         pad = max((rows(n) - n for n in counts), default=0)
         tok_n, w_n = token_ids_N[:kept], weights_N[:kept].to(x_TD.dtype)
         # Bucketed gathers past the last slice read token 0; its rows are never scattered.
-        tok_pad = torch.cat([tok_n, tok_n.new_zeros(pad)]) if pad else tok_n
+        tok_pad = pad_rows(tok_n, pad)
         h_NH = x_TD.new_empty(kept + pad, w_in_EHD.shape[1])
         a_NF = x_TD.new_empty(kept + pad, w_out_EDF.shape[2])
         out_TD = x_TD.new_zeros(x_TD.shape)
@@ -158,7 +164,7 @@ class _LoopExperts(torch.autograd.Function):
         grad_b_out = torch.zeros_like(b_out_ED) if b_out_ED is not None else None
         grad_weights_N = w_n.new_zeros(ctx.num_assignments)
         pad = tok_pad.shape[0] - w_n.shape[0]
-        w_pad = torch.cat([w_n, w_n.new_zeros(pad)]) if pad else w_n
+        w_pad = pad_rows(w_n, pad)
         D, H, F_ = x_TD.shape[1], h_NH.shape[1], a_NF.shape[1]
         g_buf, gw_buf, x_buf, gx_buf, ga_buf, gh_buf, tmp_buf = _workspace(x_TD, ctx.counts, ctx.rows,
                                                                            [D, D, D, D, F_, H, F_])

@@ -18,8 +18,10 @@ If the build fails (no compiler, no ninja) the experts run the Python loop, afte
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import importlib.util
+import itertools
 import os
 import shutil
 import sys
@@ -175,20 +177,15 @@ def thread_groups(w_in_EHD: torch.Tensor, w_out_EDF: torch.Tensor) -> int:
 
 def split_groups(counts: list[int], groups: int) -> list[int]:
     """Bounds of ``groups`` contiguous expert ranges of about equal rows: experts b[g] .. b[g+1]-1."""
-    E, total = len(counts), sum(counts)
-    cum = [0]
-    for n in counts:
-        cum.append(cum[-1] + n)
+    cum = [0, *itertools.accumulate(counts)]  # rows before expert e
     bounds = [0]
     for g in range(1, groups):
-        target = total * g / groups
-        e = bounds[-1]
-        while e < E and cum[e] < target:
-            e += 1
+        target = cum[-1] * g / groups
+        e = bisect.bisect_left(cum, target, lo=bounds[-1])  # the first cut with >= target rows before it
         if e > bounds[-1] and target - cum[e - 1] < cum[e] - target:  # the nearer of the two cuts
             e -= 1
         bounds.append(e)
-    bounds.append(E)
+    bounds.append(len(counts))
     return bounds
 
 
@@ -216,7 +213,7 @@ class NativeLoopExperts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_TD, token_ids_N, weights_N, w_in_EHD, w_out_EDF, b_in_EH, b_out_ED, counts, act_name,
                 bucket, groups):
-        from moekit.moe.experts import bucketed_rows
+        from moekit.moe.experts import bucketed_rows, pad_rows  # (experts imports this module)
 
         module = load()
         if module is None:
@@ -224,9 +221,7 @@ class NativeLoopExperts(torch.autograd.Function):
         kept = sum(counts)
         bounds = split_groups(counts, groups)
         meta_E4, pad, h_rows = layout(counts, bucketed_rows if bucket else int, bounds)
-        # Bucketed rows past the last assignment read token 0 with weight 0; they are never scattered.
-        tok_pad = torch.cat([token_ids_N[:kept], token_ids_N.new_zeros(pad)])
-        w_pad = torch.cat([weights_N[:kept].to(x_TD.dtype), x_TD.new_zeros(pad)])
+        tok_pad, w_pad = pad_rows(token_ids_N[:kept], pad), pad_rows(weights_N[:kept].to(x_TD.dtype), pad)
         out_TD, h_NH = module.forward(x_TD, tok_pad, w_pad, w_in_EHD, w_out_EDF, b_in_EH, b_out_ED, meta_E4, bounds,
                                       act_name, h_rows)
         ctx.save_for_backward(x_TD, tok_pad, w_pad, w_in_EHD, w_out_EDF, b_in_EH, b_out_ED, h_NH, meta_E4)
