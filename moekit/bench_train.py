@@ -32,7 +32,7 @@ from moekit import MoEConfig, MoELayer
 from moekit.bench import fresh_interpreter_json
 
 D, LAYERS, VOCAB = 512, 4, 4096
-SHAPES = ((8, 2, 1408), (64, 8, 176))  # Mixtral-like and fine-grained, equal active FLOPs
+SHAPES = ((8, 2, 1408), (64, 8, 176))  # Mixtral-like and fine-grained (half E8's active expert FLOPs)
 # moekit step >= this x transformers' step; checked against both of its experts implementations
 # (grouped_mm is its default in transformers 5, eager its per-expert loop)
 TRAIN_TARGETS = {(8, 2): 1.1, (64, 8): 1.5}

@@ -6,7 +6,8 @@ Usage::
 
     model = MoETransformer(ModelConfig.from_name("tiny"))
     out = model(input_ids_BS, targets=targets_BS)     # out.loss includes the aux losses
-    out.loss.backward()
+    out.loss.backward()                               # (no logits: the loss is fused with the head)
+    logits_BSV = model(input_ids_BS).logits
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from moekit.config import MoEConfig, ModelConfig
 from moekit.moe.layer import MoELayer, RoutingStats
 from moekit.nn.attention import build_attention
 from moekit.nn.kv_cache import KVCache
+from moekit.nn.loss import cross_entropy, linear_cross_entropy
 from moekit.nn.mlp import MLP
 from moekit.nn.norm import build_norm
 from moekit.nn.rope import rope_cos_sin, scaled_frequencies
@@ -29,7 +31,7 @@ from moekit.nn.rope import rope_cos_sin, scaled_frequencies
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor  # [B, S, V]
+    logits: torch.Tensor | None  # [B, S, V]; None when targets are given without return_logits
     aux_loss: torch.Tensor  # () sum of every MoE layer's weighted aux losses
     loss: torch.Tensor | None = None  # () cross-entropy + aux_loss, when targets are given
     ce_loss: torch.Tensor | None = None  # () cross-entropy alone
@@ -185,8 +187,12 @@ class MoETransformer(nn.Module):
         return self.embed.weight if self.lm_head is None else self.lm_head.weight
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, ignore_index: int = -100,
-                cache: KVCache | None = None, attention_mask: torch.Tensor | None = None) -> ModelOutput:
-        """Logits of ``input_ids`` [B, S]; with ``targets`` also the loss.
+                cache: KVCache | None = None, attention_mask: torch.Tensor | None = None,
+                return_logits: bool = False) -> ModelOutput:
+        """Logits of ``input_ids`` [B, S]; with ``targets`` the loss instead (mean next-token
+        cross-entropy over targets other than ``ignore_index``, computed a chunk of tokens at a time
+        without the [B, S, V] logits, see :func:`moekit.nn.loss.linear_cross_entropy`); with
+        ``return_logits`` too the logits as well, and the loss from them.
 
         Decoding: ``cache`` holds the keys and values of the positions before these ones (its ``pos``
         advances by S); ``attention_mask`` [B, pos + S] marks real tokens (1) and left padding (0):
@@ -219,11 +225,16 @@ class MoETransformer(nn.Module):
                     terms[k] = terms.get(k, 0) + v
         if cache is not None:
             cache.pos += S
-        logits = self.head(x)
-        out = ModelOutput(logits, aux, routing=routing, aux_terms=terms)
+        if targets is None or return_logits:
+            logits = self.head(x)
+            out = ModelOutput(logits, aux, routing=routing, aux_terms=terms)
+            if targets is not None:
+                out.ce_loss = cross_entropy(logits.view(B * S, -1), targets.reshape(B * S), ignore_index)
+        else:  # the loss without the [B, S, V] logits (see moekit.nn.loss)
+            out = ModelOutput(None, aux, routing=routing, aux_terms=terms)
+            out.ce_loss = linear_cross_entropy(self.norm(x).reshape(B * S, -1), self.output_weight(),
+                                               targets.reshape(B * S), ignore_index, cfg.logit_multiplier)
         if targets is not None:
-            out.ce_loss = F.cross_entropy(logits.float().view(B * S, -1), targets.reshape(B * S),
-                                          ignore_index=ignore_index)
             out.loss = out.ce_loss + aux
         return out
 

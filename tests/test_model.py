@@ -80,7 +80,7 @@ def test_layer_pattern():
 def test_tiny_forward_backward_and_aux_loss_reaches_parameters():
     model = MoETransformer(ModelConfig.from_name("tiny"))
     ids = torch.randint(0, 256, (2, 32))
-    out = model(ids, targets=ids.roll(-1, dims=1))
+    out = model(ids, targets=ids.roll(-1, dims=1), return_logits=True)
     assert out.logits.shape == (2, 32, 256)
     assert set(out.routing) == {0, 1}
     assert set(out.aux_terms) == {"load_balancing", "z_loss"}
