@@ -68,6 +68,7 @@ SUITE_SHAPES = DEFAULT_SHAPES + (Shape(512, 88, 128, 8),)  # the performance sui
 # per-expert GEMMs alone reach against dense: benchmarks/expert_gemm_ceiling.py.
 SPEED_TARGETS = {(8, 2): 1.1, (64, 8): 0.9, (128, 8): 0.75}
 PEAK_RATIO_TARGET = 1.5
+PROBE_WARMUP_TOKENS = 64  # the memory probe's first, unmeasured step (see probe_memory)
 
 
 # ---- the sides -------------------------------------------------------------------------------
@@ -226,13 +227,17 @@ def _reset_peak_rss() -> bool:
 
 def probe_memory(name: str, shape: Shape, tokens: int, dtype: str, seed: int) -> dict:
     """Peak memory one training step adds; meant for a fresh process (see :func:`measure_memory`),
-    where no earlier step left freed memory for this one to reuse. Also reports the parameter
-    gradients' share of that peak (they outlive the step: E128's are 16x dense's)."""
-    # NOTE: a first step imports torch._dynamo and sympy lazily (~33 MB here); counted in the step, that
-    # import inflated every side alike and pulled the ratios toward 1 (E128: 1.50 read, 1.71 real).
-    import torch._dynamo  # noqa: F401
-
+    where no earlier step left freed memory of this size for this one to reuse. Also reports the
+    parameter gradients' share of that peak (they outlive the step: E128's are 16x dense's)."""
     side = build_side(name, shape, seed)
+    # NOTE: a first step also pays once for the process: lazy imports (torch._dynamo and sympy, ~33 MB),
+    # the code pages of every kernel it calls for the first time, thread pools. Counted in the step that
+    # inflated the sides unequally (E128's layer calls more distinct kernels: +17 MB against dense's +4).
+    # One step on PROBE_WARMUP_TOKENS tokens pays for it; its few freed MB are all it leaves to reuse.
+    warm = make_input(PROBE_WARMUP_TOKENS, shape, seed + 1)
+    train_step(side, warm, cotangents(warm), dtype)
+    side.module.zero_grad(set_to_none=True)
+    del warm
     x = make_input(tokens, shape, seed)
     grads = cotangents(x)
     if _reset_peak_rss():
@@ -267,9 +272,11 @@ def measure_memory(name: str, shape: Shape, tokens: int, dtype: str, seed: int) 
 
 MEMORY_METHODS = {
     "clear_refs": "VmHWM - VmRSS from /proc/self/status around one step, after resetting the peak "
-                  "by writing 5 to /proc/self/clear_refs; fresh subprocess per side and shape",
+                  "by writing 5 to /proc/self/clear_refs; fresh subprocess per side and shape, after one "
+                  f"unmeasured step on {PROBE_WARMUP_TOKENS} tokens",
     "ru_maxrss": "ru_maxrss delta around one step (/proc/self/clear_refs not writable): a lower bound, "
-                 "counting only growth above the process's earlier peak; fresh subprocess per side and shape",
+                 "counting only growth above the process's earlier peak; fresh subprocess per side and shape, "
+                 f"after one unmeasured step on {PROBE_WARMUP_TOKENS} tokens",
 }
 
 

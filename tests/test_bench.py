@@ -36,11 +36,13 @@ def test_memory_probe_in_a_fresh_process():
 
 
 def test_memory_probe_counts_no_lazy_import():
-    """The step's peak must be the step's: what a first step imports lazily, the probe imports before
-    its baseline (torch._dynamo); a new torch that imports more in a step shows here."""
-    code = ("import sys; import torch._dynamo; from moekit import bench; s = bench.Shape(32, 16, 4, 2); "
-            "side = bench.build_side('dense', s, 0); x = bench.make_input(64, s, 0); before = set(sys.modules); "
-            "bench.train_step(side, x, bench.cotangents(x), 'fp32'); print(sorted(set(sys.modules) - before))")
+    """The step's peak must be the step's: what a first step imports lazily (torch._dynamo, sympy) the
+    probe's unmeasured warm-up step imports; a second step at another size must import nothing."""
+    code = ("import sys; from moekit import bench; s = bench.Shape(32, 16, 4, 2); "
+            "side = bench.build_side('moe', s, 0); w = bench.make_input(bench.PROBE_WARMUP_TOKENS, s, 1); "
+            "bench.train_step(side, w, bench.cotangents(w), 'fp32'); x = bench.make_input(256, s, 0); "
+            "before = set(sys.modules); bench.train_step(side, x, bench.cotangents(x), 'fp32'); "
+            "print(sorted(set(sys.modules) - before))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
