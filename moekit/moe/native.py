@@ -6,11 +6,16 @@ recomputes the activation from the saved pre-activation (two elementwise ops per
 holding the [N, F] activation between the passes; the tests compare the two (outputs and every
 gradient). What the C++ buys on a CPU: at E64-E128 an expert's GEMMs take
 0.1-0.3 ms and the ~20 other ops around them (each a Python call and a fork/join of the intra-op
-threads) as much again. Here the experts are split into contiguous groups of about equal rows, one
-group per intra-op thread, every op inside single-threaded; each thread scatters into its own [T, D]
-partial sum and the partials are added in group order, so the result is deterministic for a given
-thread count. Experts with large weights keep one group on the calling thread instead (each GEMM on
-all threads), see :data:`GROUPED_THREADS_MAX_WEIGHT_BYTES`.
+threads) as much again. Here every op runs single-threaded on one of the intra-op threads, in two
+passes: pass A splits the experts into contiguous groups of about equal rows, one per thread, for
+the work that needs all of an expert's rows (first projection; in backward the weight gradients and
+dL/dh); pass B splits the tokens into ranges (:func:`token_blocks`), one per thread, for the work
+that adds into token rows (down projection and scatter; in backward dL/dx). No two threads add into
+one row, so there is no per-thread [T, D] partial sum (memory that grew with the thread count), and
+each token's sum runs over its experts in expert order as in the Python loop: the results do not
+depend on the thread count (equal to the Python loop's bit for bit here, in fp32 and bf16). Experts
+with large weights keep one group on the calling thread instead, one pass (each GEMM on all threads),
+see :data:`GROUPED_THREADS_MAX_WEIGHT_BYTES`.
 
 If the build fails (no compiler, no ninja) the experts run the Python loop, after one warning.
 ``MOEKIT_NATIVE=0`` turns the C++ loop off; :func:`build_root` says where the build is kept.
@@ -29,6 +34,7 @@ import sysconfig
 import tempfile
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -189,6 +195,54 @@ def split_groups(counts: list[int], groups: int) -> list[int]:
     return bounds
 
 
+class TokenBlocks(NamedTuple):
+    """Pass B's rows (see ``csrc/loop_experts.cpp``), in order of (token range, expert), padded."""
+
+    hidx_R: torch.Tensor  # int64 row of h of each
+    token_ids_R: torch.Tensor  # int64 token of each
+    order_R: torch.Tensor  # int64 kept assignment of each (to gather the routing weights)
+    blocks_B5: torch.Tensor  # int64 [B, 5] (start, m, r, expert, h0) of the non-empty blocks; h0 >= 0: the
+    # block's r rows of h are h0 .. h0+r-1 (read in place), else gathered by hidx
+    bounds: list[int]  # blocks bounds[g] .. bounds[g+1]-1 belong to token range g
+
+
+def token_blocks(token_ids_K: torch.Tensor, counts: list[int], bounds: list[int], pad: int, num_tokens: int,
+                 rows) -> TokenBlocks:
+    """Splits the kept assignments by token into len(bounds) - 1 ranges of about equal assignments,
+    then by expert: block (g, e) holds expert e's assignments whose token lies in range g, in their
+    order. The thread of range g adds only into its own tokens' rows, expert by expert. Each block's
+    GEMM runs on r = rows(m) rows; ``pad`` rows past the end keep the spill-over in bounds."""
+    groups, E, K = len(bounds) - 1, len(counts), token_ids_K.shape[0]
+    expert_K = torch.repeat_interleave(torch.arange(E), torch.tensor(counts, dtype=torch.long))
+    group_E = torch.repeat_interleave(torch.arange(groups), torch.tensor([b - a for a, b in zip(bounds, bounds[1:])]))
+    # cut g: the first token with at least g/G of the assignments up to and including it
+    upto_T = torch.bincount(token_ids_K, minlength=num_tokens).cumsum(0)
+    cuts = torch.searchsorted(upto_T, torch.arange(1, groups) * K / groups)
+    range_K = torch.searchsorted(cuts, token_ids_K, right=True)
+    key_K = range_K * E + expert_K
+    order_K = torch.argsort(key_K, stable=True)
+    sizes = torch.bincount(key_K, minlength=groups * E).tolist()
+    hidx_K = order_K + group_E[expert_K[order_K]] * pad  # assignment a of a group-g expert: h row a + g·pad
+    # A block whose rows are consecutive rows of h (token-ordered experts, unbucketed) reads h in place.
+    breaks = torch.cat([hidx_K.new_zeros(1), (hidx_K.diff() != 1).long().cumsum(0)]).tolist()
+    first = hidx_K.tolist()
+    blocks, block_bounds, start = [], [0], 0
+    for g in range(groups):
+        for e in range(E):
+            m = sizes[g * E + e]
+            if m:
+                r = rows(m)
+                h0 = first[start] if r == m and breaks[start + m - 1] == breaks[start] else -1
+                blocks.append((start, m, r, e, h0))
+            start += m
+        block_bounds.append(len(blocks))
+    spill = max((r - m for _, m, r, _, _ in blocks), default=0)
+    from moekit.moe.experts import pad_rows  # (experts imports this module)
+
+    return TokenBlocks(pad_rows(hidx_K, spill), pad_rows(token_ids_K[order_K], spill), pad_rows(order_K, spill),
+                       torch.tensor(blocks, dtype=torch.long).reshape(-1, 5), block_bounds)
+
+
 def layout(counts: list[int], rows, bounds: list[int]) -> tuple[torch.Tensor, int, int]:
     """Per expert (s, n, r, o) as an [E, 4] int64 tensor, the pad and the rows of the h buffer.
 
@@ -207,8 +261,9 @@ def layout(counts: list[int], rows, bounds: list[int]) -> tuple[torch.Tensor, in
 
 
 class NativeLoopExperts(torch.autograd.Function):
-    """:class:`moekit.moe.experts._LoopExperts` with the loop in C++; ``groups`` expert groups run on
-    the intra-op threads (1: on the calling thread). Same arguments, plus ``groups``."""
+    """:class:`moekit.moe.experts._LoopExperts` with the loop in C++; ``groups`` expert groups (and as
+    many token ranges) run on the intra-op threads (1: on the calling thread). Same arguments, plus
+    ``groups``."""
 
     @staticmethod
     def forward(ctx, x_TD, token_ids_N, weights_N, w_in_EHD, w_out_EDF, b_in_EH, b_out_ED, counts, act_name,
@@ -219,22 +274,38 @@ class NativeLoopExperts(torch.autograd.Function):
         if module is None:
             raise RuntimeError(f"expert_impl='native': the C++ expert loop is unavailable ({unavailable_reason()})")
         kept = sum(counts)
+        rows = bucketed_rows if bucket else int
         bounds = split_groups(counts, groups)
-        meta_E4, pad, h_rows = layout(counts, bucketed_rows if bucket else int, bounds)
-        tok_pad, w_pad = pad_rows(token_ids_N[:kept], pad), pad_rows(weights_N[:kept].to(x_TD.dtype), pad)
+        meta_E4, pad, h_rows = layout(counts, rows, bounds)
+        w_K = weights_N[:kept].to(x_TD.dtype)
+        tok_pad, w_pad = pad_rows(token_ids_N[:kept], pad), pad_rows(w_K, pad)
+        blocks = ()
+        if len(bounds) > 2:
+            tb = token_blocks(token_ids_N[:kept], counts, bounds, pad, x_TD.shape[0], rows)
+            blocks = (tb.hidx_R, tb.token_ids_R, w_K[tb.order_R], tb.blocks_B5, tb.bounds)
         out_TD, h_NH = module.forward(x_TD, tok_pad, w_pad, w_in_EHD, w_out_EDF, b_in_EH, b_out_ED, meta_E4, bounds,
-                                      act_name, h_rows)
-        ctx.save_for_backward(x_TD, tok_pad, w_pad, w_in_EHD, w_out_EDF, b_in_EH, b_out_ED, h_NH, meta_E4)
+                                      act_name, h_rows, *blocks)
+        ctx.save_for_backward(x_TD, tok_pad, w_pad, w_in_EHD, w_out_EDF, b_in_EH, b_out_ED, h_NH, meta_E4,
+                              *blocks[:4])
         ctx.bounds, ctx.act_name, ctx.num_assignments = bounds, act_name, weights_N.shape[0]
-        ctx.weights_dtype = weights_N.dtype
+        ctx.weights_dtype, ctx.block_bounds = weights_N.dtype, blocks[4:]
         return out_TD
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out_TD):
-        x_TD, tok_pad, w_pad, w_in_EHD, w_out_EDF, b_in_EH, b_out_ED, h_NH, meta_E4 = ctx.saved_tensors
-        grad_x, grad_w, grad_w_in, grad_w_out, grad_b_in, grad_b_out = load().backward(
-            grad_out_TD.contiguous(), x_TD, tok_pad, w_pad, w_in_EHD, w_out_EDF, b_in_EH, b_out_ED, h_NH, meta_E4,
-            ctx.bounds, ctx.act_name, ctx.needs_input_grad[0], ctx.num_assignments)
+        x_TD, tok_pad, w_pad, w_in_EHD, w_out_EDF, b_in_EH, b_out_ED, h_NH, meta_E4, *blocks = ctx.saved_tensors
+        module, need_x = load(), ctx.needs_input_grad[0]
+        weights = (x_TD, tok_pad, w_pad, w_in_EHD, w_out_EDF, b_in_EH, b_out_ED)
+        # NOTE: with expert groups the C++ backward overwrites h (this Function's own tensor) with dL/dh,
+        # saving an [N, H] buffer. A second backward through the same graph (retain_graph, gradcheck)
+        # then recomputes h by running the forward again.
+        if getattr(ctx, "h_spent", False):
+            h_NH = module.forward(*weights, meta_E4, ctx.bounds, ctx.act_name, h_NH.shape[0], *blocks,
+                                  *ctx.block_bounds)[1]
+        grad_x, grad_w, grad_w_in, grad_w_out, grad_b_in, grad_b_out = module.backward(
+            grad_out_TD.contiguous(), *weights, h_NH, meta_E4, ctx.bounds, ctx.act_name, need_x,
+            ctx.num_assignments, *blocks, *ctx.block_bounds)
+        ctx.h_spent = need_x and len(ctx.bounds) > 2
         return (grad_x, None, grad_w.to(ctx.weights_dtype), grad_w_in, grad_w_out, grad_b_in, grad_b_out,
                 None, None, None, None)

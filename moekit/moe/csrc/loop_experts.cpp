@@ -4,20 +4,32 @@
 // tests compare the two and both against moekit.moe.reference.
 //
 // Why C++: at E64-E128 an expert's GEMMs take ~0.1-0.3 ms on a CPU, and the ~20 other ops around them
-// (each a Python call and a fork/join of the intra-op threads) cost as much again. Here the experts are
-// split into contiguous groups of about equal rows, one group per thread, and every op inside runs
-// single-threaded: no Python, no per-op fork/join. Each thread scatters into its own [T, D] partial
-// sum; the partials are added in group order, so the result is deterministic for a given grouping.
+// (each a Python call and a fork/join of the intra-op threads) cost as much again. Here every op runs
+// single-threaded inside one of the intra-op threads: no Python, no per-op fork/join.
+//
+// With one group (large experts) everything runs expert by expert on the calling thread, each op on
+// all threads. With G groups the work is split twice, so that no two threads ever add into the same
+// row and no [T, D] partial sum per thread is needed:
+//   pass A, one contiguous group of experts per thread: the work that needs all of an expert's rows
+//     (the first projection; in backward every weight gradient, and dL/dh, written over h);
+//   pass B, one range of tokens per thread: for every expert, the rows of its tokens in that range
+//     (the down projection and the scatter into out; in backward dL/dh W_in and the scatter into dL/dx).
+// Each token's sum runs over its experts in expert order, as in the Python loop, whatever G is.
 //
 // Layout (computed in Python, see moekit.moe.native): meta[e] = (s, n, r, o): the expert's
 // assignments are tok[s:s+n]; its GEMMs run on r >= n rows (bucketed row counts for oneDNN, rows past
-// n are the next assignments' tokens and are never scattered); its rows of h start at o.
-// Groups are laid out with a gap of max(r - n) between them, so one group's spill-over rows never
-// reach the next group's.
+// n are the next assignments' tokens and are never scattered); its rows of h start at o. Groups are
+// laid out with a gap of max(r - n) between them, so one group's spill-over rows never reach the next
+// group's. Pass B: blocks[b] = (start, m, r, e, h0): rows start..start+r of hidx / tok_b / w_b (h rows,
+// tokens, routing weights), the first m of them expert e's assignments of the thread's tokens; h0 >= 0
+// when those rows of h are h0..h0+r-1 (read in place, no gather).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/ThreadLocalState.h>
 
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -63,6 +75,10 @@ struct Slice {
   int64_t s, n, r, o;
 };
 
+struct Block {
+  int64_t start, m, r, e, h0;
+};
+
 // The layout, checked against the tensors it indexes (slice() would clamp a bad bound silently).
 std::vector<Slice> read_meta(const Tensor& meta, const Tensor& w_in, int64_t tok_rows, int64_t h_rows) {
   TORCH_CHECK(meta.dim() == 2 && meta.size(1) == 4 && meta.scalar_type() == at::kLong && meta.is_contiguous(),
@@ -102,18 +118,6 @@ void for_each_group(int64_t groups, const Body& body) {
   });
 }
 
-// One [T, D] sum per group (the first is the result), added in group order.
-std::vector<Tensor> partial_sums(const Tensor& like, int64_t groups) {
-  std::vector<Tensor> out;
-  for (int64_t g = 0; g < groups; ++g) out.push_back(at::zeros_like(like));
-  return out;
-}
-
-Tensor reduce_partials(std::vector<Tensor>& partials) {
-  for (size_t g = 1; g < partials.size(); ++g) partials[0].add_(partials[g]);
-  return partials[0];
-}
-
 // a = act(gate) * up (gated, with act(gate) left in act_e) or act(h).
 void activate(const Activation& act, const Tensor& h_e, Tensor& a_e, Tensor& act_e) {
   if (!act.gated) {
@@ -125,6 +129,106 @@ void activate(const Activation& act, const Tensor& h_e, Tensor& a_e, Tensor& act
   at::mul_out(a_e, act_e, h_e.slice(1, F, 2 * F));
 }
 
+// into[tok[i]] += rows[i], one row at a time. NOTE: pass B's threads add into disjoint rows of one
+// tensor, which at::index_add_ does not allow: on bf16 / fp16 it adds through an fp32 copy of all of
+// `into` and writes every row back, undoing the other thread's work (fp32 happens to stay in its rows).
+// Each sum is rounded to the dtype once per added row, as index_add_ does (a token appears at most once
+// per block).
+void scatter_rows(Tensor& into, const Tensor& tok, const Tensor& rows) {
+  TORCH_CHECK(into.is_contiguous() && rows.stride(1) == 1 && tok.is_contiguous() && rows.size(1) == into.size(1) &&
+                  tok.size(0) == rows.size(0) && rows.scalar_type() == into.scalar_type(),
+              "moekit loop_experts: scatter_rows needs contiguous rows of one dtype");
+  const int64_t m = rows.size(0), D = rows.size(1), stride = rows.stride(0), T = into.size(0);
+  const int64_t* t = tok.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, into.scalar_type(), "moekit_scatter_rows", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    scalar_t* dst = into.data_ptr<scalar_t>();
+    const scalar_t* src = rows.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < m; ++i) {
+      TORCH_CHECK(t[i] >= 0 && t[i] < T, "moekit loop_experts: token ", t[i], " outside ", T, " rows");
+      scalar_t* __restrict__ d = dst + t[i] * D;
+      const scalar_t* __restrict__ x = src + i * stride;
+      for (int64_t j = 0; j < D; ++j) d[j] = static_cast<scalar_t>(static_cast<acc_t>(d[j]) + static_cast<acc_t>(x[j]));
+    }
+  });
+}
+
+// A block's r rows of h: in place when they are consecutive (h0 >= 0), else gathered into buf.
+Tensor block_rows(const Tensor& h, const Tensor& hidx, const Block& blk, Tensor& buf) {
+  if (blk.h0 >= 0) return h.slice(0, blk.h0, blk.h0 + blk.r);
+  auto rows = buf.slice(0, 0, blk.r);
+  at::index_select_out(rows, h, 0, hidx.slice(0, blk.start, blk.start + blk.r));
+  return rows;
+}
+
+// Buffers of the largest row count for the per-expert (or per-block) temporaries of one thread.
+struct Buffers {
+  Tensor a, act, y;
+  Buffers(const Tensor& like, int64_t rows, int64_t F, int64_t D)
+      : a(like.new_empty({rows, F})), act(like.new_empty({rows, F})), y(like.new_empty({rows, D})) {}
+};
+
+// out[tok[i]] += w[i] * (act(h[i]) W_out^T + b_out) for the first m of r rows of h; `shared`: other
+// threads add into other rows of out at the same time.
+void down_and_scatter(const Activation& act, const Tensor& h_r, const Tensor& w_out_e,
+                      const c10::optional<Tensor>& b_out_e, const Tensor& w_m, const Tensor& tok_m, Tensor& out,
+                      Buffers& buf, bool shared) {
+  const int64_t r = h_r.size(0), m = tok_m.size(0);
+  auto a = buf.a.slice(0, 0, r), act_r = buf.act.slice(0, 0, r);
+  activate(act, h_r, a, act_r);
+  auto y = buf.y.slice(0, 0, r);
+  at::mm_out(y, a, w_out_e.t());  // the unweighted down projection
+  auto y_m = y.slice(0, 0, m);
+  y_m.mul_(w_m.unsqueeze(1));
+  if (b_out_e) y_m.addr_(w_m, *b_out_e);
+  if (shared) scatter_rows(out, tok_m, y_m);
+  else out.index_add_(0, tok_m, y_m);
+}
+
+std::vector<Block> read_blocks(const c10::optional<Tensor>& blocks, int64_t rows, int64_t experts,
+                               int64_t h_rows) {
+  std::vector<Block> out;
+  if (!blocks) return out;
+  TORCH_CHECK(blocks->dim() == 2 && blocks->size(1) == 5 && blocks->scalar_type() == at::kLong &&
+                  blocks->is_contiguous(),
+              "moekit loop_experts: blocks must be a contiguous int64 [B, 5] tensor");
+  const int64_t* p = blocks->data_ptr<int64_t>();
+  for (int64_t b = 0; b < blocks->size(0); ++b) {
+    Block x{p[5 * b], p[5 * b + 1], p[5 * b + 2], p[5 * b + 3], p[5 * b + 4]};
+    TORCH_CHECK(x.start >= 0 && x.m >= 1 && x.m <= x.r && x.start + x.r <= rows && x.e >= 0 && x.e < experts &&
+                    x.h0 >= -1 && x.h0 + x.r <= h_rows,
+                "moekit loop_experts: block ", b, " has (start, m, r, e, h0) = (", x.start, ", ", x.m, ", ", x.r,
+                ", ", x.e, ", ", x.h0, ") outside ", rows, " rows / ", experts, " experts / ", h_rows, " h rows");
+    out.push_back(x);
+  }
+  return out;
+}
+
+struct TokenBlocks {  // pass B's rows: h rows, tokens and routing weights, and the blocks per thread
+  Tensor hidx, tok, w;
+  std::vector<Block> blocks;
+  std::vector<int64_t> bounds;
+};
+
+TokenBlocks read_token_blocks(const c10::optional<Tensor>& hidx, const c10::optional<Tensor>& tok_b,
+                              const c10::optional<Tensor>& w_b, const c10::optional<Tensor>& blocks,
+                              const std::vector<int64_t>& block_bounds, int64_t groups, int64_t experts,
+                              int64_t h_rows) {
+  TokenBlocks tb;
+  if (groups == 1) return tb;
+  TORCH_CHECK(hidx && tok_b && w_b && blocks, "moekit loop_experts: expert groups need the token blocks");
+  tb.hidx = *hidx, tb.tok = *tok_b, tb.w = *w_b, tb.bounds = block_bounds;
+  TORCH_CHECK(tb.tok.size(0) == tb.hidx.size(0) && tb.w.size(0) == tb.hidx.size(0),
+              "moekit loop_experts: token block rows disagree");
+  TORCH_CHECK(tb.hidx.numel() == 0 || (tb.hidx.min().item<int64_t>() >= 0 && tb.hidx.max().item<int64_t>() < h_rows),
+              "moekit loop_experts: a token block row lies outside the ", h_rows, " rows of h");
+  tb.blocks = read_blocks(blocks, tb.hidx.size(0), experts, h_rows);
+  TORCH_CHECK(static_cast<int64_t>(block_bounds.size()) == groups + 1 && block_bounds.front() == 0 &&
+                  block_bounds.back() == static_cast<int64_t>(tb.blocks.size()),
+              "moekit loop_experts: block bounds must run from 0 to the block count, one range per group");
+  return tb;
+}
+
 }  // namespace
 
 // Returns (out, h). The activation a is not kept: the backward recomputes it from h (two elementwise
@@ -133,63 +237,84 @@ std::vector<Tensor> loop_experts_forward(const Tensor& x, const Tensor& tok, con
                                          const Tensor& w_out, const c10::optional<Tensor>& b_in,
                                          const c10::optional<Tensor>& b_out, const Tensor& meta,
                                          const std::vector<int64_t>& bounds, const std::string& act_name,
-                                         int64_t h_rows) {
+                                         int64_t h_rows, const c10::optional<Tensor>& hidx,
+                                         const c10::optional<Tensor>& tok_b, const c10::optional<Tensor>& w_b,
+                                         const c10::optional<Tensor>& blocks,
+                                         const std::vector<int64_t>& block_bounds) {
   const auto act = parse_activation(act_name);
   const auto sl = read_meta(meta, w_in, tok.size(0), h_rows);
   const int64_t D = x.size(1), H = w_in.size(1), F = w_out.size(2), groups = bounds.size() - 1;
   TORCH_CHECK(groups >= 1 && bounds.front() == 0 && bounds.back() == w_in.size(0),
               "moekit loop_experts: group bounds must run from 0 to the expert count");
+  const auto tb = read_token_blocks(hidx, tok_b, w_b, blocks, block_bounds, groups, w_in.size(0), h_rows);
+  const bool fused = groups == 1;  // one thread of control: each expert's down projection right away
   auto h = x.new_empty({h_rows, H});
-  auto outs = partial_sums(x, groups);
+  auto out = at::zeros_like(x);
   const int64_t m = max_rows(sl);
+  // Pass A: per expert, gather its tokens and run its first projection on its rows of h.
   for_each_group(groups, [&](int64_t g) {
-    auto x_buf = x.new_empty({m, D}), y_buf = x.new_empty({m, D}), a_buf = x.new_empty({m, F}),
-         act_buf = x.new_empty({m, F});
+    auto x_buf = x.new_empty({m, D});
+    c10::optional<Buffers> buf;
+    if (fused) buf.emplace(x, m, F, D);
     for (int64_t e = bounds[g]; e < bounds[g + 1]; ++e) {
       const auto [s, n, r, o] = sl[e];
       if (n == 0) continue;
-      auto tok_r = tok.slice(0, s, s + r), tok_n = tok.slice(0, s, s + n);
-      // 1. Gather the expert's tokens and run its first projection on its rows of h.
       auto x_e = x_buf.slice(0, 0, r);
-      at::index_select_out(x_e, x, 0, tok_r);
+      at::index_select_out(x_e, x, 0, tok.slice(0, s, s + r));
       auto h_e = h.slice(0, o, o + r);
       if (b_in) at::addmm_out(h_e, (*b_in)[e], x_e, w_in[e].t());
       else at::mm_out(h_e, x_e, w_in[e].t());
-      // 2. Activation, then the down projection of the unweighted activation.
-      auto a_e = a_buf.slice(0, 0, r), act_e = act_buf.slice(0, 0, r);
-      activate(act, h_e, a_e, act_e);
-      auto y_e = y_buf.slice(0, 0, r);
-      at::mm_out(y_e, a_e, w_out[e].t());
-      // 3. Weight and scatter back into this thread's partial sum.
-      auto y_n = y_e.slice(0, 0, n);
-      auto w_e = w.slice(0, s, s + n);
-      y_n.mul_(w_e.unsqueeze(1));
-      if (b_out) y_n.addr_(w_e, (*b_out)[e]);
-      outs[g].index_add_(0, tok_n, y_n);
+      if (fused)
+        down_and_scatter(act, h_e, w_out[e], b_out ? c10::optional<Tensor>((*b_out)[e]) : c10::nullopt,
+                         w.slice(0, s, s + n), tok.slice(0, s, s + n), out, *buf, false);
     }
   });
-  return {reduce_partials(outs), h};
+  if (fused) return {out, h};
+  // Pass B: per thread, its tokens' rows of every expert.
+  for_each_group(groups, [&](int64_t g) {
+    int64_t rows = 0;
+    for (int64_t b = tb.bounds[g]; b < tb.bounds[g + 1]; ++b) rows = std::max(rows, tb.blocks[b].r);
+    if (rows == 0) return;
+    Buffers buf(x, rows, F, D);
+    auto h_buf = x.new_empty({rows, H});
+    for (int64_t b = tb.bounds[g]; b < tb.bounds[g + 1]; ++b) {
+      const Block& blk = tb.blocks[b];
+      auto h_r = block_rows(h, tb.hidx, blk, h_buf);
+      down_and_scatter(act, h_r, w_out[blk.e], b_out ? c10::optional<Tensor>((*b_out)[blk.e]) : c10::nullopt,
+                       tb.w.slice(0, blk.start, blk.start + blk.m), tb.tok.slice(0, blk.start, blk.start + blk.m), out,
+                       buf, true);
+    }
+  });
+  return {out, h};
 }
 
+// With several groups and need_x, h is overwritten with dL/dh (pass A) for pass B to read: h is the
+// autograd Function's own saved tensor, and a second backward through the same graph (retain_graph)
+// recomputes it first (NativeLoopExperts.backward).
 std::vector<c10::optional<Tensor>> loop_experts_backward(
     const Tensor& grad_out, const Tensor& x, const Tensor& tok, const Tensor& w, const Tensor& w_in,
     const Tensor& w_out, const c10::optional<Tensor>& b_in, const c10::optional<Tensor>& b_out, const Tensor& h,
     const Tensor& meta, const std::vector<int64_t>& bounds, const std::string& act_name, bool need_x,
-    int64_t num_assignments) {
+    int64_t num_assignments, const c10::optional<Tensor>& hidx, const c10::optional<Tensor>& tok_b,
+    const c10::optional<Tensor>& w_b, const c10::optional<Tensor>& blocks,
+    const std::vector<int64_t>& block_bounds) {
   const auto act = parse_activation(act_name);
   const auto sl = read_meta(meta, w_in, tok.size(0), h.size(0));
   const int64_t D = x.size(1), H = w_in.size(1), F = w_out.size(2), groups = bounds.size() - 1;
   TORCH_CHECK(groups >= 1 && bounds.front() == 0 && bounds.back() == w_in.size(0),
               "moekit loop_experts: group bounds must run from 0 to the expert count");
+  const auto tb = read_token_blocks(hidx, tok_b, w_b, blocks, block_bounds, groups, w_in.size(0), h.size(0));
+  const bool fused = groups == 1;
   // Every expert's slice is written below (idle experts zeroed by their own thread), so the page faults
   // of these fresh buffers are taken in parallel.
   auto grad_w_in = at::empty_like(w_in), grad_w_out = at::empty_like(w_out);
-  c10::optional<Tensor> grad_b_in, grad_b_out;
+  c10::optional<Tensor> grad_b_in, grad_b_out, grad_x;
   if (b_in) grad_b_in = at::empty_like(*b_in);
   if (b_out) grad_b_out = at::empty_like(*b_out);
+  if (need_x) grad_x = at::zeros_like(x);
   auto grad_w = w.new_zeros({num_assignments});
-  std::vector<Tensor> grad_xs = need_x ? partial_sums(x, groups) : std::vector<Tensor>{};
   const int64_t m = max_rows(sl);
+  // Pass A: per expert, every gradient that sums over all of its rows, and dL/dh.
   for_each_group(groups, [&](int64_t g) {
     auto g_buf = x.new_empty({m, D}), x_buf = x.new_empty({m, D}), a_buf = x.new_empty({m, F}),
          act_buf = x.new_empty({m, F}), ga_buf = x.new_empty({m, F}), gh_buf = x.new_empty({m, H}),
@@ -237,7 +362,7 @@ std::vector<c10::optional<Tensor>> loop_experts_backward(
       } else {
         act_backward(act.kind, grad_a, h_e, grad_h);
       }
-      // 3. First projection: weight gradient, and the input gradient scattered back.
+      // 3. First projection: the weight gradient; dL/dx here (one group) or in pass B.
       auto x_e = x_buf.slice(0, 0, r);
       at::index_select_out(x_e, x, 0, tok_r);
       at::mm_out(gw_in_e, grad_h.t(), x_e);
@@ -245,20 +370,46 @@ std::vector<c10::optional<Tensor>> loop_experts_backward(
         auto gb = (*grad_b_in)[e];
         at::sum_out(gb, grad_h, kRows);
       }
-      if (need_x) {
+      if (need_x && fused) {
         auto gx = x_e;  // the gathered input is spent: its buffer takes dL/dx
         at::mm_out(gx, grad_h, w_in[e]);
-        grad_xs[g].index_add_(0, tok_n, gx.slice(0, 0, n));
+        grad_x->index_add_(0, tok_n, gx.slice(0, 0, n));
+      } else if (need_x) {
+        // Only its own n rows (the next expert reads past them), and behind autograd's back: no
+        // version bump, see NativeLoopExperts.backward.
+        std::memcpy(h.slice(0, o, o + n).data_ptr(), grad_h.data_ptr(), n * H * h.element_size());
       }
     }
   });
-  c10::optional<Tensor> grad_x;
-  if (need_x) grad_x = reduce_partials(grad_xs);
+  // Pass B: per thread, dL/dx of its tokens from every expert's rows of dL/dh.
+  if (need_x && !fused) {
+    for_each_group(groups, [&](int64_t g) {
+      int64_t rows = 0;
+      for (int64_t b = tb.bounds[g]; b < tb.bounds[g + 1]; ++b) rows = std::max(rows, tb.blocks[b].r);
+      if (rows == 0) return;
+      auto gh_buf = x.new_empty({rows, H}), gx_buf = x.new_empty({rows, D});
+      for (int64_t b = tb.bounds[g]; b < tb.bounds[g + 1]; ++b) {
+        const Block& blk = tb.blocks[b];
+        auto gh = block_rows(h, tb.hidx, blk, gh_buf), gx = gx_buf.slice(0, 0, blk.r);
+        at::mm_out(gx, gh, w_in[blk.e]);
+        scatter_rows(*grad_x, tb.tok.slice(0, blk.start, blk.start + blk.m), gx.slice(0, 0, blk.m));
+      }
+    });
+  }
   return {grad_x, grad_w, grad_w_in, grad_w_out, grad_b_in, grad_b_out};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &loop_experts_forward, "the expert slice loop: (out, h)");
+  m.def("forward", &loop_experts_forward, "the expert slice loop: (out, h)", py::arg("x"), py::arg("tok"),
+        py::arg("w"), py::arg("w_in"), py::arg("w_out"), py::arg("b_in"), py::arg("b_out"), py::arg("meta"),
+        py::arg("bounds"), py::arg("act"), py::arg("h_rows"), py::arg("hidx") = py::none(),
+        py::arg("tok_b") = py::none(), py::arg("w_b") = py::none(), py::arg("blocks") = py::none(),
+        py::arg("block_bounds") = std::vector<int64_t>{});
   m.def("backward", &loop_experts_backward,
-        "its backward: (grad_x, grad_weights, grad_w_in, grad_w_out, grad_b_in, grad_b_out)");
+        "its backward: (grad_x, grad_weights, grad_w_in, grad_w_out, grad_b_in, grad_b_out)", py::arg("grad_out"),
+        py::arg("x"), py::arg("tok"), py::arg("w"), py::arg("w_in"), py::arg("w_out"), py::arg("b_in"),
+        py::arg("b_out"), py::arg("h"), py::arg("meta"), py::arg("bounds"), py::arg("act"), py::arg("need_x"),
+        py::arg("num_assignments"), py::arg("hidx") = py::none(), py::arg("tok_b") = py::none(),
+        py::arg("w_b") = py::none(), py::arg("blocks") = py::none(),
+        py::arg("block_bounds") = std::vector<int64_t>{});
 }
