@@ -231,12 +231,12 @@ def probe_memory(name: str, shape: Shape, tokens: int, dtype: str, seed: int) ->
     parameter gradients' share of that peak (they outlive the step: E128's are 16x dense's)."""
     side = build_side(name, shape, seed)
     # NOTE: a first step also pays once for the process: lazy imports (torch._dynamo and sympy, ~33 MB),
-    # the code pages of every kernel it calls for the first time, thread pools. Counted in the step that
-    # inflated the sides unequally (E128's layer calls more distinct kernels: +17 MB against dense's +4).
-    # One step on PROBE_WARMUP_TOKENS tokens pays for it; its few freed MB are all it leaves to reuse.
+    # the code pages of the kernels it calls first, thread pools. Counted in the step, that inflated
+    # the sides unequally (E128's layer calls more distinct kernels: +17 MB against dense's +4). One
+    # step on PROBE_WARMUP_TOKENS tokens pays for most of it (oneDNN's kernels for new bf16 GEMM shapes
+    # remain), and leaves only a few freed MB for the measured step to reuse.
     warm = make_input(PROBE_WARMUP_TOKENS, shape, seed + 1)
     train_step(side, warm, cotangents(warm), dtype)
-    side.module.zero_grad(set_to_none=True)
     del warm
     x = make_input(tokens, shape, seed)
     grads = cotangents(x)

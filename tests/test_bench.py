@@ -35,6 +35,14 @@ def test_memory_probe_in_a_fresh_process():
     assert probe["param_grads_mb"] == round((4 * 128 * 64 + 4 * 64 * 64 + 4 * 64) * 4 / 2**20, 1) == 0.2
 
 
+def test_memory_probe_warms_up_before_its_baseline(monkeypatch):
+    steps = []
+    real = bench.train_step
+    monkeypatch.setattr(bench, "train_step", lambda side, x, *a: steps.append(x.shape[0]) or real(side, x, *a))
+    probe = bench.probe_memory("dense", bench.Shape(128, 256, 4, 2), 300, "fp32", 0)
+    assert steps == [bench.PROBE_WARMUP_TOKENS, 300] and probe["param_grads_mb"] > 0
+
+
 def test_memory_probe_counts_no_lazy_import():
     """The step's peak must be the step's: what a first step imports lazily (torch._dynamo, sympy) the
     probe's unmeasured warm-up step imports; a second step at another size must import nothing."""

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from moekit import MoEConfig, MoELayer, reference_forward
-from moekit.moe.dispatch import plan_token_choice
+from moekit.moe.dispatch import plan_expert_choice, plan_token_choice
 from moekit.moe import native
 from moekit.moe.experts import Experts, _LoopExperts, bucketed_rows
 from moekit.moe.native import NativeLoopExperts
@@ -261,6 +261,24 @@ def test_native_loop_with_threads_matches_python_loop(dtype):
 
 
 @needs_native
+@pytest.mark.parametrize("bucket", [False, True])
+def test_native_loop_expert_choice_with_groups_matches_python_loop(bucket):
+    """Expert choice: an expert's tokens come in score order, not token order (pass B gathers rows)."""
+    torch.manual_seed(0)
+    E, T, C = 6, 90, 20
+    experts = Experts(MoEConfig(d_model=8, expert_hidden=12, num_experts=E, top_k=2)).double()
+    scores_ET = torch.rand(E, T, dtype=torch.float64)
+    weights_EC, token_ids_EC = scores_ET.topk(C, dim=1)
+    plan = plan_expert_choice(token_ids_EC, weights_EC, T)
+    counts = plan.counts_E.tolist()
+    want = _run_loop(_LoopExperts, (), experts, plan, counts, "swiglu", bucket, False, torch.float64)
+    for groups in (2, 3):
+        got = _run_loop(NativeLoopExperts, (groups,), experts, plan, counts, "swiglu", bucket, False, torch.float64)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, atol=1e-12, rtol=1e-12)
+
+
+@needs_native
 @pytest.mark.parametrize("groups", [1, 2])
 def test_native_loop_second_backward_through_the_graph(groups):
     """With groups the backward overwrites h with dL/dh; a second backward through the same graph
@@ -286,7 +304,10 @@ def test_token_blocks_split_tokens_between_threads():
         expert_N = torch.randint(0, E, (3 * T,), generator=gen)
         order = torch.argsort(expert_N, stable=True)
         counts = torch.bincount(expert_N, minlength=E).tolist()
-        tok_K = torch.randint(0, T, (3 * T,), generator=gen)[order]  # tokens of the assignments, by expert
+        tok_N = torch.randint(0, T, (3 * T,), generator=gen)
+        if int(torch.randint(0, 2, (1,), generator=gen)):  # token order within each expert, as plans give
+            tok_N = tok_N.sort().values
+        tok_K = tok_N[order]  # tokens of the assignments, by expert
         groups = int(torch.randint(2, 5, (1,), generator=gen))
         rows = bucketed_rows if int(torch.randint(0, 2, (1,), generator=gen)) else int
         bounds = native.split_groups(counts, groups)
@@ -302,8 +323,11 @@ def test_token_blocks_split_tokens_between_threads():
                 assert r == rows(m) and start + r <= tb.hidx_R.shape[0] and ((s <= a) & (a < s + n)).all()
                 assert torch.equal(tb.hidx_R[start:start + m], a - s + o)  # the expert's rows of h
                 assert torch.equal(tb.token_ids_R[start:start + m], tok_K[a])
-                if h0 >= 0:
-                    assert torch.equal(tb.hidx_R[start:start + r], torch.arange(h0, h0 + r))
+                first = int(tb.hidx_R[start])
+                if r == m and torch.equal(tb.hidx_R[start:start + m], torch.arange(first, first + m)):
+                    assert h0 == first  # consecutive rows of h: read in place
+                else:
+                    assert h0 == -1
                 assert int(tb.hidx_R[start:start + r].max()) < h_rows
                 for t in tok_K[a].tolist():
                     assert owner.setdefault(t, g) == g

@@ -12,8 +12,9 @@ the work that needs all of an expert's rows (first projection; in backward the w
 dL/dh); pass B splits the tokens into ranges (:func:`token_blocks`), one per thread, for the work
 that adds into token rows (down projection and scatter; in backward dL/dx). No two threads add into
 one row, so there is no per-thread [T, D] partial sum (memory that grew with the thread count), and
-each token's sum runs over its experts in expert order as in the Python loop: the results do not
-depend on the thread count (equal to the Python loop's bit for bit here, in fp32 and bf16). Experts
+each token's sum runs over its experts in expert order as in the Python loop, whatever the thread
+count (the results equalled the Python loop's bit for bit here, fp32 and bf16; not guaranteed: a
+GEMM on fewer rows may round differently). Experts
 with large weights keep one group on the calling thread instead, one pass (each GEMM on all threads),
 see :data:`GROUPED_THREADS_MAX_WEIGHT_BYTES`.
 
@@ -221,21 +222,22 @@ def token_blocks(token_ids_K: torch.Tensor, counts: list[int], bounds: list[int]
     range_K = torch.searchsorted(cuts, token_ids_K, right=True)
     key_K = range_K * E + expert_K
     order_K = torch.argsort(key_K, stable=True)
-    sizes = torch.bincount(key_K, minlength=groups * E).tolist()
+    sizes_GE = torch.bincount(key_K, minlength=groups * E)
     hidx_K = order_K + group_E[expert_K[order_K]] * pad  # assignment a of a group-g expert: h row a + g·pad
-    # A block whose rows are consecutive rows of h (token-ordered experts, unbucketed) reads h in place.
-    breaks = torch.cat([hidx_K.new_zeros(1), (hidx_K.diff() != 1).long().cumsum(0)]).tolist()
-    first = hidx_K.tolist()
-    blocks, block_bounds, start = [], [0], 0
-    for g in range(groups):
-        for e in range(E):
-            m = sizes[g * E + e]
-            if m:
-                r = rows(m)
-                h0 = first[start] if r == m and breaks[start + m - 1] == breaks[start] else -1
-                blocks.append((start, m, r, e, h0))
-            start += m
-        block_bounds.append(len(blocks))
+    # A block whose rows are consecutive rows of h (token-ordered experts, unbucketed) reads h in place:
+    # no break in h rows between its first and last row.
+    nonempty = sizes_GE.nonzero()[:, 0]
+    start_B = (sizes_GE.cumsum(0) - sizes_GE)[nonempty]
+    m_B = sizes_GE[nonempty]
+    breaks_K = torch.cat([hidx_K.new_zeros(1), (hidx_K.diff() != 1).long().cumsum(0)])
+    consecutive_B = breaks_K[start_B + m_B - 1] == breaks_K[start_B]
+    blocks, block_bounds = [], [0] * (groups + 1)
+    for b, e, start, m, h0, consecutive in zip(nonempty.tolist(), (nonempty % E).tolist(), start_B.tolist(),
+                                               m_B.tolist(), hidx_K[start_B].tolist(), consecutive_B.tolist()):
+        r = rows(m)
+        blocks.append((start, m, r, e, h0 if consecutive and r == m else -1))
+        block_bounds[b // E + 1] += 1
+    block_bounds = list(itertools.accumulate(block_bounds))
     spill = max((r - m for _, m, r, _, _ in blocks), default=0)
     from moekit.moe.experts import pad_rows  # (experts imports this module)
 

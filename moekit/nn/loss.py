@@ -24,11 +24,14 @@ import torch
 import torch.nn.functional as F
 
 CHUNK_BYTES = 8 * 2**20  # fp32 logits per chunk: big enough GEMMs, small enough to stay in reused memory
-MIN_CHUNK_TOKENS = 64
+# Each chunk also reads and writes all of dL/dW ([V, D] fp32): with C rows that is C/4 FLOP per byte
+# of it, which needs C in the hundreds to stay compute-bound.
+MIN_CHUNK_TOKENS = 256
 
 
 def chunk_tokens(vocab_size: int) -> int:
-    """Tokens per chunk: ~8 MiB of fp32 logits, at least 64 rows (a 128k vocabulary: 64 rows, 32 MiB)."""
+    """Tokens per chunk: ~8 MiB of fp32 logits, at least 256 rows (a 128k vocabulary: 256 rows, 128 MiB,
+    against 4 GiB for the whole [8192, 128k])."""
     return max(MIN_CHUNK_TOKENS, CHUNK_BYTES // (4 * vocab_size))
 
 
@@ -48,23 +51,17 @@ def linear_cross_entropy_reference(h_TD: torch.Tensor, w_VD: torch.Tensor, targe
 
 
 def _compute_dtype(h_TD: torch.Tensor) -> torch.dtype:
+    """The dtype ``F.linear`` would run in: autocast's, except for fp64 (which autocast leaves alone)."""
     device = h_TD.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h_TD.dtype
+    if torch.is_autocast_enabled(device) and h_TD.dtype != torch.float64:
+        return torch.get_autocast_dtype(device)
+    return h_TD.dtype
 
 
 def _chunk_logits(h_CD: torch.Tensor, w_VD: torch.Tensor, multiplier: float) -> torch.Tensor:
     """[C, V] logits in fp32 (fp64 for fp64 inputs)."""
     logits_CV = (h_CD @ w_VD.t()).to(torch.promote_types(h_CD.dtype, torch.float32))
     return logits_CV.mul_(multiplier) if multiplier != 1.0 else logits_CV
-
-
-def _chunk_log_probs(z_CV: torch.Tensor, safe_C: torch.Tensor, valid_C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log-softmax [C, V], summed loss of the counted rows) of fp32 logits.
-
-    NOTE: ``log_softmax`` is one fused pass over the row; ``logsumexp`` runs several with temporaries
-    (~7x slower here on [2048, 4096])."""
-    logp_CV = torch.log_softmax(z_CV, dim=-1)
-    return logp_CV, -torch.where(valid_C, logp_CV.gather(1, safe_C[:, None])[:, 0], 0.0).sum()
 
 
 def _check_targets(targets_T: torch.Tensor, vocab_size: int, ignore_index: int) -> torch.Tensor:
@@ -77,40 +74,47 @@ def _check_targets(targets_T: torch.Tensor, vocab_size: int, ignore_index: int) 
     return valid_T
 
 
+def _chunked_loss(h_TD, w_VD, targets_T, valid_T, multiplier, chunk, dtype, need_h, need_w):
+    """(summed loss of the counted targets, dL_sum/dh or None, dL_sum/dW or None), a chunk at a time."""
+    T = h_TD.shape[0]
+    w_c = w_VD.to(dtype)
+    acc = torch.promote_types(dtype, torch.float32)  # softmax, sums and dL/dW accumulate in this
+    grad_h_TD = torch.empty_like(h_TD) if need_h else None
+    grad_w_VD = torch.zeros(w_VD.shape, dtype=acc, device=w_VD.device) if need_w else None
+    loss_sum = torch.zeros((), dtype=acc, device=h_TD.device)
+    safe_T = torch.where(valid_T, targets_T, 0)
+    for a in range(0, T, chunk):
+        b = min(a + chunk, T)
+        h_c, safe_C, valid_C = h_TD[a:b].to(dtype), safe_T[a:b, None], valid_T[a:b]
+        # 1. Logits and the chunk's loss. NOTE: log_softmax is one fused pass over each row; logsumexp
+        #    runs several with temporaries (~7x slower here on [2048, 4096]).
+        logp_CV = torch.log_softmax(_chunk_logits(h_c, w_c, multiplier), dim=-1)
+        loss_sum -= torch.where(valid_C, logp_CV.gather(1, safe_C)[:, 0], 0.0).sum()
+        if not (need_h or need_w):
+            continue
+        # 2. dL_sum/dz = softmax - onehot on counted rows (in place), times the multiplier.
+        g_CV = logp_CV.exp_()
+        g_CV.scatter_add_(1, safe_C, torch.full((b - a, 1), -1.0, dtype=g_CV.dtype, device=g_CV.device))
+        g_CV.mul_(valid_C.to(g_CV.dtype).mul_(multiplier)[:, None])
+        g_CV = g_CV.to(dtype)
+        # 3. Straight into the gradients of h (this chunk's rows) and of W (accumulated).
+        if need_h:
+            grad_h_TD[a:b] = g_CV @ w_c
+        if need_w:
+            if dtype == acc:
+                grad_w_VD.addmm_(g_CV.t(), h_c)
+            else:  # a bf16 / fp16 [V, D] product per chunk, summed in fp32
+                grad_w_VD += g_CV.t() @ h_c
+    return loss_sum, grad_h_TD, grad_w_VD
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """Loss and both gradients in one pass over the chunks; backward scales the stored gradients."""
 
     @staticmethod
-    def forward(ctx, h_TD, w_VD, targets_T, valid_T, ignore_index, multiplier, chunk, dtype):
-        T = h_TD.shape[0]
-        w_c = w_VD.to(dtype)
-        grad_h_TD = torch.empty_like(h_TD) if ctx.needs_input_grad[0] else None
-        acc = torch.promote_types(dtype, torch.float32)  # softmax, sums and dL/dW accumulate in this
-        grad_w_VD = torch.zeros(w_VD.shape, dtype=acc, device=w_VD.device) if ctx.needs_input_grad[1] else None
-        loss_sum = torch.zeros((), dtype=acc, device=h_TD.device)
-        safe_T = torch.where(valid_T, targets_T, 0)
-        for a in range(0, T, chunk):
-            b = min(a + chunk, T)
-            h_c = h_TD[a:b].to(dtype)
-            # 1. Logits and the loss of the chunk (fp32 softmax).
-            z_CV = _chunk_logits(h_c, w_c, multiplier)
-            valid_C = valid_T[a:b]
-            logp_CV, chunk_loss = _chunk_log_probs(z_CV, safe_T[a:b], valid_C)
-            loss_sum += chunk_loss
-            del z_CV
-            # 2. dL_sum/dz = softmax - onehot on counted rows (in place), times the multiplier.
-            g_CV = logp_CV.exp_()
-            g_CV.scatter_add_(1, safe_T[a:b, None], torch.full((b - a, 1), -1.0, dtype=g_CV.dtype, device=g_CV.device))
-            g_CV.mul_(valid_C.to(g_CV.dtype).mul_(multiplier)[:, None])
-            g_CV = g_CV.to(dtype)
-            # 3. Straight into the gradients of h (this chunk's rows) and of W (accumulated).
-            if grad_h_TD is not None:
-                grad_h_TD[a:b] = g_CV @ w_c
-            if grad_w_VD is not None:
-                if dtype == acc:
-                    grad_w_VD.addmm_(g_CV.t(), h_c)
-                else:  # a bf16 / fp16 product per chunk, summed in fp32
-                    grad_w_VD += g_CV.t() @ h_c
+    def forward(ctx, h_TD, w_VD, targets_T, valid_T, multiplier, chunk, dtype):
+        loss_sum, grad_h_TD, grad_w_VD = _chunked_loss(h_TD, w_VD, targets_T, valid_T, multiplier, chunk, dtype,
+                                                       *ctx.needs_input_grad[:2])
         count = valid_T.sum()
         ctx.save_for_backward(grad_h_TD, grad_w_VD, count)
         ctx.w_dtype = w_VD.dtype
@@ -120,10 +124,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):
         grad_h_TD, grad_w_VD, count = ctx.saved_tensors
-        scale = grad_loss / count
+        # No counted target: the loss is NaN (0/0) but its gradients are zero, as F.cross_entropy's.
+        scale = grad_loss / count.clamp_min(1)
         grad_h = grad_h_TD * scale.to(grad_h_TD.dtype) if grad_h_TD is not None else None
         grad_w = (grad_w_VD * scale).to(ctx.w_dtype) if grad_w_VD is not None else None
-        return grad_h, grad_w, None, None, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None
 
 
 def linear_cross_entropy(h_TD: torch.Tensor, w_VD: torch.Tensor, targets_T: torch.Tensor, ignore_index: int = -100,
@@ -131,24 +136,20 @@ def linear_cross_entropy(h_TD: torch.Tensor, w_VD: torch.Tensor, targets_T: torc
     """Mean cross-entropy of the logits ``multiplier · h W^T`` against ``targets_T``, never holding
     more than ``chunk`` tokens' logits (default :func:`chunk_tokens`). Equal to
     :func:`linear_cross_entropy_reference` up to rounding, gradients included; NaN when every target
-    is ``ignore_index`` (as ``F.cross_entropy``)."""
+    is ``ignore_index``, with zero gradients (as ``F.cross_entropy``)."""
     if h_TD.dim() != 2 or w_VD.dim() != 2 or h_TD.shape[1] != w_VD.shape[1]:
         raise ValueError(f"linear_cross_entropy: h must be [T, D] and w [V, D], got {tuple(h_TD.shape)} and "
                          f"{tuple(w_VD.shape)}")
     if targets_T.shape != h_TD.shape[:1]:
         raise ValueError(f"linear_cross_entropy: targets must be [T={h_TD.shape[0]}], got {tuple(targets_T.shape)}")
-    chunk = chunk or chunk_tokens(w_VD.shape[0])
+    if chunk is None:
+        chunk = chunk_tokens(w_VD.shape[0])
     if chunk < 1:
         raise ValueError(f"linear_cross_entropy: chunk must be >= 1, got {chunk}")
     valid_T = _check_targets(targets_T, w_VD.shape[0], ignore_index)
     dtype = _compute_dtype(h_TD)
     with torch.autocast(h_TD.device.type, enabled=False):
         if torch.is_grad_enabled() and (h_TD.requires_grad or w_VD.requires_grad):
-            return _LinearCrossEntropy.apply(h_TD, w_VD, targets_T, valid_T, ignore_index, multiplier, chunk, dtype)
-        # No gradient wanted (evaluation): the loss alone, chunk by chunk.
-        w_c, safe_T = w_VD.to(dtype), torch.where(valid_T, targets_T, 0)
-        loss_sum = torch.zeros((), dtype=torch.promote_types(dtype, torch.float32), device=h_TD.device)
-        for a in range(0, h_TD.shape[0], chunk):
-            z_CV = _chunk_logits(h_TD[a:a + chunk].to(dtype), w_c, multiplier)
-            loss_sum += _chunk_log_probs(z_CV, safe_T[a:a + chunk], valid_T[a:a + chunk])[1]
-        return loss_sum / valid_T.sum()
+            return _LinearCrossEntropy.apply(h_TD, w_VD, targets_T, valid_T, multiplier, chunk, dtype)
+        # No gradient wanted (evaluation): the loss alone.
+        return _chunked_loss(h_TD, w_VD, targets_T, valid_T, multiplier, chunk, dtype, False, False)[0] / valid_T.sum()
