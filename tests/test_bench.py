@@ -36,11 +36,21 @@ def test_memory_probe_in_a_fresh_process():
 
 
 def test_memory_probe_warms_up_before_its_baseline(monkeypatch):
-    steps = []
-    real = bench.train_step
-    monkeypatch.setattr(bench, "train_step", lambda side, x, *a: steps.append(x.shape[0]) or real(side, x, *a))
+    """One small step first, and its parameter gradients freed before the baseline (freed during the
+    measured step, their memory would be reused by it)."""
+    steps, sides, grads_at_baseline = [], [], []
+    real_step, real_build, real_reset = bench.train_step, bench.build_side, bench._reset_peak_rss
+    monkeypatch.setattr(bench, "train_step", lambda side, x, *a: steps.append(x.shape[0]) or real_step(side, x, *a))
+    monkeypatch.setattr(bench, "build_side", lambda *a: sides.append(real_build(*a)) or sides[-1])
+
+    def reset():
+        grads_at_baseline.append([p.grad is not None for p in sides[0].module.parameters()])
+        return real_reset()
+
+    monkeypatch.setattr(bench, "_reset_peak_rss", reset)
     probe = bench.probe_memory("dense", bench.Shape(128, 256, 4, 2), 300, "fp32", 0)
     assert steps == [bench.PROBE_WARMUP_TOKENS, 300] and probe["param_grads_mb"] > 0
+    assert grads_at_baseline and not any(grads_at_baseline[0])
 
 
 def test_memory_probe_counts_no_lazy_import():
