@@ -14,7 +14,7 @@ Runs, one after the other on the same idle machine:
 
 Prints one JSON document (every report in full, plus ``summary`` rows and the targets); with
 ``--markdown FILE`` also writes the summary as the markdown tables the README carries. The full
-run takes about 13 minutes on 2 cores; ``--quick`` (1024 tokens, fp32, short generation) a few.
+run takes about 15 minutes on 2 cores; ``--quick`` (1024 tokens, fp32, short generation) a few.
 """
 
 from __future__ import annotations

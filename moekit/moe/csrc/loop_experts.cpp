@@ -208,6 +208,12 @@ struct TokenBlocks {  // pass B's rows: h rows, tokens and routing weights, and 
   Tensor hidx, tok, w;
   std::vector<Block> blocks;
   std::vector<int64_t> bounds;
+
+  int64_t max_rows(int64_t g) const {  // the largest GEMM of thread g's blocks
+    int64_t rows = 0;
+    for (int64_t b = bounds[g]; b < bounds[g + 1]; ++b) rows = std::max(rows, blocks[b].r);
+    return rows;
+  }
 };
 
 TokenBlocks read_token_blocks(const c10::optional<Tensor>& hidx, const c10::optional<Tensor>& tok_b,
@@ -272,8 +278,7 @@ std::vector<Tensor> loop_experts_forward(const Tensor& x, const Tensor& tok, con
   if (fused) return {out, h};
   // Pass B: per thread, its tokens' rows of every expert.
   for_each_group(groups, [&](int64_t g) {
-    int64_t rows = 0;
-    for (int64_t b = tb.bounds[g]; b < tb.bounds[g + 1]; ++b) rows = std::max(rows, tb.blocks[b].r);
+    const int64_t rows = tb.max_rows(g);
     if (rows == 0) return;
     Buffers buf(x, rows, F, D);
     auto h_buf = x.new_empty({rows, H});
@@ -384,8 +389,7 @@ std::vector<c10::optional<Tensor>> loop_experts_backward(
   // Pass B: per thread, dL/dx of its tokens from every expert's rows of dL/dh.
   if (need_x && !fused) {
     for_each_group(groups, [&](int64_t g) {
-      int64_t rows = 0;
-      for (int64_t b = tb.bounds[g]; b < tb.bounds[g + 1]; ++b) rows = std::max(rows, tb.blocks[b].r);
+      const int64_t rows = tb.max_rows(g);
       if (rows == 0) return;
       auto gh_buf = x.new_empty({rows, H}), gx_buf = x.new_empty({rows, D});
       for (int64_t b = tb.bounds[g]; b < tb.bounds[g + 1]; ++b) {
