@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     tokens_list, dtypes = ((1024,), ("fp32",)) if args.quick else ((512, 4096, 16384), ("fp32", "bf16"))
     repeats = 2 if args.quick else 3
     runs = layer_matrix(tokens_list, dtypes, repeats, args.seed)
-    train = bench_train.run_train_benchmark(args.quick, repeats, args.seed)
+    train = bench_train.run_train_benchmark(args.quick, repeats if args.quick else bench_train.TRAIN_REPEATS, args.seed)
     generate = [bench_generate.run_generate_benchmark(*bench_generate.sizes(args.quick), repeats, dtype)
                 for dtype in dtypes]
     report = {"benchmark": "moekit performance suite", "torch": torch.__version__, "threads": torch.get_num_threads(),

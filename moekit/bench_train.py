@@ -36,6 +36,8 @@ SHAPES = ((8, 2, 1408), (64, 8, 176))  # Mixtral-like and fine-grained (half E8'
 # moekit step >= this x transformers' step; checked against both of its experts implementations
 # (grouped_mm is its default in transformers 5, eager its per-expert loop)
 TRAIN_TARGETS = {(8, 2): 1.1, (64, 8): 1.5}
+# Timed steps a side: with 3 the median of one run moved by ±10% from run to run here (1.39-1.71x at E64).
+TRAIN_REPEATS = 5
 
 
 def _hf_model(directory: Path, experts: int, top_k: int, hidden: int, seed: int):
@@ -180,7 +182,7 @@ def scaling(repeats: int, seed: int, quick: bool) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="moekit bench train", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="batch 2 x 256, 2 repeats")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=TRAIN_REPEATS, help=f"timed steps a side (default {TRAIN_REPEATS})")
     p.add_argument("--scaling", action="store_true", help="also the layer's scaling in tokens and experts")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--one-shape", metavar="E,K,F", help=argparse.SUPPRESS)  # a fresh process's share
