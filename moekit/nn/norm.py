@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -20,9 +21,18 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = _at_least_fp32(x)
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        if x.dtype == self.weight.dtype and x.dtype in (torch.float32, torch.float64):
+            # Same maths in one fused kernel (equal to rms_norm_composite here; 5.2 -> 3.8 ms fwd+bwd
+            # on [2048, 512] in a one-off run); lower precisions keep the cast-before-weight order.
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        return rms_norm_composite(x, self.weight, self.eps)
+
+
+def rms_norm_composite(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm op by op: normalised in at least fp32, cast back to x's dtype, then times the weight."""
+    x32 = _at_least_fp32(x)
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
 
 
 class LayerNorm(nn.Module):
