@@ -279,6 +279,46 @@ def test_native_loop_expert_choice_with_groups_matches_python_loop(bucket):
 
 
 @needs_native
+def test_native_loop_matches_python_loop_on_random_cases():
+    """fp64, random shapes and plans (token choice with and without capacity, expert choice),
+    activations, biases, bucketing, 1-5 groups on 1-4 threads."""
+    gen = torch.Generator().manual_seed(0)
+
+    def pick(options):
+        return options[int(torch.randint(len(options), (1,), generator=gen))]
+
+    threads = torch.get_num_threads()
+    try:
+        for trial in range(60):
+            E, T = pick(range(1, 13)), pick(range(1, 61))
+            k = pick(range(1, min(3, E) + 1))
+            act, bias = pick(["swiglu", "geglu", "gelu", "relu"]), pick([False, True])
+            cfg = MoEConfig(d_model=pick([4, 8, 16]), expert_hidden=pick([3, 8, 12]), num_experts=E, top_k=k,
+                            activation=act, mlp_bias=bias)
+            experts = Experts(cfg).double()
+            for b in (experts.b_in, experts.b_out):
+                if b is not None:
+                    torch.nn.init.normal_(b, generator=gen)
+            if T >= 2 and pick([False, False, True]):
+                weights_EC, token_ids_EC = torch.rand(E, T, dtype=torch.float64, generator=gen).topk(
+                    pick(range(1, T + 1)), dim=1)
+                plan = plan_expert_choice(token_ids_EC, weights_EC, T)
+            else:
+                ids_TK = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(T)])
+                plan = plan_token_choice(ids_TK, torch.rand(T, k, dtype=torch.float64, generator=gen), E,
+                                         capacity=pick([None, pick(range(1, 2 * T + 1))]))
+            counts, bucket = plan.counts_E.tolist(), pick([False, True])
+            torch.set_num_threads(pick([1, 2, 3, 4]))
+            want = _run_loop(_LoopExperts, (), experts, plan, counts, act, bucket, bias, torch.float64)
+            got = _run_loop(NativeLoopExperts, (pick(range(1, 6)),), experts, plan, counts, act, bucket, bias,
+                            torch.float64)
+            for g, w in zip(got, want):
+                torch.testing.assert_close(g, w, atol=1e-11, rtol=1e-11, msg=lambda m: f"trial {trial}: {m}")
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_native
 @pytest.mark.parametrize("groups", [1, 2])
 def test_native_loop_second_backward_through_the_graph(groups):
     """With groups the backward overwrites h with dL/dh; a second backward through the same graph
