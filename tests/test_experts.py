@@ -490,3 +490,20 @@ def test_native_loop_rejects_a_layout_outside_its_tensors():
     with torch.no_grad(), pytest.raises(RuntimeError, match="expert 2 has"):
         native.load().forward(x, plan.token_ids_N, plan.weights_N, experts.w_in, experts.w_out, None, None,
                               meta, [0, len(counts)], "swiglu", h_rows)
+
+
+@needs_native
+def test_native_loop_rejects_a_token_block_row_outside_h():
+    experts, plan, counts = _loop_case("swiglu", False, None)
+    K, x = sum(counts), torch.randn(plan.num_tokens, 8, dtype=torch.float64)
+    bounds = native.split_groups(counts, 2)
+    meta, pad, h_rows = native.layout(counts, int, bounds)
+    tb = native.token_blocks(plan.token_ids_N[:K], counts, bounds, pad, plan.num_tokens, int)
+    blocks = tb.blocks_B5.clone()
+    blocks[:, 4] = -1  # every block gathers its rows by hidx
+    hidx = tb.hidx_R.clone()
+    hidx[3] = h_rows + 5
+    with torch.no_grad(), pytest.raises(IndexError, match="out of range"):
+        native.load().forward(x, plan.token_ids_N[:K], plan.weights_N[:K], experts.w_in, experts.w_out, None, None,
+                              meta, bounds, "swiglu", h_rows, hidx, tb.token_ids_R, plan.weights_N[:K][tb.order_R],
+                              blocks, tb.bounds)

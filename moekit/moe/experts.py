@@ -5,8 +5,9 @@ Legend: T tokens, D model width, E experts, F expert hidden width, H = 2F for ga
 
 Three fast paths, all checked against :mod:`moekit.moe.reference` by the tests:
 
-* ``native`` (CPU, the default there): the ``loop`` below in C++ (:mod:`moekit.moe.native`), with
-  groups of small experts on the intra-op threads; the tests compare it with the Python loop.
+* ``native`` (CPU, the default there): the ``loop`` below in C++ (:mod:`moekit.moe.native`), small
+  experts' work split over the intra-op threads by expert groups and by token ranges; the tests
+  compare it with the Python loop.
 * ``loop`` (CPU, and any dtype): one fused autograd function. For each expert it gathers its tokens,
   runs its GEMMs on its slice, and scatters the weighted result back; the backward writes each
   expert's weight gradient straight into its slice of one preallocated [E, ...] gradient.
@@ -28,6 +29,7 @@ from torch import nn
 from moekit.config import MoEConfig
 from moekit.moe import native
 from moekit.moe.dispatch import DispatchPlan
+from moekit.moe.rows import bucketed_rows, pad_rows, spill
 from moekit.nn.mlp import activation_fn
 
 
@@ -88,20 +90,6 @@ def _workspace(x_TD: torch.Tensor, counts: list[int], rows, widths: list[int]) -
     return [x_TD.new_empty(m, w) for w in widths]
 
 
-def pad_rows(t_N: torch.Tensor, pad: int) -> torch.Tensor:
-    """``t_N`` followed by ``pad`` zeros: bucketed rows past the last assignment read token 0 with
-    routing weight 0 (never scattered)."""
-    return torch.cat([t_N, t_N.new_zeros(pad)]) if pad else t_N
-
-
-def bucketed_rows(n: int) -> int:
-    """``n`` rounded up to one of 8 sizes per power of two above 16 (at most 1/8 more rows)."""
-    if n <= 16:
-        return n
-    step = 1 << (n.bit_length() - 4)
-    return -(-n // step) * step
-
-
 class _LoopExperts(torch.autograd.Function):
     """out[t] = Σ_{assignments a of t} w_a · down_e(act(in_e(x_t)))  — see the module docstring.
 
@@ -118,7 +106,7 @@ class _LoopExperts(torch.autograd.Function):
                 bucket):
         kept = sum(counts)
         rows = bucketed_rows if bucket else int
-        pad = max((rows(n) - n for n in counts), default=0)
+        pad = spill(counts, rows)
         tok_n, w_n = token_ids_N[:kept], weights_N[:kept].to(x_TD.dtype)
         # Bucketed gathers past the last slice read token 0; its rows are never scattered.
         tok_pad = pad_rows(tok_n, pad)

@@ -39,6 +39,8 @@ from typing import NamedTuple
 
 import torch
 
+from moekit.moe.rows import bucketed_rows, pad_rows, spill
+
 SOURCE = Path(__file__).with_name("csrc") / "loop_experts.cpp"
 
 # Split the experts over the intra-op threads only when one expert's weights (w_in and w_out, in the
@@ -231,17 +233,16 @@ def token_blocks(token_ids_K: torch.Tensor, counts: list[int], bounds: list[int]
     m_B = sizes_GE[nonempty]
     breaks_K = torch.cat([hidx_K.new_zeros(1), (hidx_K.diff() != 1).long().cumsum(0)])
     consecutive_B = breaks_K[start_B + m_B - 1] == breaks_K[start_B]
+    sizes = m_B.tolist()
     blocks, block_bounds = [], [0] * (groups + 1)
     for b, e, start, m, h0, consecutive in zip(nonempty.tolist(), (nonempty % E).tolist(), start_B.tolist(),
-                                               m_B.tolist(), hidx_K[start_B].tolist(), consecutive_B.tolist()):
+                                               sizes, hidx_K[start_B].tolist(), consecutive_B.tolist()):
         r = rows(m)
         blocks.append((start, m, r, e, h0 if consecutive and r == m else -1))
         block_bounds[b // E + 1] += 1
     block_bounds = list(itertools.accumulate(block_bounds))
-    spill = max((r - m for _, m, r, _, _ in blocks), default=0)
-    from moekit.moe.experts import pad_rows  # (experts imports this module)
-
-    return TokenBlocks(pad_rows(hidx_K, spill), pad_rows(token_ids_K[order_K], spill), pad_rows(order_K, spill),
+    pad_B = spill(sizes, rows)
+    return TokenBlocks(pad_rows(hidx_K, pad_B), pad_rows(token_ids_K[order_K], pad_B), pad_rows(order_K, pad_B),
                        torch.tensor(blocks, dtype=torch.long).reshape(-1, 5), block_bounds)
 
 
@@ -252,7 +253,7 @@ def layout(counts: list[int], rows, bounds: list[int]) -> tuple[torch.Tensor, in
     o. Each group after the first is shifted by one more pad (the largest r - n), so the bucketed rows
     an expert spills past its n never reach the next group's rows (written by another thread).
     """
-    pad = max((rows(n) - n for n in counts), default=0)
+    pad = spill(counts, rows)
     meta, s = [], 0
     for g in range(len(bounds) - 1):
         for e in range(bounds[g], bounds[g + 1]):
@@ -270,8 +271,6 @@ class NativeLoopExperts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_TD, token_ids_N, weights_N, w_in_EHD, w_out_EDF, b_in_EH, b_out_ED, counts, act_name,
                 bucket, groups):
-        from moekit.moe.experts import bucketed_rows, pad_rows  # (experts imports this module)
-
         module = load()
         if module is None:
             raise RuntimeError(f"expert_impl='native': the C++ expert loop is unavailable ({unavailable_reason()})")

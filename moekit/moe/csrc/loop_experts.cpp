@@ -226,13 +226,32 @@ TokenBlocks read_token_blocks(const c10::optional<Tensor>& hidx, const c10::opti
   tb.hidx = *hidx, tb.tok = *tok_b, tb.w = *w_b, tb.bounds = block_bounds;
   TORCH_CHECK(tb.tok.size(0) == tb.hidx.size(0) && tb.w.size(0) == tb.hidx.size(0),
               "moekit loop_experts: token block rows disagree");
-  TORCH_CHECK(tb.hidx.numel() == 0 || (tb.hidx.min().item<int64_t>() >= 0 && tb.hidx.max().item<int64_t>() < h_rows),
-              "moekit loop_experts: a token block row lies outside the ", h_rows, " rows of h");
+  // (hidx values are bounds-checked by index_select where gathered; in-place blocks by read_blocks)
   tb.blocks = read_blocks(blocks, tb.hidx.size(0), experts, h_rows);
   TORCH_CHECK(static_cast<int64_t>(block_bounds.size()) == groups + 1 && block_bounds.front() == 0 &&
                   block_bounds.back() == static_cast<int64_t>(tb.blocks.size()),
               "moekit loop_experts: block bounds must run from 0 to the block count, one range per group");
   return tb;
+}
+
+// What forward and backward read and check alike.
+struct Layout {
+  Activation act;
+  std::vector<Slice> slices;
+  int64_t groups, D, H, F;
+  TokenBlocks tb;
+};
+
+Layout read_layout(const Tensor& x, const Tensor& tok, const Tensor& w_in, const Tensor& w_out, const Tensor& meta,
+                   const std::vector<int64_t>& bounds, const std::string& act_name, int64_t h_rows,
+                   const c10::optional<Tensor>& hidx, const c10::optional<Tensor>& tok_b,
+                   const c10::optional<Tensor>& w_b, const c10::optional<Tensor>& blocks,
+                   const std::vector<int64_t>& block_bounds) {
+  const int64_t groups = bounds.size() - 1;
+  TORCH_CHECK(groups >= 1 && bounds.front() == 0 && bounds.back() == w_in.size(0),
+              "moekit loop_experts: group bounds must run from 0 to the expert count");
+  return {parse_activation(act_name), read_meta(meta, w_in, tok.size(0), h_rows), groups, x.size(1), w_in.size(1),
+          w_out.size(2), read_token_blocks(hidx, tok_b, w_b, blocks, block_bounds, groups, w_in.size(0), h_rows)};
 }
 
 }  // namespace
@@ -247,12 +266,13 @@ std::vector<Tensor> loop_experts_forward(const Tensor& x, const Tensor& tok, con
                                          const c10::optional<Tensor>& tok_b, const c10::optional<Tensor>& w_b,
                                          const c10::optional<Tensor>& blocks,
                                          const std::vector<int64_t>& block_bounds) {
-  const auto act = parse_activation(act_name);
-  const auto sl = read_meta(meta, w_in, tok.size(0), h_rows);
-  const int64_t D = x.size(1), H = w_in.size(1), F = w_out.size(2), groups = bounds.size() - 1;
-  TORCH_CHECK(groups >= 1 && bounds.front() == 0 && bounds.back() == w_in.size(0),
-              "moekit loop_experts: group bounds must run from 0 to the expert count");
-  const auto tb = read_token_blocks(hidx, tok_b, w_b, blocks, block_bounds, groups, w_in.size(0), h_rows);
+  const auto L = read_layout(x, tok, w_in, w_out, meta, bounds, act_name, h_rows, hidx, tok_b, w_b, blocks,
+                             block_bounds);
+  // (plain references, not a structured binding: lambdas may not capture those before C++20)
+  const auto& act = L.act;
+  const auto& sl = L.slices;
+  const auto& tb = L.tb;
+  const int64_t groups = L.groups, D = L.D, H = L.H, F = L.F;
   const bool fused = groups == 1;  // one thread of control: each expert's down projection right away
   auto h = x.new_empty({h_rows, H});
   auto out = at::zeros_like(x);
@@ -303,12 +323,13 @@ std::vector<c10::optional<Tensor>> loop_experts_backward(
     int64_t num_assignments, const c10::optional<Tensor>& hidx, const c10::optional<Tensor>& tok_b,
     const c10::optional<Tensor>& w_b, const c10::optional<Tensor>& blocks,
     const std::vector<int64_t>& block_bounds) {
-  const auto act = parse_activation(act_name);
-  const auto sl = read_meta(meta, w_in, tok.size(0), h.size(0));
-  const int64_t D = x.size(1), H = w_in.size(1), F = w_out.size(2), groups = bounds.size() - 1;
-  TORCH_CHECK(groups >= 1 && bounds.front() == 0 && bounds.back() == w_in.size(0),
-              "moekit loop_experts: group bounds must run from 0 to the expert count");
-  const auto tb = read_token_blocks(hidx, tok_b, w_b, blocks, block_bounds, groups, w_in.size(0), h.size(0));
+  const auto L = read_layout(x, tok, w_in, w_out, meta, bounds, act_name, h.size(0), hidx, tok_b, w_b, blocks,
+                             block_bounds);
+  // (plain references, not a structured binding: lambdas may not capture those before C++20)
+  const auto& act = L.act;
+  const auto& sl = L.slices;
+  const auto& tb = L.tb;
+  const int64_t groups = L.groups, D = L.D, H = L.H, F = L.F;
   const bool fused = groups == 1;
   // Every expert's slice is written below (idle experts zeroed by their own thread), so the page faults
   // of these fresh buffers are taken in parallel.
