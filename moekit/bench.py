@@ -35,7 +35,7 @@ from torch import nn
 import moekit
 from moekit.config import MoEConfig
 from moekit.moe import MoELayer, native
-from moekit.nn import MLP
+from moekit.nn import MLP, gemm
 
 WARMUP = 2  # steps per side before timing: the allocator's first steps map fresh pages
 HF_SIDES = ("hf_eager", "hf_grouped_mm")  # transformers' experts_implementation after the prefix
@@ -391,6 +391,7 @@ def run_layer_benchmark(tokens: int = 4096, repeats: int = 5, shapes: Sequence[S
         "machine": platform.machine(),
         "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),
+        "gemm": gemm.backend(),
         "device": "cpu",
         "dtype": dtype,
         "tokens": tokens,
@@ -458,6 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
                    help="bf16: every side under torch.autocast('cpu', bfloat16)")
     p.add_argument("--seed", type=_int_at_least(0), default=0)
+    gemm.add_argument(p)
     p.add_argument("--memory-probe", choices=SIDES, help=argparse.SUPPRESS)
     p.add_argument("--one-shape", action="store_true", help=argparse.SUPPRESS)  # a fresh process's share
     return p
@@ -466,6 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    gemm.choose(args.gemm)
     tokens = args.tokens or (1024 if args.quick else 4096)
     if args.memory_probe:
         if len(args.shapes) != 1:

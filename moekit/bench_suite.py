@@ -27,6 +27,7 @@ import time
 import torch
 
 from moekit import bench, bench_generate, bench_train
+from moekit.nn import gemm
 
 
 def layer_matrix(tokens_list, dtypes, repeats: int, seed: int) -> dict[str, list[dict]]:
@@ -77,6 +78,11 @@ def markdown(report: dict) -> str:
         lines.append(f"| {r['dtype']} | {r['tokens']} | {r['routing']} | {r['moe_fwd_bwd_ms']} ms | "
                      f"{r['dense_fwd_bwd_ms']} ms | **{r['moe_vs_dense']}×**{target} | {_fmt(r['moe_vs_hf_eager'], '×')} | "
                      f"{_fmt(r['moe_vs_hf_grouped_mm'], '×')} | {_fmt(r['peak_ratio_moe_over_dense'])} |")
+    if report["summary"].get("layer_blas"):
+        cells = ", ".join(f"{r['routing']} **{r['moe_vs_dense']}×** ({r['moe_fwd_bwd_ms']} vs {r['dense_fwd_bwd_ms']} ms)"
+                          for r in report["summary"]["layer_blas"])
+        lines += ["", f"The same, fp32 with both sides' GEMMs on torch.mm (`--gemm blas`, the BLAS PyTorch calls; the "
+                      f"rows above use {report['gemm']}), {report['summary']['layer_blas'][0]['tokens']} tokens: {cells}."]
     lines += ["", "| training step | moekit | transformers eager | transformers grouped_mm | moekit vs eager / grouped_mm (target) |",
               "|---|---|---|---|---|"]
     for s in report["train"]["shapes"]:
@@ -105,18 +111,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="1024 tokens, fp32 only, short generation: a few minutes")
     p.add_argument("--markdown", metavar="FILE", help="also write the summary tables as markdown")
     p.add_argument("--seed", type=int, default=0)
+    gemm.add_argument(p)
     args = p.parse_args(argv)
+    gemm.choose(args.gemm)
     start = time.perf_counter()
     tokens_list, dtypes = ((1024,), ("fp32",)) if args.quick else ((512, 4096, 16384), ("fp32", "bf16"))
     repeats = 2 if args.quick else 3
     runs = layer_matrix(tokens_list, dtypes, repeats, args.seed)
+    layer_blas = None
+    if gemm.backend() == "onednn":  # the layer ratios with both sides on torch.mm, as PyTorch runs them
+        with gemm.use_backend("blas"):
+            layer_blas = bench.run_layer_benchmark(tokens=tokens_list[-1] if args.quick else 4096,
+                                                   repeats=repeats + 2, shapes=bench.SUITE_SHAPES, memory=False,
+                                                   seed=args.seed)
     train = bench_train.run_train_benchmark(args.quick, repeats if args.quick else bench_train.TRAIN_REPEATS, args.seed)
     generate = [bench_generate.run_generate_benchmark(*bench_generate.sizes(args.quick), repeats, dtype)
                 for dtype in dtypes]
     report = {"benchmark": "moekit performance suite", "torch": torch.__version__, "threads": torch.get_num_threads(),
-              "quick": args.quick, "layer": runs, "train": train, "generate": generate,
+              "gemm": gemm.backend(), "quick": args.quick, "layer": runs, "layer_blas": layer_blas, "train": train,
+              "generate": generate,
               "scaling": bench_train.scaling(repeats, args.seed, args.quick)}
-    report["summary"] = {"layer": layer_rows(runs["vs_dense"], runs["vs_hf"])}
+    report["summary"] = {"layer": layer_rows(runs["vs_dense"], runs["vs_hf"]),
+                         "layer_blas": layer_rows([layer_blas]) if layer_blas else None}
     report["wall_s"] = round(time.perf_counter() - start, 1)
     if args.markdown:
         with open(args.markdown, "w") as f:

@@ -30,6 +30,7 @@ import torch
 import moekit
 from moekit import MoEConfig, MoELayer
 from moekit.bench import fresh_interpreter_json
+from moekit.nn import gemm
 
 D, LAYERS, VOCAB = 512, 4, 4096
 SHAPES = ((8, 2, 1408), (64, 8, 176))  # Mixtral-like and fine-grained (half E8's active expert FLOPs)
@@ -185,9 +186,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=TRAIN_REPEATS, help=f"timed steps a side (default {TRAIN_REPEATS})")
     p.add_argument("--scaling", action="store_true", help="also the layer's scaling in tokens and experts")
     p.add_argument("--seed", type=int, default=0)
+    gemm.add_argument(p)
     p.add_argument("--one-shape", metavar="E,K,F", help=argparse.SUPPRESS)  # a fresh process's share
     p.add_argument("--layer-case", metavar="E,T", help=argparse.SUPPRESS)  # one scaling case, likewise
     args = p.parse_args(argv)
+    gemm.choose(args.gemm)
     if args.repeats < 1:
         p.error(f"--repeats {args.repeats}: expected >= 1")
     repeats = 2 if args.quick else args.repeats
@@ -225,6 +228,7 @@ def run_train_benchmark(quick: bool, repeats: int, seed: int) -> dict:
     batch, seq = _batch(quick)
     return {"benchmark": "full training step, moekit vs transformers MixtralForCausalLM, same weights",
             "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+            "gemm": gemm.backend(),
             "model": {"vocab": VOCAB, "d_model": D, "layers": LAYERS, "heads": 8, "kv_heads": 2},
             "batch": [batch, seq], "repeats": repeats, "dtype": "fp32",
             "process": "a fresh interpreter per shape",

@@ -22,6 +22,8 @@ from torch import nn
 from moekit.config import MoEConfig, ModelConfig
 from moekit.moe.layer import MoELayer, RoutingStats
 from moekit.nn.attention import build_attention
+from moekit.nn import gemm
+from moekit.nn.gemm import Linear
 from moekit.nn.kv_cache import KVCache
 from moekit.nn.loss import cross_entropy, linear_cross_entropy
 from moekit.nn.mlp import MLP
@@ -103,7 +105,7 @@ class MoETransformer(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
-        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = None if cfg.tie_embeddings else Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.init_weights()
 
     @torch.no_grad()
@@ -180,7 +182,7 @@ class MoETransformer(nn.Module):
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         """Final norm and output projection (times Grok-1's output multiplier)."""
-        logits = F.linear(self.norm(x), self.output_weight())
+        logits = gemm.linear(self.norm(x), self.output_weight())
         return logits * self.cfg.logit_multiplier if self.cfg.logit_multiplier != 1.0 else logits
 
     def output_weight(self) -> torch.Tensor:

@@ -11,6 +11,7 @@ from moekit.moe.dispatch import plan_expert_choice, plan_token_choice
 from moekit.moe import native
 from moekit.moe.experts import Experts, _LoopExperts, bucketed_rows
 from moekit.moe.native import NativeLoopExperts
+from moekit.nn import gemm
 
 from conftest import grads_of, make_layer
 
@@ -387,8 +388,8 @@ def test_native_loop_is_deterministic_and_skips_the_input_gradient(monkeypatch):
         forward = module.forward
 
         @staticmethod
-        def backward(*args):
-            grads.append(module.backward(*args))
+        def backward(*args, **kwargs):
+            grads.append(module.backward(*args, **kwargs))
             return grads[-1]
 
     monkeypatch.setattr(native, "load", lambda: Spy)
@@ -507,3 +508,16 @@ def test_native_loop_rejects_a_token_block_row_outside_h():
         native.load().forward(x, plan.token_ids_N[:K], plan.weights_N[:K], experts.w_in, experts.w_out, None, None,
                               meta, bounds, "swiglu", h_rows, hidx, tb.token_ids_R, plan.weights_N[:K][tb.order_R],
                               blocks, tb.bounds)
+
+
+@needs_native
+@pytest.mark.skipif(native.load() is None or not native.load().have_onednn(), reason="no oneDNN matmul here")
+@pytest.mark.parametrize("groups", [1, 2])
+def test_native_loop_on_onednn_matches_python_loop(groups):
+    """fp32, biases included (oneDNN's GEMM with the bias added by its sum post-op)."""
+    experts, plan, counts = _loop_case("swiglu", True, None, E=9, T=400)
+    want = _run_loop(_LoopExperts, (), experts, plan, counts, "swiglu", True, True, torch.float32)
+    with gemm.use_backend("onednn"):
+        got = _run_loop(NativeLoopExperts, (groups,), experts, plan, counts, "swiglu", True, True, torch.float32)
+    for name, g, w in zip(["out", "x", "weights", "w_in", "w_out", "b_in", "b_out"], got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")

@@ -40,6 +40,7 @@ from typing import NamedTuple
 import torch
 
 from moekit.moe.rows import bucketed_rows, pad_rows, spill
+from moekit.nn import gemm
 
 SOURCE = Path(__file__).with_name("csrc") / "loop_experts.cpp"
 
@@ -284,12 +285,13 @@ class NativeLoopExperts(torch.autograd.Function):
         if len(bounds) > 2:
             tb = token_blocks(token_ids_N[:kept], counts, bounds, pad, x_TD.shape[0], rows)
             blocks = (tb.hidx_R, tb.token_ids_R, w_K[tb.order_R], tb.blocks_B5, tb.bounds)
+        onednn = gemm.onednn_for(x_TD)
         out_TD, h_NH = module.forward(x_TD, tok_pad, w_pad, w_in_EHD, w_out_EDF, b_in_EH, b_out_ED, meta_E4, bounds,
-                                      act_name, h_rows, *blocks)
+                                      act_name, h_rows, *blocks, onednn=onednn)
         ctx.save_for_backward(x_TD, tok_pad, w_pad, w_in_EHD, w_out_EDF, b_in_EH, b_out_ED, h_NH, meta_E4,
                               *blocks[:4])
         ctx.bounds, ctx.act_name, ctx.num_assignments = bounds, act_name, weights_N.shape[0]
-        ctx.weights_dtype, ctx.block_bounds = weights_N.dtype, blocks[4:]
+        ctx.weights_dtype, ctx.block_bounds, ctx.onednn = weights_N.dtype, blocks[4:], onednn
         return out_TD
 
     @staticmethod
@@ -303,10 +305,10 @@ class NativeLoopExperts(torch.autograd.Function):
         # then recomputes h by running the forward again.
         if getattr(ctx, "h_spent", False):
             h_NH = module.forward(*weights, meta_E4, ctx.bounds, ctx.act_name, h_NH.shape[0], *blocks,
-                                  *ctx.block_bounds)[1]
+                                  *ctx.block_bounds, onednn=ctx.onednn)[1]
         grad_x, grad_w, grad_w_in, grad_w_out, grad_b_in, grad_b_out = module.backward(
             grad_out_TD.contiguous(), *weights, h_NH, meta_E4, ctx.bounds, ctx.act_name, need_x,
-            ctx.num_assignments, *blocks, *ctx.block_bounds)
+            ctx.num_assignments, *blocks, *ctx.block_bounds, onednn=ctx.onednn)
         ctx.h_spent = need_x and len(ctx.bounds) > 2
         return (grad_x, None, grad_w.to(ctx.weights_dtype), grad_w_in, grad_w_out, grad_b_in, grad_b_out,
                 None, None, None, None)

@@ -23,6 +23,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from moekit.nn import gemm
+
 CHUNK_BYTES = 8 * 2**20  # fp32 logits per chunk: big enough GEMMs, small enough to stay in reused memory
 # Each chunk also reads and writes all of dL/dW ([V, D] fp32): with C rows that is C/4 FLOP per byte
 # of it, which needs C in the hundreds to stay compute-bound.
@@ -60,7 +62,7 @@ def _compute_dtype(h_TD: torch.Tensor) -> torch.dtype:
 
 def _chunk_logits(h_CD: torch.Tensor, w_VD: torch.Tensor, multiplier: float) -> torch.Tensor:
     """[C, V] logits in fp32 (fp64 for fp64 inputs)."""
-    logits_CV = (h_CD @ w_VD.t()).to(torch.promote_types(h_CD.dtype, torch.float32))
+    logits_CV = gemm.mm(h_CD, w_VD.t()).to(torch.promote_types(h_CD.dtype, torch.float32))
     return logits_CV.mul_(multiplier) if multiplier != 1.0 else logits_CV
 
 
@@ -99,10 +101,10 @@ def _chunked_loss(h_TD, w_VD, targets_T, valid_T, multiplier, chunk, dtype, need
         g_CV = g_CV.to(dtype)
         # 3. Straight into the gradients of h (this chunk's rows) and of W (accumulated).
         if need_h:
-            grad_h_TD[a:b] = g_CV @ w_c
+            gemm.mm(g_CV, w_c, out=grad_h_TD[a:b])
         if need_w:
             if dtype == acc:
-                grad_w_VD.addmm_(g_CV.t(), h_c)
+                gemm.mm(g_CV.t(), h_c, out=grad_w_VD, accumulate=True)
             else:  # a bf16 / fp16 [V, D] product per chunk, summed in fp32
                 grad_w_VD += g_CV.t() @ h_c
     return loss_sum, grad_h_TD, grad_w_VD

@@ -35,7 +35,41 @@
 
 using at::Tensor;
 
+namespace at::native {
+// ATen's oneDNN matmul (ATen/native/mkldnn/Matmul.cpp; its header is not installed): result = alpha a b
+// + beta result, written in place. Declared weak so that a torch built without it (or with another
+// signature) still loads this library, with the pointer null: moekit then uses at::mm.
+__attribute__((weak)) void mkldnn_matmul(const Tensor& mat1, const Tensor& mat2, const Tensor& result, float beta,
+                                         float alpha);
+}  // namespace at::native
+
 namespace {
+
+bool have_onednn() { return &at::native::mkldnn_matmul != nullptr; }
+
+// out = a b, or out += a b. With `onednn`, fp32 products run on oneDNN's GEMM rather than the BLAS's
+// (PyTorch sends fp32 to MKL, whose fp32 GEMM ran 2.0-2.3x slower than oneDNN's on this AMD CPU:
+// MKL takes its AVX2 kernels on non-Intel CPUs; see moekit.nn.gemm).
+bool on_onednn(bool onednn, const Tensor& out, const Tensor& a, const Tensor& b) {
+  return onednn && have_onednn() && a.scalar_type() == at::kFloat && out.is_contiguous() && a.numel() > 0 &&
+         b.numel() > 0;
+}
+
+void gemm(Tensor out, const Tensor& a, const Tensor& b, bool onednn, bool accumulate = false) {
+  if (on_onednn(onednn, out, a, b)) at::native::mkldnn_matmul(a, b, out, accumulate ? 1.0f : 0.0f, 1.0f);
+  else if (accumulate) out.addmm_(a, b);
+  else at::mm_out(out, a, b);
+}
+
+// out = bias + a b, bias broadcast over the rows (at::addmm's rounding: one, after the sum).
+void gemm_bias(Tensor out, const Tensor& bias, const Tensor& a, const Tensor& b, bool onednn) {
+  if (!on_onednn(onednn, out, a, b)) {
+    at::addmm_out(out, bias, a, b);
+    return;
+  }
+  out.copy_(bias.expand_as(out));
+  gemm(out, a, b, onednn, true);
+}
 
 enum class Act { Silu, Gelu, Relu };
 
@@ -172,12 +206,12 @@ struct Buffers {
 // threads add into other rows of out at the same time.
 void down_and_scatter(const Activation& act, const Tensor& h_r, const Tensor& w_out_e,
                       const c10::optional<Tensor>& b_out_e, const Tensor& w_m, const Tensor& tok_m, Tensor& out,
-                      Buffers& buf, bool shared) {
+                      Buffers& buf, bool shared, bool onednn) {
   const int64_t r = h_r.size(0), m = tok_m.size(0);
   auto a = buf.a.slice(0, 0, r), act_r = buf.act.slice(0, 0, r);
   activate(act, h_r, a, act_r);
   auto y = buf.y.slice(0, 0, r);
-  at::mm_out(y, a, w_out_e.t());  // the unweighted down projection
+  gemm(y, a, w_out_e.t(), onednn);  // the unweighted down projection
   auto y_m = y.slice(0, 0, m);
   y_m.mul_(w_m.unsqueeze(1));
   if (b_out_e) y_m.addr_(w_m, *b_out_e);
@@ -240,18 +274,20 @@ struct Layout {
   std::vector<Slice> slices;
   int64_t groups, D, H, F;
   TokenBlocks tb;
+  bool onednn;
 };
 
 Layout read_layout(const Tensor& x, const Tensor& tok, const Tensor& w_in, const Tensor& w_out, const Tensor& meta,
                    const std::vector<int64_t>& bounds, const std::string& act_name, int64_t h_rows,
                    const c10::optional<Tensor>& hidx, const c10::optional<Tensor>& tok_b,
                    const c10::optional<Tensor>& w_b, const c10::optional<Tensor>& blocks,
-                   const std::vector<int64_t>& block_bounds) {
+                   const std::vector<int64_t>& block_bounds, bool onednn) {
   const int64_t groups = bounds.size() - 1;
   TORCH_CHECK(groups >= 1 && bounds.front() == 0 && bounds.back() == w_in.size(0),
               "moekit loop_experts: group bounds must run from 0 to the expert count");
   return {parse_activation(act_name), read_meta(meta, w_in, tok.size(0), h_rows), groups, x.size(1), w_in.size(1),
-          w_out.size(2), read_token_blocks(hidx, tok_b, w_b, blocks, block_bounds, groups, w_in.size(0), h_rows)};
+          w_out.size(2), read_token_blocks(hidx, tok_b, w_b, blocks, block_bounds, groups, w_in.size(0), h_rows),
+          onednn};
 }
 
 }  // namespace
@@ -265,9 +301,9 @@ std::vector<Tensor> loop_experts_forward(const Tensor& x, const Tensor& tok, con
                                          int64_t h_rows, const c10::optional<Tensor>& hidx,
                                          const c10::optional<Tensor>& tok_b, const c10::optional<Tensor>& w_b,
                                          const c10::optional<Tensor>& blocks,
-                                         const std::vector<int64_t>& block_bounds) {
+                                         const std::vector<int64_t>& block_bounds, bool onednn) {
   const auto L = read_layout(x, tok, w_in, w_out, meta, bounds, act_name, h_rows, hidx, tok_b, w_b, blocks,
-                             block_bounds);
+                             block_bounds, onednn);
   // (plain references, not a structured binding: lambdas may not capture those before C++20)
   const auto& act = L.act;
   const auto& sl = L.slices;
@@ -288,11 +324,11 @@ std::vector<Tensor> loop_experts_forward(const Tensor& x, const Tensor& tok, con
       auto x_e = x_buf.slice(0, 0, r);
       at::index_select_out(x_e, x, 0, tok.slice(0, s, s + r));
       auto h_e = h.slice(0, o, o + r);
-      if (b_in) at::addmm_out(h_e, (*b_in)[e], x_e, w_in[e].t());
-      else at::mm_out(h_e, x_e, w_in[e].t());
+      if (b_in) gemm_bias(h_e, (*b_in)[e], x_e, w_in[e].t(), onednn);
+      else gemm(h_e, x_e, w_in[e].t(), onednn);
       if (fused)
         down_and_scatter(act, h_e, w_out[e], b_out ? c10::optional<Tensor>((*b_out)[e]) : c10::nullopt,
-                         w.slice(0, s, s + n), tok.slice(0, s, s + n), out, *buf, false);
+                         w.slice(0, s, s + n), tok.slice(0, s, s + n), out, *buf, false, onednn);
     }
   });
   if (fused) return {out, h};
@@ -307,7 +343,7 @@ std::vector<Tensor> loop_experts_forward(const Tensor& x, const Tensor& tok, con
       auto h_r = block_rows(h, tb.hidx, blk, h_buf);
       down_and_scatter(act, h_r, w_out[blk.e], b_out ? c10::optional<Tensor>((*b_out)[blk.e]) : c10::nullopt,
                        tb.w.slice(0, blk.start, blk.start + blk.m), tb.tok.slice(0, blk.start, blk.start + blk.m), out,
-                       buf, true);
+                       buf, true, onednn);
     }
   });
   return {out, h};
@@ -322,9 +358,9 @@ std::vector<c10::optional<Tensor>> loop_experts_backward(
     const Tensor& meta, const std::vector<int64_t>& bounds, const std::string& act_name, bool need_x,
     int64_t num_assignments, const c10::optional<Tensor>& hidx, const c10::optional<Tensor>& tok_b,
     const c10::optional<Tensor>& w_b, const c10::optional<Tensor>& blocks,
-    const std::vector<int64_t>& block_bounds) {
+    const std::vector<int64_t>& block_bounds, bool onednn) {
   const auto L = read_layout(x, tok, w_in, w_out, meta, bounds, act_name, h.size(0), hidx, tok_b, w_b, blocks,
-                             block_bounds);
+                             block_bounds, onednn);
   // (plain references, not a structured binding: lambdas may not capture those before C++20)
   const auto& act = L.act;
   const auto& sl = L.slices;
@@ -365,13 +401,13 @@ std::vector<c10::optional<Tensor>> loop_experts_backward(
       at::index_select_out(g_e, grad_out, 0, tok_r);
       if (r > n) g_e.slice(0, n, r).zero_();
       auto grad_a = ga_buf.slice(0, 0, r);
-      at::mm_out(grad_a, g_e, w_out[e]);  // dL/da before the routing weight
+      gemm(grad_a, g_e, w_out[e], onednn);  // dL/da before the routing weight
       // dL/dw = <dL/dy, a W_out^T + b_out> = <grad_a, a> + <g, b_out>
       auto grad_w_e = grad_w.slice(0, s, s + n);
       at::linalg_vecdot_out(grad_w_e, grad_a.slice(0, 0, n), a_e.slice(0, 0, n));
       if (b_out) grad_w_e.add_(at::mv(g_e.slice(0, 0, n), (*b_out)[e]));
       g_e.mul_(w_r);  // now dL/d(a W_out^T + b_out)
-      at::mm_out(gw_out_e, g_e.t(), a_e);
+      gemm(gw_out_e, g_e.t(), a_e, onednn);
       if (b_out) {
         auto gb = (*grad_b_out)[e];
         at::sum_out(gb, g_e, kRows);
@@ -391,14 +427,14 @@ std::vector<c10::optional<Tensor>> loop_experts_backward(
       // 3. First projection: the weight gradient; dL/dx here (one group) or in pass B.
       auto x_e = x_buf.slice(0, 0, r);
       at::index_select_out(x_e, x, 0, tok_r);
-      at::mm_out(gw_in_e, grad_h.t(), x_e);
+      gemm(gw_in_e, grad_h.t(), x_e, onednn);
       if (grad_b_in) {
         auto gb = (*grad_b_in)[e];
         at::sum_out(gb, grad_h, kRows);
       }
       if (need_x && fused) {
         auto gx = x_e;  // the gathered input is spent: its buffer takes dL/dx
-        at::mm_out(gx, grad_h, w_in[e]);
+        gemm(gx, grad_h, w_in[e], onednn);
         grad_x->index_add_(0, tok_n, gx.slice(0, 0, n));
       } else if (need_x) {
         // Only its own n rows (the next expert reads past them), and behind autograd's back: no
@@ -416,7 +452,7 @@ std::vector<c10::optional<Tensor>> loop_experts_backward(
       for (int64_t b = tb.bounds[g]; b < tb.bounds[g + 1]; ++b) {
         const Block& blk = tb.blocks[b];
         auto gh = block_rows(h, tb.hidx, blk, gh_buf), gx = gx_buf.slice(0, 0, blk.r);
-        at::mm_out(gx, gh, w_in[blk.e]);
+        gemm(gx, gh, w_in[blk.e], onednn);
         scatter_rows(*grad_x, tb.tok.slice(0, blk.start, blk.start + blk.m), gx.slice(0, 0, blk.m));
       }
     });
@@ -429,12 +465,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("w"), py::arg("w_in"), py::arg("w_out"), py::arg("b_in"), py::arg("b_out"), py::arg("meta"),
         py::arg("bounds"), py::arg("act"), py::arg("h_rows"), py::arg("hidx") = py::none(),
         py::arg("tok_b") = py::none(), py::arg("w_b") = py::none(), py::arg("blocks") = py::none(),
-        py::arg("block_bounds") = std::vector<int64_t>{});
+        py::arg("block_bounds") = std::vector<int64_t>{}, py::arg("onednn") = false);
   m.def("backward", &loop_experts_backward,
         "its backward: (grad_x, grad_weights, grad_w_in, grad_w_out, grad_b_in, grad_b_out)", py::arg("grad_out"),
         py::arg("x"), py::arg("tok"), py::arg("w"), py::arg("w_in"), py::arg("w_out"), py::arg("b_in"),
         py::arg("b_out"), py::arg("h"), py::arg("meta"), py::arg("bounds"), py::arg("act"), py::arg("need_x"),
         py::arg("num_assignments"), py::arg("hidx") = py::none(), py::arg("tok_b") = py::none(),
         py::arg("w_b") = py::none(), py::arg("blocks") = py::none(),
-        py::arg("block_bounds") = std::vector<int64_t>{});
+        py::arg("block_bounds") = std::vector<int64_t>{}, py::arg("onednn") = false);
+  m.def("have_onednn", &have_onednn, "whether ATen's oneDNN matmul was found in this torch");
+  m.def(
+      "mm_out", [](Tensor out, const Tensor& a, const Tensor& b, bool accumulate) { gemm(out, a, b, true, accumulate); },
+      "out = a b (out += a b with accumulate): oneDNN for fp32 where found, else at::mm", py::arg("out"), py::arg("a"),
+      py::arg("b"), py::arg("accumulate") = false);
 }

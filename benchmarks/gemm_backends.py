@@ -1,0 +1,95 @@
+"""fp32 GEMM on this CPU: torch.mm (the BLAS, MKL in the x86-64 wheels) against oneDNN's matmul as
+moekit calls it (moekit.nn.gemm), product by product.
+
+    python benchmarks/gemm_backends.py [--tokens 4096] [--repeats 9]
+
+Per routing (E, k, expert hidden) at d_model 512 and balanced load (T·k/E rows per expert): the six
+products of a SwiGLU expert's forward and backward on its slice (transposed operands as the loops
+pass them), and the same six of the dense FFN of hidden k·F over all T tokens; then small-row
+products (decoding: 1-64 rows). Medians of interleaved repeats, GFLOP/s and the speed-up
+(blas time / onednn time), and the largest relative difference between the two results. One JSON
+document on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+from moekit.nn import gemm
+
+ROUTINGS = ((8, 2, 1408), (64, 8, 176), (128, 8, 88))
+D = 512
+
+
+def six_products(rows: int, hidden: int, g_: torch.Generator) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """(a, b) of each product of a gated FFN step with w_in [2F, D], w_out [D, F]."""
+    x, g = torch.randn(rows, D, generator=g_), torch.randn(rows, D, generator=g_)
+    h, a = torch.randn(rows, 2 * hidden, generator=g_), torch.randn(rows, hidden, generator=g_)
+    w_in, w_out = torch.randn(2 * hidden, D, generator=g_), torch.randn(D, hidden, generator=g_)
+    return {"x w_in^T": (x, w_in.t()), "a w_out^T": (a, w_out.t()), "g w_out": (g, w_out),
+            "g^T a": (g.t(), a), "h^T x": (h.t(), x), "h w_in": (h, w_in)}
+
+
+def time_pair(a: torch.Tensor, b: torch.Tensor, repeats: int) -> dict:
+    out = torch.empty(a.shape[0], b.shape[1])
+    runs = {"blas": [], "onednn": []}
+    for i in range(repeats + 2):  # two warm-up rounds (oneDNN builds its kernel on first use)
+        for name in runs:
+            with gemm.use_backend(name):
+                start = time.perf_counter()
+                gemm.mm(a, b, out=out)
+                if i >= 2:
+                    runs[name].append(time.perf_counter() - start)
+    with gemm.use_backend("blas"):
+        want = gemm.mm(a, b)
+    with gemm.use_backend("onednn"):
+        got = gemm.mm(a, b)
+    flop = 2 * a.shape[0] * a.shape[1] * b.shape[1]
+    t = {name: statistics.median(v) for name, v in runs.items()}
+    return {"shape": [a.shape[0], a.shape[1], b.shape[1]],
+            "blas_gflops": round(flop / t["blas"] / 1e9, 1), "onednn_gflops": round(flop / t["onednn"] / 1e9, 1),
+            "speedup": round(t["blas"] / t["onednn"], 2),
+            "max_rel_diff": float((got - want).abs().max() / want.abs().max()), "_s": t}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tokens", type=int, default=4096)
+    p.add_argument("--repeats", type=int, default=9)
+    args = p.parse_args(argv)
+    if gemm.backend() != "onednn":
+        with gemm.use_backend("onednn"):
+            gemm.backend()  # raises with the reason when oneDNN's matmul is unreachable
+    g_ = torch.Generator().manual_seed(0)
+    report = {"torch": torch.__version__, "machine": platform.machine(), "threads": torch.get_num_threads(),
+              "tokens": args.tokens, "repeats": args.repeats, "routings": [], "small_rows": []}
+    for E, k, F in ROUTINGS:
+        entry = {"routing": f"E{E} k{k} F{F}"}
+        for side, rows, hidden, count in (("per_expert", args.tokens * k // E, F, E), ("dense", args.tokens, k * F, 1)):
+            products = {name: time_pair(a, b, args.repeats) for name, (a, b) in six_products(rows, hidden, g_).items()}
+            total = {name: count * sum(p["_s"][name] for p in products.values()) for name in ("blas", "onednn")}
+            for p_ in products.values():
+                del p_["_s"]
+            entry[side] = {"products": products, "step_ms": {n: round(s * 1e3, 2) for n, s in total.items()}}
+        for name in ("blas", "onednn"):  # dense time / the E experts' time: the loop's GEMM ceiling
+            entry[f"ceiling_{name}"] = round(entry["dense"]["step_ms"][name] / entry["per_expert"]["step_ms"][name], 3)
+        report["routings"].append(entry)
+    for rows in (1, 8, 64):
+        for hidden in (1408, 4096):
+            a, b = torch.randn(rows, D, generator=g_), torch.randn(hidden, D, generator=g_).t()
+            r = time_pair(a, b, args.repeats * 5)
+            del r["_s"]
+            report["small_rows"].append(r)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
