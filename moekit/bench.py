@@ -68,7 +68,6 @@ SUITE_SHAPES = DEFAULT_SHAPES + (Shape(512, 88, 128, 8),)  # the performance sui
 # per-expert GEMMs alone reach against dense: benchmarks/expert_gemm_ceiling.py.
 SPEED_TARGETS = {(8, 2): 1.1, (64, 8): 0.9, (128, 8): 0.75}
 PEAK_RATIO_TARGET = 1.5
-PROBE_WARMUP_TOKENS = 64  # the memory probe's first, unmeasured step (see probe_memory)
 
 
 # ---- the sides -------------------------------------------------------------------------------
@@ -226,23 +225,21 @@ def _reset_peak_rss() -> bool:
 
 
 def probe_memory(name: str, shape: Shape, tokens: int, dtype: str, seed: int) -> dict:
-    """Peak memory one training step adds; meant for a fresh process (see :func:`measure_memory`),
-    where no earlier step left freed memory of this size for this one to reuse. Also reports the
-    parameter gradients' share of that peak (they outlive the step: E128's are 16x dense's)."""
+    """Peak memory one training step adds; meant for a fresh process started by
+    :func:`measure_memory` (glibc's mmap threshold fixed, see there). Also reports the parameter
+    gradients' share of that peak (they outlive the step: E128's are 16x dense's)."""
     side = build_side(name, shape, seed)
+    x = make_input(tokens, shape, seed)
+    grads = cotangents(x)
     # NOTE: a first step also pays once for the process: lazy imports (torch._dynamo and sympy, ~33 MB),
-    # the code pages of the kernels it calls first, thread pools. Counted in the step, that inflated
-    # the sides unequally (E128's layer calls more distinct kernels: +17 MB against dense's +4). One
-    # step on PROBE_WARMUP_TOKENS tokens pays for most of it (oneDNN's kernels for new bf16 GEMM shapes
-    # remain), and leaves only a few freed MB for the measured step to reuse.
-    warm = make_input(PROBE_WARMUP_TOKENS, shape, seed + 1)
-    train_step(side, warm, cotangents(warm), dtype)
+    # thread pools, the code pages of the kernels it calls first and oneDNN's kernels, compiled per new
+    # GEMM shape (~0.6 MB each; E128's layer has ~50 of them). Counted in the step, they inflated the
+    # sides unequally. So the same step runs once unmeasured: every kernel the measured one needs exists.
+    train_step(side, x, grads, dtype)
     # Its parameter gradients go before the baseline: freed inside the measured step instead, their
     # memory would be reused by it and the peak understated (E128 read 0.66x dense so).
     side.module.zero_grad(set_to_none=True)
-    del warm
-    x = make_input(tokens, shape, seed)
-    grads = cotangents(x)
+    x.grad = None
     if _reset_peak_rss():
         before = _status_kb("VmRSS")
         train_step(side, x, grads, dtype)
@@ -256,10 +253,13 @@ def probe_memory(name: str, shape: Shape, tokens: int, dtype: str, seed: int) ->
             "memory_method": method}
 
 
-def fresh_interpreter_json(args: list[str], what: str, module: str = "moekit.bench") -> dict:
-    """``python -m MODULE ARGS`` in a fresh interpreter on this same moekit source: its JSON output."""
+def fresh_interpreter_json(args: list[str], what: str, module: str = "moekit.bench",
+                           env: dict[str, str] | None = None) -> dict:
+    """``python -m MODULE ARGS`` in a fresh interpreter on this same moekit source (``env`` added to
+    this one's environment): its JSON output."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(moekit.__file__)))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    env = {**os.environ, **(env or {}),
+           "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, env=env,
                           check=False)
     if proc.returncode:
@@ -267,19 +267,28 @@ def fresh_interpreter_json(args: list[str], what: str, module: str = "moekit.ben
     return json.loads(proc.stdout)
 
 
+# glibc maps every allocation of at least this many bytes on its own and unmaps it when freed. Its
+# default threshold rises after the first large frees, and from then on freed tensors stay in the heap
+# for later ones to reuse (or not, by size): the warm-up step would then decide how much of the
+# measured step's memory is already resident. Fixed, RSS follows the live tensors. (Checked here with
+# torch.mm on both: a 64-token warm-up and the default threshold read the same peaks within 3%.)
+PROBE_MMAP_THRESHOLD = 128 * 2**10
+
+
 def measure_memory(name: str, shape: Shape, tokens: int, dtype: str, seed: int) -> dict:
     """Runs :func:`probe_memory` in a fresh interpreter."""
     return fresh_interpreter_json(["--memory-probe", name, "--shapes", shape.spec, "--tokens", str(tokens),
-                               "--dtype", dtype, "--seed", str(seed)], f"memory probe {name} {shape.name}")
+                                   "--dtype", dtype, "--seed", str(seed)], f"memory probe {name} {shape.name}",
+                                  env={"MALLOC_MMAP_THRESHOLD_": str(PROBE_MMAP_THRESHOLD)})
 
 
 MEMORY_METHODS = {
     "clear_refs": "VmHWM - VmRSS from /proc/self/status around one step, after resetting the peak "
-                  "by writing 5 to /proc/self/clear_refs; fresh subprocess per side and shape, after one "
-                  f"unmeasured step on {PROBE_WARMUP_TOKENS} tokens",
+                  "by writing 5 to /proc/self/clear_refs; fresh subprocess per side and shape (glibc's mmap "
+                  "threshold fixed at 128 KiB), after the same step once unmeasured",
     "ru_maxrss": "ru_maxrss delta around one step (/proc/self/clear_refs not writable): a lower bound, "
                  "counting only growth above the process's earlier peak; fresh subprocess per side and shape, "
-                 f"after one unmeasured step on {PROBE_WARMUP_TOKENS} tokens",
+                 "after the same step once unmeasured",
 }
 
 

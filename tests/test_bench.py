@@ -36,8 +36,8 @@ def test_memory_probe_in_a_fresh_process():
 
 
 def test_memory_probe_warms_up_before_its_baseline(monkeypatch):
-    """One small step first, and its parameter gradients freed before the baseline (freed during the
-    measured step, their memory would be reused by it)."""
+    """The same step once first (every kernel built), and its parameter gradients freed before the
+    baseline (freed during the measured step, their memory would be reused by it)."""
     steps, sides, grads_at_baseline = [], [], []
     real_step, real_build, real_reset = bench.train_step, bench.build_side, bench._reset_peak_rss
     monkeypatch.setattr(bench, "train_step", lambda side, x, *a: steps.append(x.shape[0]) or real_step(side, x, *a))
@@ -49,7 +49,7 @@ def test_memory_probe_warms_up_before_its_baseline(monkeypatch):
 
     monkeypatch.setattr(bench, "_reset_peak_rss", reset)
     probe = bench.probe_memory("dense", bench.Shape(128, 256, 4, 2), 300, "fp32", 0)
-    assert steps == [bench.PROBE_WARMUP_TOKENS, 300] and probe["param_grads_mb"] > 0
+    assert steps == [300, 300] and probe["param_grads_mb"] > 0
     assert grads_at_baseline and not any(grads_at_baseline[0])
 
 
@@ -57,7 +57,7 @@ def test_memory_probe_counts_no_lazy_import():
     """The step's peak must be the step's: what a first step imports lazily (torch._dynamo, sympy) the
     probe's unmeasured warm-up step imports; a second step at another size must import nothing."""
     code = ("import sys; from moekit import bench; s = bench.Shape(32, 16, 4, 2); "
-            "side = bench.build_side('moe', s, 0); w = bench.make_input(bench.PROBE_WARMUP_TOKENS, s, 1); "
+            "side = bench.build_side('moe', s, 0); w = bench.make_input(64, s, 1); "
             "bench.train_step(side, w, bench.cotangents(w), 'fp32'); x = bench.make_input(256, s, 0); "
             "before = set(sys.modules); bench.train_step(side, x, bench.cotangents(x), 'fp32'); "
             "print(sorted(set(sys.modules) - before))")

@@ -107,15 +107,21 @@ def test_bucketed_expert_gemms_match_exact_rows(activation, bias, capacity):
         torch.testing.assert_close(bucketed, exact, atol=1e-12, rtol=1e-12)
 
 
+@pytest.mark.parametrize("backend", ["blas", "onednn"])
 @pytest.mark.parametrize("impl,fn,bucket_arg", [("loop", _LoopExperts, -1), ("native", NativeLoopExperts, -2)])
-def test_cpu_bf16_experts_bucket_their_rows(monkeypatch, impl, fn, bucket_arg):
+def test_cpu_experts_bucket_their_rows_on_onednn(monkeypatch, impl, fn, bucket_arg, backend):
+    """oneDNN builds a kernel per GEMM shape: bf16 GEMMs always run on it, fp32 ones when it is the
+    backend of moekit.nn.gemm."""
+    if backend == "onednn" and (native.load() is None or not native.load().have_onednn()):
+        pytest.skip("no oneDNN matmul here")
     seen = []
     monkeypatch.setattr(fn, "apply", lambda *args: seen.append(args[bucket_arg]) or args[0].clone())
     layer = make_layer(dtype=torch.float32, expert_impl=impl)
-    layer(torch.randn(20, 16))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with gemm.use_backend(backend):
         layer(torch.randn(20, 16))
-    assert seen == [False, True]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            layer(torch.randn(20, 16))
+    assert seen == [backend == "onednn", True]
 
 
 def test_combine_is_deterministic():
@@ -353,7 +359,7 @@ def test_token_blocks_split_tokens_between_threads():
         rows = bucketed_rows if int(torch.randint(0, 2, (1,), generator=gen)) else int
         bounds = native.split_groups(counts, groups)
         meta, pad, h_rows = native.layout(counts, rows, bounds)
-        tb = native.token_blocks(tok_K, counts, bounds, pad, T, rows)
+        tb = native.token_blocks(tok_K, counts, bounds, pad, T, rows, h_rows)
         K = tok_K.shape[0]
         assert sorted(tb.order_R[:K].tolist()) == list(range(K))  # every assignment once
         owner = {}  # token -> the range that adds into its row
@@ -365,8 +371,8 @@ def test_token_blocks_split_tokens_between_threads():
                 assert torch.equal(tb.hidx_R[start:start + m], a - s + o)  # the expert's rows of h
                 assert torch.equal(tb.token_ids_R[start:start + m], tok_K[a])
                 first = int(tb.hidx_R[start])
-                if r == m and torch.equal(tb.hidx_R[start:start + m], torch.arange(first, first + m)):
-                    assert h0 == first  # consecutive rows of h: read in place
+                if torch.equal(tb.hidx_R[start:start + m], torch.arange(first, first + m)) and first + r <= h_rows:
+                    assert h0 == first  # consecutive rows of h: read in place, bucketed rows too
                 else:
                     assert h0 == -1
                 assert int(tb.hidx_R[start:start + r].max()) < h_rows
@@ -499,7 +505,7 @@ def test_native_loop_rejects_a_token_block_row_outside_h():
     K, x = sum(counts), torch.randn(plan.num_tokens, 8, dtype=torch.float64)
     bounds = native.split_groups(counts, 2)
     meta, pad, h_rows = native.layout(counts, int, bounds)
-    tb = native.token_blocks(plan.token_ids_N[:K], counts, bounds, pad, plan.num_tokens, int)
+    tb = native.token_blocks(plan.token_ids_N[:K], counts, bounds, pad, plan.num_tokens, int, h_rows)
     blocks = tb.blocks_B5.clone()
     blocks[:, 4] = -1  # every block gathers its rows by hidx
     hidx = tb.hidx_R.clone()

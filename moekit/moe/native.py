@@ -211,11 +211,13 @@ class TokenBlocks(NamedTuple):
 
 
 def token_blocks(token_ids_K: torch.Tensor, counts: list[int], bounds: list[int], pad: int, num_tokens: int,
-                 rows) -> TokenBlocks:
+                 rows, h_rows: int) -> TokenBlocks:
     """Splits the kept assignments by token into len(bounds) - 1 ranges of about equal assignments,
     then by expert: block (g, e) holds expert e's assignments whose token lies in range g, in their
     order. The thread of range g adds only into its own tokens' rows, expert by expert. Each block's
-    GEMM runs on r = rows(m) rows; ``pad`` rows past the end keep the spill-over in bounds."""
+    GEMM runs on r = rows(m) rows; ``pad`` rows past the end keep the spill-over in bounds. A block
+    whose m rows are consecutive rows of h (``h_rows`` of them) reads its r rows in place (the r - m
+    past its own are other rows of h: computed on, never scattered)."""
     groups, E, K = len(bounds) - 1, len(counts), token_ids_K.shape[0]
     expert_K = torch.repeat_interleave(torch.arange(E), torch.tensor(counts, dtype=torch.long))
     group_E = torch.repeat_interleave(torch.arange(groups), torch.tensor([b - a for a, b in zip(bounds, bounds[1:])]))
@@ -227,8 +229,8 @@ def token_blocks(token_ids_K: torch.Tensor, counts: list[int], bounds: list[int]
     order_K = torch.argsort(key_K, stable=True)
     sizes_GE = torch.bincount(key_K, minlength=groups * E)
     hidx_K = order_K + group_E[expert_K[order_K]] * pad  # assignment a of a group-g expert: h row a + g·pad
-    # A block whose rows are consecutive rows of h (token-ordered experts, unbucketed) reads h in place:
-    # no break in h rows between its first and last row.
+    # A block whose rows are consecutive rows of h (token-ordered experts) reads h in place: no break in
+    # h rows between its first and last row.
     nonempty = sizes_GE.nonzero()[:, 0]
     start_B = (sizes_GE.cumsum(0) - sizes_GE)[nonempty]
     m_B = sizes_GE[nonempty]
@@ -239,7 +241,7 @@ def token_blocks(token_ids_K: torch.Tensor, counts: list[int], bounds: list[int]
     for b, e, start, m, h0, consecutive in zip(nonempty.tolist(), (nonempty % E).tolist(), start_B.tolist(),
                                                sizes, hidx_K[start_B].tolist(), consecutive_B.tolist()):
         r = rows(m)
-        blocks.append((start, m, r, e, h0 if consecutive and r == m else -1))
+        blocks.append((start, m, r, e, h0 if consecutive and h0 + r <= h_rows else -1))
         block_bounds[b // E + 1] += 1
     block_bounds = list(itertools.accumulate(block_bounds))
     pad_B = spill(sizes, rows)
@@ -283,7 +285,7 @@ class NativeLoopExperts(torch.autograd.Function):
         tok_pad, w_pad = pad_rows(token_ids_N[:kept], pad), pad_rows(w_K, pad)
         blocks = ()
         if len(bounds) > 2:
-            tb = token_blocks(token_ids_N[:kept], counts, bounds, pad, x_TD.shape[0], rows)
+            tb = token_blocks(token_ids_N[:kept], counts, bounds, pad, x_TD.shape[0], rows, h_rows)
             blocks = (tb.hidx_R, tb.token_ids_R, w_K[tb.order_R], tb.blocks_B5, tb.bounds)
         onednn = gemm.onednn_for(x_TD)
         out_TD, h_NH = module.forward(x_TD, tok_pad, w_pad, w_in_EHD, w_out_EDF, b_in_EH, b_out_ED, meta_E4, bounds,

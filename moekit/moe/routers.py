@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moekit.config import MoEConfig
+from moekit.nn import gemm
 
 
 @dataclass
@@ -85,7 +86,7 @@ class Router(nn.Module):
         # flip near-ties.
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
             dtype = router_dtype(x_TD)
-            return F.linear(x_TD.to(dtype), self.weight_ED.to(dtype))
+            return gemm.linear(x_TD.to(dtype), self.weight_ED.to(dtype))
 
     # ---- token-choice selection shared by the routers ----------------------------------------
     def select(self, scores_TE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -185,7 +186,7 @@ class NoisyTopKRouter(Router):
         if self.training:
             with torch.autocast(device_type=x_TD.device.type, enabled=False):
                 dtype = router_dtype(x_TD)
-                scale_TE = F.softplus(F.linear(x_TD.to(dtype), self.noise_weight_ED.to(dtype)))
+                scale_TE = F.softplus(gemm.linear(x_TD.to(dtype), self.noise_weight_ED.to(dtype)))
             noisy_TE = logits_TE + torch.randn_like(logits_TE, dtype=torch.float32) * scale_TE
         probs_TE = noisy_TE.softmax(dim=-1)
         expert_ids_TK, _ = self.select(noisy_TE)

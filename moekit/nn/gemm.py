@@ -27,7 +27,6 @@ import torch.nn.functional as F
 
 BACKENDS = ("auto", "onednn", "blas")
 _override: str | None = None  # set by use_backend (benchmarks and tests); else MOEKIT_GEMM
-_resolved: dict[str, str] = {}
 
 
 def _native():
@@ -47,17 +46,15 @@ def requested() -> str:
 def backend() -> str:
     """The backend fp32 CPU products run on now: ``onednn`` or ``blas``."""
     name = requested()
-    if name == "blas":
-        return name
-    if name not in _resolved:
-        wanted = name == "onednn" or platform.machine().lower() in ("x86_64", "amd64")
-        module = _native() if wanted else None
-        found = module is not None and module.have_onednn()
-        if name == "onednn" and not found:
-            raise RuntimeError("MOEKIT_GEMM=onednn: oneDNN's matmul is unavailable (the C++ extension did not "
-                               "build, or this torch has no oneDNN); use auto or blas")
-        _resolved[name] = "onednn" if found else "blas"
-    return _resolved[name]
+    if name == "blas" or (name == "auto" and platform.machine().lower() not in ("x86_64", "amd64")):
+        return "blas"
+    module = _native()
+    if module is not None and module.have_onednn():
+        return "onednn"
+    if name == "onednn":
+        raise RuntimeError("MOEKIT_GEMM=onednn: oneDNN's matmul is unavailable (the C++ extension did not build, "
+                           "or this torch has no oneDNN); use auto or blas")
+    return "blas"
 
 
 @contextlib.contextmanager
