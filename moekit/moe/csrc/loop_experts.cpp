@@ -152,14 +152,25 @@ void for_each_group(int64_t groups, const Body& body) {
   });
 }
 
-// a = act(gate) * up (gated, with act(gate) left in act_e) or act(h).
-void activate(const Activation& act, const Tensor& h_e, Tensor& a_e, Tensor& act_e) {
+// a = act(gate) * up (gated, with act(gate) left in act_e) or act(h). NOTE: the gate is a column
+// slice of h, and ATen's unary kernels (silu, gelu and their backwards) ran ~6x slower on such a
+// strided input than on a contiguous one (silu over [32768, 176]: 8.3 ms strided, 1.3 ms contiguous,
+// single-threaded here), against 1.5 ms for the copy: so the gate is copied first, into act_e or into
+// gate_c when given (the backward keeps it there for act'(gate)).
+void activate(const Activation& act, const Tensor& h_e, Tensor& a_e, Tensor& act_e,
+              const c10::optional<Tensor>& gate_c = c10::nullopt) {
   if (!act.gated) {
     act_forward(act.kind, h_e, a_e);
     return;
   }
   const int64_t F = a_e.size(1);
-  act_forward(act.kind, h_e.slice(1, 0, F), act_e);
+  if (gate_c) {
+    gate_c->copy_(h_e.slice(1, 0, F));
+    act_forward(act.kind, *gate_c, act_e);
+  } else {
+    act_e.copy_(h_e.slice(1, 0, F));
+    act_forward(act.kind, act_e, act_e);
+  }
   at::mul_out(a_e, act_e, h_e.slice(1, F, 2 * F));
 }
 
@@ -380,7 +391,7 @@ std::vector<c10::optional<Tensor>> loop_experts_backward(
   for_each_group(groups, [&](int64_t g) {
     auto g_buf = x.new_empty({m, D}), x_buf = x.new_empty({m, D}), a_buf = x.new_empty({m, F}),
          act_buf = x.new_empty({m, F}), ga_buf = x.new_empty({m, F}), gh_buf = x.new_empty({m, H}),
-         tmp_buf = x.new_empty({m, F});
+         tmp_buf = x.new_empty({m, F}), gc_buf = x.new_empty({act.gated ? m : 0, F});
     for (int64_t e = bounds[g]; e < bounds[g + 1]; ++e) {
       const auto [s, n, r, o] = sl[e];
       auto gw_in_e = grad_w_in[e], gw_out_e = grad_w_out[e];
@@ -394,8 +405,8 @@ std::vector<c10::optional<Tensor>> loop_experts_backward(
       auto tok_r = tok.slice(0, s, s + r), tok_n = tok.slice(0, s, s + n);
       auto h_e = h.slice(0, o, o + r);
       auto w_r = w.slice(0, s, s + r).unsqueeze(1);  // rows past n: the next assignments' (w is padded)
-      auto a_e = a_buf.slice(0, 0, r), act_e = act_buf.slice(0, 0, r);
-      activate(act, h_e, a_e, act_e);
+      auto a_e = a_buf.slice(0, 0, r), act_e = act_buf.slice(0, 0, r), gate_c = gc_buf.slice(0, 0, r);
+      activate(act, h_e, a_e, act_e, gate_c);
       // 1. Down projection: y = w (a W_out^T + b_out). Bucketed rows get a zero cotangent.
       auto g_e = g_buf.slice(0, 0, r);
       at::index_select_out(g_e, grad_out, 0, tok_r);
@@ -416,10 +427,11 @@ std::vector<c10::optional<Tensor>> loop_experts_backward(
       // 2. Activation.
       auto grad_h = gh_buf.slice(0, 0, r);
       if (act.gated) {
-        auto gate = h_e.slice(1, 0, F), up = h_e.slice(1, F, H);
+        auto up = h_e.slice(1, F, H);
         auto tmp = tmp_buf.slice(0, 0, r), grad_gate = grad_h.slice(1, 0, F), grad_up = grad_h.slice(1, F, H);
         at::mul_out(tmp, grad_a, up);
-        act_backward(act.kind, tmp, gate, grad_gate);
+        act_backward(act.kind, tmp, gate_c, tmp);  // on contiguous tensors (see activate), in place
+        grad_gate.copy_(tmp);
         at::mul_out(grad_up, act_e, grad_a);
       } else {
         act_backward(act.kind, grad_a, h_e, grad_h);
