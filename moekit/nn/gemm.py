@@ -3,8 +3,8 @@
 PyTorch runs an fp32 ``torch.mm`` on a CPU through its BLAS (MKL in the x86-64 wheels). MKL's fp32
 GEMM takes its AVX2 kernels on non-Intel CPUs; oneDNN, also inside PyTorch, picks AVX-512 by the
 CPU's features. On this project's 2-core AMD EPYC (Zen 5) oneDNN ran every product of an FFN step
-(x W^T, its two input and weight gradients, transposed operands included) 2.0-2.3x faster than
-``torch.mm``, equal to fp32 rounding (``python benchmarks/gemm_backends.py``). PyTorch sends only bf16 /
+(x W^T, its two input and weight gradients, transposed operands included) 1.5-2.3x faster than
+``torch.mm`` at the layer benchmark's sizes, equal to fp32 rounding (``python benchmarks/gemm_backends.py``). PyTorch sends only bf16 /
 fp16 (and reduced-precision fp32) products to oneDNN; moekit calls ATen's own oneDNN matmul for fp32
 through its C++ extension (:mod:`moekit.moe.native`), into preallocated outputs.
 

@@ -24,6 +24,7 @@
 // tokens, routing weights), the first m of them expert e's assignments of the thread's tokens; h0 >= 0
 // when those rows of h are h0..h0+r-1 (read in place, no gather).
 #include <torch/extension.h>
+#include <ATen/Context.h>
 #include <ATen/Parallel.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -45,7 +46,8 @@ __attribute__((weak)) void mkldnn_matmul(const Tensor& mat1, const Tensor& mat2,
 
 namespace {
 
-bool have_onednn() { return &at::native::mkldnn_matmul != nullptr; }
+// (a torch built without oneDNN keeps a stub that throws: hasMKLDNN says which)
+bool have_onednn() { return &at::native::mkldnn_matmul != nullptr && at::hasMKLDNN(); }
 
 // out = a b, or out += a b. With `onednn`, fp32 products run on oneDNN's GEMM rather than the BLAS's
 // (PyTorch sends fp32 to MKL, whose fp32 GEMM ran 2.0-2.3x slower than oneDNN's on this AMD CPU:
