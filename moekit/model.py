@@ -16,14 +16,12 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from moekit.config import MoEConfig, ModelConfig
 from moekit.moe.layer import MoELayer, RoutingStats
 from moekit.nn.attention import build_attention
 from moekit.nn import gemm
-from moekit.nn.gemm import Linear
 from moekit.nn.kv_cache import KVCache
 from moekit.nn.loss import cross_entropy, linear_cross_entropy
 from moekit.nn.mlp import MLP
@@ -105,7 +103,7 @@ class MoETransformer(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
-        self.lm_head = None if cfg.tie_embeddings else Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = None if cfg.tie_embeddings else gemm.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.init_weights()
 
     @torch.no_grad()

@@ -307,10 +307,10 @@ class Experts(nn.Module):
             if impl == "grouped_mm":
                 return grouped_mm_experts(x_TD, plan, *params, self.cfg.activation)
             counts = plan.counts_E.tolist()  # the one host sync of the loop path: slice bounds
-            # NOTE: CPU bf16/fp16 GEMMs run on oneDNN, fp32 ones too where moekit.nn.gemm chooses it; oneDNN
-            # compiles a kernel per new shape (~0.6 ms and ~0.6 MB of RSS each, kept in its cache)
+            # NOTE: CPU bf16/fp16 GEMMs run on oneDNN, the C++ loop's fp32 ones too where moekit.nn.gemm
+            # chooses it; oneDNN compiles a kernel per new shape (~0.6 ms and ~0.6 MB of RSS each, cached)
             bucket = x_TD.device.type == "cpu" and (x_TD.dtype in (torch.bfloat16, torch.float16)
-                                                     or gemm.onednn_for(x_TD))
+                                                     or impl == "native" and gemm.onednn_for(x_TD))
             args = (x_TD.contiguous(), plan.token_ids_N, plan.weights_N, *params, counts, self.cfg.activation, bucket)
             if impl == "native":
                 if x_TD.device.type != "cpu":

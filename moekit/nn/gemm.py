@@ -1,18 +1,20 @@
 """Which GEMM moekit's fp32 products run on, on a CPU, and a ``Linear`` that uses it.
 
 PyTorch runs an fp32 ``torch.mm`` on a CPU through its BLAS (MKL in the x86-64 wheels). MKL's fp32
-GEMM takes its AVX2 kernels on non-Intel CPUs; oneDNN, also inside PyTorch, picks AVX-512 by the
-CPU's features. On this project's 2-core AMD EPYC (Zen 5) oneDNN ran every product of an FFN step
-(x W^T, its two input and weight gradients, transposed operands included) 1.5-2.3x faster than
-``torch.mm`` at the layer benchmark's sizes, equal to fp32 rounding (``python benchmarks/gemm_backends.py``). PyTorch sends only bf16 /
-fp16 (and reduced-precision fp32) products to oneDNN; moekit calls ATen's own oneDNN matmul for fp32
-through its C++ extension (:mod:`moekit.moe.native`), into preallocated outputs.
+GEMM takes its AVX2 kernels on non-Intel CPUs; oneDNN, also inside PyTorch, picks its kernels by the
+CPU's features. On this project's 2-core AMD EPYC (Zen 5, AVX-512) oneDNN ran every product of an
+FFN step (x W^T, its input and weight gradients, transposed operands included) 1.5-2.3x faster than
+``torch.mm`` at the layer benchmark's sizes, equal to fp32 rounding
+(``python benchmarks/gemm_backends.py``). PyTorch sends only bf16 / fp16 (and reduced-precision
+fp32) products to oneDNN; moekit calls ATen's own oneDNN matmul for fp32 through its C++ extension
+(:mod:`moekit.moe.native`), into preallocated outputs.
 
 ``MOEKIT_GEMM`` chooses: ``auto`` (the default: oneDNN for fp32 on an x86-64 CPU when the extension
-found it, else the BLAS), ``onednn`` (the same, stated) or ``blas`` (``torch.mm`` everywhere, as
-PyTorch does). Only fp32 CPU tensors are affected; bf16 / fp16 already run on oneDNN through
-``torch.mm``, CUDA on cuBLAS. Under ``torch.compile`` and CPU autocast :func:`linear` is
-``F.linear``, so compiled graphs and autocast see the usual op.
+found it and a first product on it ran: ATen's fp32 path needs AVX-512 or AVX-NE-CONVERT), ``onednn``
+(the same, an error when unavailable) or ``blas`` (``torch.mm`` everywhere, as PyTorch does).
+``torch.backends.mkldnn.enabled = False`` also means ``blas``. Only fp32 CPU tensors are affected;
+bf16 / fp16 already run on oneDNN through ``torch.mm``, CUDA on cuBLAS. Under ``torch.compile``,
+CPU autocast, FX tracing and tensor subclasses :func:`linear` is ``F.linear``.
 """
 
 from __future__ import annotations
@@ -26,34 +28,42 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 BACKENDS = ("auto", "onednn", "blas")
+_X86 = platform.machine().lower() in ("x86_64", "amd64")
 _override: str | None = None  # set by use_backend (benchmarks and tests); else MOEKIT_GEMM
+_native_module = None  # moekit.moe.native, imported on first use
 
 
 def _native():
-    from moekit.moe import native  # (lazy: moekit.moe imports this module's users)
+    global _native_module
+    if _native_module is None:
+        from moekit.moe import native  # (lazy: moekit.moe imports this module's users)
 
-    return native.load()
+        _native_module = native
+    return _native_module.load()
+
+
+def _checked(name: str, source: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"{source}={name!r}: must be one of {', '.join(BACKENDS)}")
+    return name
 
 
 def requested() -> str:
     """The backend asked for: :func:`use_backend`'s, else ``MOEKIT_GEMM``, else ``auto``."""
-    name = _override or os.environ.get("MOEKIT_GEMM", "auto")
-    if name not in BACKENDS:
-        raise ValueError(f"MOEKIT_GEMM={name!r}: must be one of {', '.join(BACKENDS)}")
-    return name
+    return _override or _checked(os.environ.get("MOEKIT_GEMM", "auto"), "MOEKIT_GEMM")
 
 
 def backend() -> str:
-    """The backend fp32 CPU products run on now: ``onednn`` or ``blas``."""
+    """The backend fp32 CPU products run on now: ``onednn`` or ``blas`` (a few µs: call it once per op)."""
     name = requested()
-    if name == "blas" or (name == "auto" and platform.machine().lower() not in ("x86_64", "amd64")):
+    if name == "blas" or (name == "auto" and not _X86) or not torch.backends.mkldnn.enabled:
         return "blas"
     module = _native()
     if module is not None and module.have_onednn():
         return "onednn"
     if name == "onednn":
-        raise RuntimeError("MOEKIT_GEMM=onednn: oneDNN's matmul is unavailable (the C++ extension did not build, "
-                           "or this torch has no oneDNN); use auto or blas")
+        why = _native_module.unavailable_reason() or "this torch's oneDNN matmul did not run an fp32 product here"
+        raise RuntimeError(f"gemm backend 'onednn' is unavailable ({why}); use 'auto' or 'blas'")
     return "blas"
 
 
@@ -62,8 +72,7 @@ def use_backend(name: str):
     """Runs the block with ``name`` (one of :data:`BACKENDS`) as the backend, e.g. to compare them;
     processes started inside it inherit the choice (``MOEKIT_GEMM``)."""
     global _override
-    if name not in BACKENDS:
-        raise ValueError(f"gemm backend {name!r}: must be one of {', '.join(BACKENDS)}")
+    _checked(name, "gemm backend")
     previous, previous_env = _override, os.environ.get("MOEKIT_GEMM")
     _override = os.environ["MOEKIT_GEMM"] = name
     try:
@@ -85,11 +94,8 @@ def add_argument(parser) -> None:
 
 def choose(name: str | None) -> None:
     """Makes ``name`` (None: leave it) the backend of this process and of those it starts."""
-    if name is None:
-        return
-    if name not in BACKENDS:
-        raise ValueError(f"gemm backend {name!r}: must be one of {', '.join(BACKENDS)}")
-    os.environ["MOEKIT_GEMM"] = name
+    if name is not None:
+        os.environ["MOEKIT_GEMM"] = _checked(name, "gemm backend")
 
 
 def onednn_for(t: torch.Tensor) -> bool:
@@ -98,16 +104,25 @@ def onednn_for(t: torch.Tensor) -> bool:
             and backend() == "onednn")
 
 
-def mm(a_MK: torch.Tensor, b_KN: torch.Tensor, out: torch.Tensor | None = None, accumulate: bool = False):
-    """``a @ b`` (into ``out``; added to it with ``accumulate``) on the chosen backend."""
+def mm(a_MK: torch.Tensor, b_KN: torch.Tensor, out: torch.Tensor | None = None, accumulate: bool = False,
+       onednn: bool | None = None) -> torch.Tensor:
+    """``a @ b`` (into ``out``; added to it with ``accumulate``) on the chosen backend (``onednn``:
+    decided by the caller, default :func:`onednn_for`)."""
+    if a_MK.dim() != 2 or b_KN.dim() != 2 or a_MK.shape[1] != b_KN.shape[0] or a_MK.device != b_KN.device:
+        raise ValueError(f"mm: a {tuple(a_MK.shape)} on {a_MK.device} and b {tuple(b_KN.shape)} on {b_KN.device} "
+                         f"must be [M, K] and [K, N] matrices on one device")
+    shape = (a_MK.shape[0], b_KN.shape[1])
     if out is None:
         if accumulate:
             raise ValueError("mm: accumulate=True needs out")
-        out = a_MK.new_empty(a_MK.shape[0], b_KN.shape[1])
+        out = a_MK.new_empty(shape)
+    elif tuple(out.shape) != shape or out.device != a_MK.device:
+        raise ValueError(f"mm: out {tuple(out.shape)} on {out.device} must be {shape} on {a_MK.device}")
     if out.dtype != a_MK.dtype:  # e.g. a bf16 product into an fp32 gradient: cast once, as `out[:] = a @ b`
         return out.add_(a_MK @ b_KN) if accumulate else out.copy_(a_MK @ b_KN)
-    if onednn_for(a_MK) and b_KN.dtype == a_MK.dtype and out.is_contiguous():
-        _native().mm_out(out, a_MK, b_KN, accumulate)
+    module = _native() if (onednn_for(a_MK) if onednn is None else onednn) else None
+    if module is not None and b_KN.dtype == a_MK.dtype and out.is_contiguous():
+        module.mm_out(out, a_MK, b_KN, accumulate)
     elif accumulate:
         out.addmm_(a_MK, b_KN)
     else:
@@ -116,11 +131,12 @@ def mm(a_MK: torch.Tensor, b_KN: torch.Tensor, out: torch.Tensor | None = None, 
 
 
 class _Linear(torch.autograd.Function):
-    """y = x W^T + b with the three products on :func:`mm` (x is [M, K], 2-D and contiguous)."""
+    """y = x W^T + b with the three products on :func:`mm` (x is [M, K], 2-D and contiguous). A
+    backward under grad mode (``create_graph=True``) runs differentiable ops instead."""
 
     @staticmethod
     def forward(ctx, x_MK, w_NK, b_N):
-        y_MN = mm(x_MK, w_NK.t())
+        y_MN = mm(x_MK, w_NK.t(), onednn=True)
         if b_N is not None:
             y_MN += b_N
         ctx.save_for_backward(x_MK, w_NK)
@@ -128,20 +144,25 @@ class _Linear(torch.autograd.Function):
         return y_MN
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_MN):
         x_MK, w_NK = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad
+        if torch.is_grad_enabled():  # a double backward: keep the graph
+            return (grad_MN @ w_NK if need_x else None, grad_MN.t() @ x_MK if need_w else None,
+                    grad_MN.sum(0) if ctx.has_bias and need_b else None)
         grad_MN = grad_MN.contiguous()
-        grad_x = mm(grad_MN, w_NK) if ctx.needs_input_grad[0] else None
-        grad_w = mm(grad_MN.t(), x_MK) if ctx.needs_input_grad[1] else None
-        grad_b = grad_MN.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        grad_x = mm(grad_MN, w_NK, onednn=True) if need_x else None
+        grad_w = mm(grad_MN.t(), x_MK, onednn=True) if need_w else None
+        grad_b = grad_MN.sum(0) if ctx.has_bias and need_b else None
         return grad_x, grad_w, grad_b
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear`` with fp32 CPU products on the chosen backend (:func:`backend`)."""
-    if (torch.is_autocast_enabled("cpu") or not onednn_for(x)
-            or weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype) or x.numel() == 0):
+    plain = all(t is None or type(t) in (torch.Tensor, nn.Parameter) for t in (x, weight, bias))  # (no FX
+    # proxies or tensor subclasses: they keep F.linear's semantics)
+    if (not plain or torch.is_autocast_enabled("cpu") or not onednn_for(x) or weight.dtype != x.dtype
+            or (bias is not None and bias.dtype != x.dtype) or x.numel() == 0 or x.dim() < 2):
         return F.linear(x, weight, bias)
     y = _Linear.apply(x.reshape(-1, x.shape[-1]).contiguous(), weight, bias)
     return y.view(*x.shape[:-1], weight.shape[0])

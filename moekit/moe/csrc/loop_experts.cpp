@@ -46,11 +46,25 @@ __attribute__((weak)) void mkldnn_matmul(const Tensor& mat1, const Tensor& mat2,
 
 namespace {
 
-// (a torch built without oneDNN keeps a stub that throws: hasMKLDNN says which)
-bool have_onednn() { return &at::native::mkldnn_matmul != nullptr && at::hasMKLDNN(); }
+// Whether oneDNN's fp32 matmul runs here: a torch built without oneDNN keeps a stub that throws, and
+// ATen's fp32 path checks the CPU (AVX-512 or AVX-NE-CONVERT on x86), so one small product, once,
+// decides; torch.backends.mkldnn.enabled = False turns it off.
+bool have_onednn() {
+  static const bool runs = [] {
+    if (&at::native::mkldnn_matmul == nullptr || !at::hasMKLDNN()) return false;
+    try {
+      auto a = at::ones({2, 3}), b = at::ones({3, 2}), out = at::zeros({2, 2});
+      at::native::mkldnn_matmul(a, b, out, 0.0f, 1.0f);
+      return out.eq(3).all().item<bool>();
+    } catch (const std::exception&) {
+      return false;
+    }
+  }();
+  return runs && at::globalContext().userEnabledMkldnn();
+}
 
 // out = a b, or out += a b. With `onednn`, fp32 products run on oneDNN's GEMM rather than the BLAS's
-// (PyTorch sends fp32 to MKL, whose fp32 GEMM ran 2.0-2.3x slower than oneDNN's on this AMD CPU:
+// (PyTorch sends fp32 to MKL, whose fp32 GEMM ran 1.5-2.3x slower than oneDNN's on this AMD CPU:
 // MKL takes its AVX2 kernels on non-Intel CPUs; see moekit.nn.gemm).
 bool on_onednn(bool onednn, const Tensor& out, const Tensor& a, const Tensor& b) {
   return onednn && have_onednn() && a.scalar_type() == at::kFloat && out.is_contiguous() && a.numel() > 0 &&
@@ -200,7 +214,9 @@ void scatter_rows(Tensor& into, const Tensor& tok, const Tensor& rows) {
   });
 }
 
-// A block's r rows of h: in place when they are consecutive (h0 >= 0), else gathered into buf.
+// A block's r rows of h: in place when they are consecutive (h0 >= 0), else gathered into buf. In place,
+// the r - m rows past the block's own are other rows of h, possibly never written (the gaps between
+// groups): pass B computes on them row by row and never scatters or sums over them.
 Tensor block_rows(const Tensor& h, const Tensor& hidx, const Block& blk, Tensor& buf) {
   if (blk.h0 >= 0) return h.slice(0, blk.h0, blk.h0 + blk.r);
   auto rows = buf.slice(0, 0, blk.r);
@@ -287,20 +303,18 @@ struct Layout {
   std::vector<Slice> slices;
   int64_t groups, D, H, F;
   TokenBlocks tb;
-  bool onednn;
 };
 
 Layout read_layout(const Tensor& x, const Tensor& tok, const Tensor& w_in, const Tensor& w_out, const Tensor& meta,
                    const std::vector<int64_t>& bounds, const std::string& act_name, int64_t h_rows,
                    const c10::optional<Tensor>& hidx, const c10::optional<Tensor>& tok_b,
                    const c10::optional<Tensor>& w_b, const c10::optional<Tensor>& blocks,
-                   const std::vector<int64_t>& block_bounds, bool onednn) {
+                   const std::vector<int64_t>& block_bounds) {
   const int64_t groups = bounds.size() - 1;
   TORCH_CHECK(groups >= 1 && bounds.front() == 0 && bounds.back() == w_in.size(0),
               "moekit loop_experts: group bounds must run from 0 to the expert count");
   return {parse_activation(act_name), read_meta(meta, w_in, tok.size(0), h_rows), groups, x.size(1), w_in.size(1),
-          w_out.size(2), read_token_blocks(hidx, tok_b, w_b, blocks, block_bounds, groups, w_in.size(0), h_rows),
-          onednn};
+          w_out.size(2), read_token_blocks(hidx, tok_b, w_b, blocks, block_bounds, groups, w_in.size(0), h_rows)};
 }
 
 }  // namespace
@@ -316,7 +330,7 @@ std::vector<Tensor> loop_experts_forward(const Tensor& x, const Tensor& tok, con
                                          const c10::optional<Tensor>& blocks,
                                          const std::vector<int64_t>& block_bounds, bool onednn) {
   const auto L = read_layout(x, tok, w_in, w_out, meta, bounds, act_name, h_rows, hidx, tok_b, w_b, blocks,
-                             block_bounds, onednn);
+                             block_bounds);
   // (plain references, not a structured binding: lambdas may not capture those before C++20)
   const auto& act = L.act;
   const auto& sl = L.slices;
@@ -373,7 +387,7 @@ std::vector<c10::optional<Tensor>> loop_experts_backward(
     const c10::optional<Tensor>& w_b, const c10::optional<Tensor>& blocks,
     const std::vector<int64_t>& block_bounds, bool onednn) {
   const auto L = read_layout(x, tok, w_in, w_out, meta, bounds, act_name, h.size(0), hidx, tok_b, w_b, blocks,
-                             block_bounds, onednn);
+                             block_bounds);
   // (plain references, not a structured binding: lambdas may not capture those before C++20)
   const auto& act = L.act;
   const auto& sl = L.slices;
