@@ -20,6 +20,7 @@ CPU autocast, FX tracing and tensor subclasses :func:`linear` is ``F.linear``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import platform
 
@@ -29,7 +30,6 @@ import torch.nn.functional as F
 
 BACKENDS = ("auto", "onednn", "blas")
 _X86 = platform.machine().lower() in ("x86_64", "amd64")
-_override: str | None = None  # set by use_backend (benchmarks and tests); else MOEKIT_GEMM
 _native_module = None  # moekit.moe.native, imported on first use
 
 
@@ -49,8 +49,9 @@ def _checked(name: str, source: str) -> str:
 
 
 def requested() -> str:
-    """The backend asked for: :func:`use_backend`'s, else ``MOEKIT_GEMM``, else ``auto``."""
-    return _override or _checked(os.environ.get("MOEKIT_GEMM", "auto"), "MOEKIT_GEMM")
+    """The backend asked for: ``MOEKIT_GEMM`` (which :func:`use_backend` and :func:`choose` set), else
+    ``auto``."""
+    return _checked(os.environ.get("MOEKIT_GEMM", "auto"), "MOEKIT_GEMM")
 
 
 def backend() -> str:
@@ -71,14 +72,11 @@ def backend() -> str:
 def use_backend(name: str):
     """Runs the block with ``name`` (one of :data:`BACKENDS`) as the backend, e.g. to compare them;
     processes started inside it inherit the choice (``MOEKIT_GEMM``)."""
-    global _override
-    _checked(name, "gemm backend")
-    previous, previous_env = _override, os.environ.get("MOEKIT_GEMM")
-    _override = os.environ["MOEKIT_GEMM"] = name
+    previous_env = os.environ.get("MOEKIT_GEMM")
+    choose(name)
     try:
         yield
     finally:
-        _override = previous
         if previous_env is None:
             os.environ.pop("MOEKIT_GEMM", None)
         else:
@@ -147,14 +145,11 @@ class _Linear(torch.autograd.Function):
     def backward(ctx, grad_MN):
         x_MK, w_NK = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad
-        if torch.is_grad_enabled():  # a double backward: keep the graph
-            return (grad_MN @ w_NK if need_x else None, grad_MN.t() @ x_MK if need_w else None,
-                    grad_MN.sum(0) if ctx.has_bias and need_b else None)
         grad_MN = grad_MN.contiguous()
-        grad_x = mm(grad_MN, w_NK, onednn=True) if need_x else None
-        grad_w = mm(grad_MN.t(), x_MK, onednn=True) if need_w else None
-        grad_b = grad_MN.sum(0) if ctx.has_bias and need_b else None
-        return grad_x, grad_w, grad_b
+        # under grad mode (create_graph=True: a double backward) differentiable products keep the graph
+        matmul = torch.mm if torch.is_grad_enabled() else functools.partial(mm, onednn=True)
+        return (matmul(grad_MN, w_NK) if need_x else None, matmul(grad_MN.t(), x_MK) if need_w else None,
+                grad_MN.sum(0) if ctx.has_bias and need_b else None)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
