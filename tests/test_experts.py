@@ -517,6 +517,33 @@ def test_native_loop_rejects_a_token_block_row_outside_h():
 
 
 @needs_native
+def test_weight_gradient_blocks_are_reused_and_released(monkeypatch):
+    """A freed weight gradient's block serves the next backward of its size, every element written
+    again (an idle expert's stays exactly zero over the stale values); MOEKIT_GRAD_CACHE_MB bounds the
+    blocks kept; empty_cache() frees them."""
+    native.empty_cache()
+    experts, plan, counts = _loop_case("swiglu", False, None)
+    run = lambda: _run_loop(NativeLoopExperts, (2,), experts, plan, counts, "swiglu", False, False, torch.float64)
+    first = run()
+    want = [t.clone() for t in first]
+    ptrs = {first[3].data_ptr(), first[4].data_ptr()}
+    nbytes = sum(t.numel() * t.element_size() for t in first[3:5])
+    assert native.cached_bytes() == 0
+    first[3].fill_(7.0), first[4].fill_(7.0)  # stale values for the next backward to overwrite
+    del first
+    assert native.cached_bytes() == nbytes
+    again = run()
+    assert {again[3].data_ptr(), again[4].data_ptr()} == ptrs and native.cached_bytes() == 0
+    assert all(torch.equal(g, w) for g, w in zip(again, want))
+    assert torch.equal(again[3][-1], torch.zeros_like(again[3][-1]))
+    del again
+    assert native.empty_cache() == nbytes and native.cached_bytes() == 0
+    monkeypatch.setenv("MOEKIT_GRAD_CACHE_MB", "0")  # read at every free
+    del run()[3:5]
+    assert native.cached_bytes() == 0
+
+
+@needs_native
 @pytest.mark.skipif(native.load() is None or not native.load().have_onednn(), reason="no oneDNN matmul here")
 @pytest.mark.parametrize("groups", [1, 2])
 def test_native_loop_on_onednn_matches_python_loop(groups):

@@ -177,6 +177,18 @@ def unavailable_reason() -> str | None:
     return _state()[1]
 
 
+def empty_cache() -> int:
+    """Frees the weight-gradient blocks the C++ backward keeps for reuse (see ``BlockCache`` in
+    ``csrc/loop_experts.cpp``; ``MOEKIT_GRAD_CACHE_MB`` bounds them, 0 turns the cache off) and returns
+    their bytes. Blocks still held by gradients are not touched. Does not build the loop."""
+    return _loaded[0].release_cache() if _loaded is not None and _loaded[0] is not None else 0
+
+
+def cached_bytes() -> int:
+    """Bytes of freed weight-gradient blocks kept for the next backward (0 before the loop is loaded)."""
+    return _loaded[0].cache_bytes() if _loaded is not None and _loaded[0] is not None else 0
+
+
 def thread_groups(w_in_EHD: torch.Tensor, w_out_EDF: torch.Tensor) -> int:
     """How many groups to split the experts into: one per intra-op thread for small experts, else 1."""
     expert_bytes = (w_in_EHD[0].numel() + w_out_EDF[0].numel()) * w_in_EHD.element_size()

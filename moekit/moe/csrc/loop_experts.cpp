@@ -29,9 +29,13 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/ThreadLocalState.h>
+#include <c10/core/impl/alloc_cpu.h>
 
+#include <cstdlib>
 #include <cstring>
+#include <mutex>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 using at::Tensor;
@@ -85,6 +89,76 @@ void gemm_bias(Tensor out, const Tensor& bias, const Tensor& a, const Tensor& b,
   }
   out.copy_(bias.expand_as(out));
   gemm(out, a, b, onednn, true);
+}
+
+// The weight gradients' buffers come from a cache of freed blocks. NOTE: glibc maps every allocation
+// above 32 MiB (its highest mmap threshold) fresh from the kernel and unmaps it on free, and the first
+// write to each 4 KiB page then faults: E64's and E128's grad_w_in (46 MB fp32) took ~17 ms
+// single-threaded to fault in against ~1 ms to write, on every step that zero_grad(set_to_none=True)
+// had freed the last one. A block freed by its tensor returns here, for the next backward of the same
+// size; MOEKIT_GRAD_CACHE_MB (default 2048; 0 turns the cache off) bounds the bytes kept, and
+// release_cache() hands them all back.
+class BlockCache {
+ public:
+  Tensor empty_like(const Tensor& like) {
+    const size_t bytes = like.numel() * like.element_size();
+    void* p = take(bytes);
+    if (p == nullptr) p = c10::alloc_cpu(bytes);
+    return at::from_blob(
+        p, like.sizes(), [this, bytes](void* q) { give(q, bytes); }, like.options());
+  }
+
+  size_t release() {
+    std::lock_guard<std::mutex> lock(mu_);
+    const size_t freed = bytes_;
+    for (auto& [n, p] : free_) c10::free_cpu(p);
+    free_.clear();
+    bytes_ = 0;
+    return freed;
+  }
+
+  size_t bytes() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return bytes_;
+  }
+
+ private:
+  static size_t limit() {  // read at every free: cheap, and a changed setting applies at once
+    const char* mb = std::getenv("MOEKIT_GRAD_CACHE_MB");
+    return mb ? static_cast<size_t>(std::strtoull(mb, nullptr, 10)) << 20 : size_t{2048} << 20;
+  }
+
+  void* take(size_t bytes) {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = free_.find(bytes);
+    if (it == free_.end()) return nullptr;
+    void* p = it->second;
+    free_.erase(it);
+    bytes_ -= bytes;
+    return p;
+  }
+
+  void give(void* p, size_t bytes) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (bytes_ + bytes <= limit()) {
+        free_.emplace(bytes, p);
+        bytes_ += bytes;
+        return;
+      }
+    }
+    c10::free_cpu(p);
+  }
+
+  std::mutex mu_;
+  std::unordered_multimap<size_t, void*> free_;
+  size_t bytes_ = 0;
+};
+
+// Never destroyed: tensors holding its blocks may outlive the library's static destructors.
+BlockCache& grad_cache() {
+  static auto* cache = new BlockCache();
+  return *cache;
 }
 
 enum class Act { Silu, Gelu, Relu };
@@ -394,9 +468,8 @@ std::vector<c10::optional<Tensor>> loop_experts_backward(
   const auto& tb = L.tb;
   const int64_t groups = L.groups, D = L.D, H = L.H, F = L.F;
   const bool fused = groups == 1;
-  // Every expert's slice is written below (idle experts zeroed by their own thread), so the page faults
-  // of these fresh buffers are taken in parallel.
-  auto grad_w_in = at::empty_like(w_in), grad_w_out = at::empty_like(w_out);
+  // Every expert's slice is written below (idle experts zeroed by their own thread).
+  auto grad_w_in = grad_cache().empty_like(w_in), grad_w_out = grad_cache().empty_like(w_out);
   c10::optional<Tensor> grad_b_in, grad_b_out, grad_x;
   if (b_in) grad_b_in = at::empty_like(*b_in);
   if (b_out) grad_b_out = at::empty_like(*b_out);
@@ -501,6 +574,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("num_assignments"), py::arg("hidx") = py::none(), py::arg("tok_b") = py::none(),
         py::arg("w_b") = py::none(), py::arg("blocks") = py::none(),
         py::arg("block_bounds") = std::vector<int64_t>{}, py::arg("onednn") = false);
+  m.def(
+      "release_cache", [] { return grad_cache().release(); },
+      "frees the cached weight-gradient blocks; returns their bytes");
+  m.def(
+      "cache_bytes", [] { return grad_cache().bytes(); }, "bytes of weight-gradient blocks cached for reuse");
   m.def("have_onednn", &have_onednn, "whether ATen's oneDNN matmul was found in this torch");
   m.def(
       "mm_out", [](Tensor out, const Tensor& a, const Tensor& b, bool accumulate) { gemm(out, a, b, true, accumulate); },
