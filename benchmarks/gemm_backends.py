@@ -9,6 +9,14 @@ pass them), and the same six of the dense FFN of hidden k·F over all T tokens; 
 products (decoding: 1-64 rows). Medians of interleaved repeats, GFLOP/s and the speed-up
 (blas time / onednn time), and the largest relative difference between the two results. One JSON
 document on stdout.
+
+Two GEMM-only ceilings per routing and backend (dense time / the E experts' time: what the layer
+would reach against dense if everything but its GEMMs were free):
+- ``ceiling_<backend>``: every product on all threads, E times one expert's products (its weights
+  stay in cache): the loop with one group (experts too large to split, see moekit.moe.native);
+- ``ceiling_grouped_<backend>``: the experts split into one contiguous group per thread, each
+  thread running its group's products single-threaded, every expert with weights of its own (read
+  from memory as in the loop): the loop with groups (E64, E128 here).
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ import platform
 import statistics
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -59,6 +68,42 @@ def time_pair(a: torch.Tensor, b: torch.Tensor, repeats: int) -> dict:
             "max_rel_diff": float((got - want).abs().max() / want.abs().max()), "_s": t}
 
 
+def grouped_step_s(E: int, rows: int, hidden: int, backend: str, repeats: int, g_: torch.Generator) -> float:
+    """Median seconds of the six products of all E experts, one contiguous group per thread, each thread
+    single-threaded (torch's ops and moekit's oneDNN call release the GIL); activations shared within a
+    thread (hot, as the loop's gathered rows), weights per expert."""
+    threads = torch.get_num_threads()
+    acts = [six_products(rows, hidden, g_) for _ in range(threads)]
+    weights = [(torch.randn(2 * hidden, D, generator=g_), torch.randn(D, hidden, generator=g_)) for _ in range(E)]
+
+    def products(t: int, e: int):
+        w_in, w_out = weights[e]
+        p = acts[t]
+        return [(p["x w_in^T"][0], w_in.t()), (p["a w_out^T"][0], w_out.t()), (p["g w_out"][0], w_out),
+                (p["g^T a"][0], p["g^T a"][1]), (p["h^T x"][0], p["h^T x"][1]), (p["h w_in"][0], w_in)]
+
+    outs = [{k: torch.empty(a.shape[0], b.shape[1]) for k, (a, b) in enumerate(products(t, 0))} for t in range(threads)]
+    bounds = [E * t // threads for t in range(threads + 1)]
+
+    def group(t: int) -> None:
+        for e in range(bounds[t], bounds[t + 1]):
+            for k, (a, b) in enumerate(products(t, e)):
+                gemm.mm(a, b, out=outs[t][k])
+
+    runs = []
+    with gemm.use_backend(backend), ThreadPoolExecutor(threads) as pool:
+        torch.set_num_threads(1)  # per thread: each worker's GEMMs run on it alone
+        try:
+            for i in range(repeats + 2):
+                start = time.perf_counter()
+                list(pool.map(group, range(threads)))
+                if i >= 2:
+                    runs.append(time.perf_counter() - start)
+        finally:
+            torch.set_num_threads(threads)
+    return statistics.median(runs)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokens", type=int, default=4096)
@@ -78,8 +123,12 @@ def main(argv: list[str] | None = None) -> int:
             for p_ in products.values():
                 del p_["_s"]
             entry[side] = {"products": products, "step_ms": {n: round(s * 1e3, 2) for n, s in total.items()}}
-        for name in ("blas", "onednn"):  # dense time / the E experts' time: the loop's GEMM ceiling
-            entry[f"ceiling_{name}"] = round(entry["dense"]["step_ms"][name] / entry["per_expert"]["step_ms"][name], 3)
+        for name in ("blas", "onednn"):  # dense time / the E experts' time: the loop's GEMM ceilings
+            dense_ms = entry["dense"]["step_ms"][name]
+            entry[f"ceiling_{name}"] = round(dense_ms / entry["per_expert"]["step_ms"][name], 3)
+            grouped_ms = grouped_step_s(E, args.tokens * k // E, F, name, args.repeats, g_) * 1e3
+            entry[f"grouped_step_ms_{name}"] = round(grouped_ms, 2)
+            entry[f"ceiling_grouped_{name}"] = round(dense_ms / grouped_ms, 3)
         report["routings"].append(entry)
     for rows in (1, 8, 64):
         for hidden in (1408, 4096):

@@ -561,19 +561,22 @@ std::vector<c10::optional<Tensor>> loop_experts_backward(
   return {grad_x, grad_w, grad_w_in, grad_w_out, grad_b_in, grad_b_out};
 }
 
+// The loop and the GEMM run without the GIL (they touch no Python object): other Python threads go on.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &loop_experts_forward, "the expert slice loop: (out, h)", py::arg("x"), py::arg("tok"),
         py::arg("w"), py::arg("w_in"), py::arg("w_out"), py::arg("b_in"), py::arg("b_out"), py::arg("meta"),
         py::arg("bounds"), py::arg("act"), py::arg("h_rows"), py::arg("hidx") = py::none(),
         py::arg("tok_b") = py::none(), py::arg("w_b") = py::none(), py::arg("blocks") = py::none(),
-        py::arg("block_bounds") = std::vector<int64_t>{}, py::arg("onednn") = false);
+        py::arg("block_bounds") = std::vector<int64_t>{}, py::arg("onednn") = false,
+        py::call_guard<py::gil_scoped_release>());
   m.def("backward", &loop_experts_backward,
         "its backward: (grad_x, grad_weights, grad_w_in, grad_w_out, grad_b_in, grad_b_out)", py::arg("grad_out"),
         py::arg("x"), py::arg("tok"), py::arg("w"), py::arg("w_in"), py::arg("w_out"), py::arg("b_in"),
         py::arg("b_out"), py::arg("h"), py::arg("meta"), py::arg("bounds"), py::arg("act"), py::arg("need_x"),
         py::arg("num_assignments"), py::arg("hidx") = py::none(), py::arg("tok_b") = py::none(),
         py::arg("w_b") = py::none(), py::arg("blocks") = py::none(),
-        py::arg("block_bounds") = std::vector<int64_t>{}, py::arg("onednn") = false);
+        py::arg("block_bounds") = std::vector<int64_t>{}, py::arg("onednn") = false,
+        py::call_guard<py::gil_scoped_release>());
   m.def(
       "release_cache", [] { return grad_cache().release(); },
       "frees the cached weight-gradient blocks; returns their bytes");
@@ -583,5 +586,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def(
       "mm_out", [](Tensor out, const Tensor& a, const Tensor& b, bool accumulate) { gemm(out, a, b, true, accumulate); },
       "out = a b (out += a b with accumulate): oneDNN for fp32 where found, else at::mm", py::arg("out"), py::arg("a"),
-      py::arg("b"), py::arg("accumulate") = false);
+      py::arg("b"), py::arg("accumulate") = false, py::call_guard<py::gil_scoped_release>());
 }
