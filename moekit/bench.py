@@ -240,7 +240,7 @@ def probe_memory(name: str, shape: Shape, tokens: int, dtype: str, seed: int) ->
     # memory would be reused by it and the peak understated (E128 read 0.66x dense so).
     side.module.zero_grad(set_to_none=True)
     x.grad = None
-    native.empty_cache()  # the C++ loop keeps freed weight-gradient blocks for reuse: not before the baseline
+    native.empty_cache()  # the C++ loop keeps freed blocks for reuse: none before the baseline
     if _reset_peak_rss():
         before = _status_kb("VmRSS")
         train_step(side, x, grads, dtype)

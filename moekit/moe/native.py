@@ -178,14 +178,15 @@ def unavailable_reason() -> str | None:
 
 
 def empty_cache() -> int:
-    """Frees the weight-gradient blocks the C++ backward keeps for reuse (see ``BlockCache`` in
-    ``csrc/loop_experts.cpp``; ``MOEKIT_GRAD_CACHE_MB`` bounds them, 0 turns the cache off) and returns
-    their bytes. Blocks still held by gradients are not touched. Does not build the loop."""
+    """Frees the blocks the C++ loop keeps for reuse (freed h and weight-gradient buffers, see
+    ``BlockCache`` in ``csrc/loop_experts.cpp``; ``MOEKIT_BLOCK_CACHE_MB`` bounds them, default 2048,
+    0 turns the cache off) and returns their bytes. Blocks still held by tensors are not touched. Does
+    not build the loop."""
     return _loaded[0].release_cache() if _loaded is not None and _loaded[0] is not None else 0
 
 
 def cached_bytes() -> int:
-    """Bytes of freed weight-gradient blocks kept for the next backward (0 before the loop is loaded)."""
+    """Bytes of freed blocks kept for the next step (0 before the loop is loaded)."""
     return _loaded[0].cache_bytes() if _loaded is not None and _loaded[0] is not None else 0
 
 

@@ -32,10 +32,11 @@
 #include <c10/core/impl/alloc_cpu.h>
 
 #include <cstdlib>
+#include <immintrin.h>
 #include <cstring>
 #include <mutex>
 #include <string>
-#include <unordered_map>
+#include <map>
 #include <vector>
 
 using at::Tensor;
@@ -47,6 +48,13 @@ namespace at::native {
 __attribute__((weak)) void mkldnn_matmul(const Tensor& mat1, const Tensor& mat2, const Tensor& result, float beta,
                                          float alpha);
 }  // namespace at::native
+
+// SLEEF's 16-lane expf (1-ULP), as ATen's AVX-512 kernels call it; exported by libtorch_cpu on x86-64.
+// Weak, like mkldnn_matmul: null where this torch does not export it (the gated SiLU then runs on ATen).
+#pragma GCC push_options
+#pragma GCC target("avx512f")
+extern "C" __attribute__((weak)) __m512 Sleef_expf16_u10(__m512);
+#pragma GCC pop_options
 
 namespace {
 
@@ -91,27 +99,37 @@ void gemm_bias(Tensor out, const Tensor& bias, const Tensor& a, const Tensor& b,
   gemm(out, a, b, onednn, true);
 }
 
-// The weight gradients' buffers come from a cache of freed blocks. NOTE: glibc maps every allocation
-// above 32 MiB (its highest mmap threshold) fresh from the kernel and unmaps it on free, and the first
-// write to each 4 KiB page then faults: E64's and E128's grad_w_in (46 MB fp32) took ~17 ms
-// single-threaded to fault in against ~1 ms to write, on every step that zero_grad(set_to_none=True)
-// had freed the last one. A block freed by its tensor returns here, for the next backward of the same
-// size; MOEKIT_GRAD_CACHE_MB (default 2048; 0 turns the cache off) bounds the bytes kept, and
-// release_cache() hands them all back.
+// Large step buffers (h, the weight gradients) come from a cache of freed blocks. NOTE: glibc maps
+// every allocation above 32 MiB (its highest mmap threshold) fresh from the kernel and unmaps it on
+// free, and the first write to each 4 KiB page then faults: a 46 MB fp32 buffer (E64's h, E64's and
+// E128's grad_w_in) took ~17 ms single-threaded to fault in against ~1 ms to write, on every step. A
+// block freed by its tensor returns here and serves the next request it fits with at most 1/8 to spare
+// (blocks are made a little larger than asked for: h's rows change with the routing);
+// MOEKIT_BLOCK_CACHE_MB (default 2048; 0 turns the cache off) bounds the bytes kept, the oldest block
+// going first; release() hands them all back.
 class BlockCache {
  public:
-  Tensor empty_like(const Tensor& like) {
-    const size_t bytes = like.numel() * like.element_size();
-    void* p = take(bytes);
-    if (p == nullptr) p = c10::alloc_cpu(bytes);
+  Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
+    size_t bytes = options.dtype().itemsize();
+    for (int64_t s : sizes) bytes *= static_cast<size_t>(s);
+    if (bytes == 0) return at::empty(sizes, options);
+    size_t cap = 0;
+    void* p = take(bytes, cap);
+    if (p == nullptr) {
+      // rounded up to one of 16 sizes per power of two, so that the next step's h (a few rows
+      // longer, with other routing) still fits the block
+      const size_t step = std::max<size_t>((size_t{1} << (63 - __builtin_clzll(bytes))) / 16, 64);
+      cap = (bytes + step - 1) / step * step;
+      p = c10::alloc_cpu(cap);
+    }
     return at::from_blob(
-        p, like.sizes(), [this, bytes](void* q) { give(q, bytes); }, like.options());
+        p, sizes, [this, cap](void* q) { give(q, cap); }, options);
   }
 
   size_t release() {
     std::lock_guard<std::mutex> lock(mu_);
     const size_t freed = bytes_;
-    for (auto& [n, p] : free_) c10::free_cpu(p);
+    for (auto& [cap, block] : free_) c10::free_cpu(block.p);
     free_.clear();
     bytes_ = 0;
     return freed;
@@ -123,40 +141,54 @@ class BlockCache {
   }
 
  private:
+  struct Block {
+    void* p;
+    uint64_t age;
+  };
+
   static size_t limit() {  // read at every free: cheap, and a changed setting applies at once
-    const char* mb = std::getenv("MOEKIT_GRAD_CACHE_MB");
+    const char* mb = std::getenv("MOEKIT_BLOCK_CACHE_MB");
     return mb ? static_cast<size_t>(std::strtoull(mb, nullptr, 10)) << 20 : size_t{2048} << 20;
   }
 
-  void* take(size_t bytes) {
+  void* take(size_t bytes, size_t& cap) {
     std::lock_guard<std::mutex> lock(mu_);
-    auto it = free_.find(bytes);
-    if (it == free_.end()) return nullptr;
-    void* p = it->second;
+    auto it = free_.lower_bound(bytes);  // the smallest block that fits
+    if (it == free_.end() || it->first > bytes + bytes / 8) return nullptr;
+    cap = it->first;
+    void* p = it->second.p;
+    bytes_ -= cap;
     free_.erase(it);
-    bytes_ -= bytes;
     return p;
   }
 
-  void give(void* p, size_t bytes) {
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      if (bytes_ + bytes <= limit()) {
-        free_.emplace(bytes, p);
-        bytes_ += bytes;
-        return;
-      }
+  void give(void* p, size_t cap) {
+    std::lock_guard<std::mutex> lock(mu_);
+    const size_t most = limit();
+    if (cap > most) {
+      c10::free_cpu(p);
+      return;
     }
-    c10::free_cpu(p);
+    while (bytes_ + cap > most) {  // the oldest first: sizes no longer asked for age out
+      auto oldest = free_.begin();
+      for (auto it = free_.begin(); it != free_.end(); ++it)
+        if (it->second.age < oldest->second.age) oldest = it;
+      c10::free_cpu(oldest->second.p);
+      bytes_ -= oldest->first;
+      free_.erase(oldest);
+    }
+    free_.emplace(cap, Block{p, clock_++});
+    bytes_ += cap;
   }
 
   std::mutex mu_;
-  std::unordered_multimap<size_t, void*> free_;
+  std::multimap<size_t, Block> free_;  // by capacity
   size_t bytes_ = 0;
+  uint64_t clock_ = 0;
 };
 
 // Never destroyed: tensors holding its blocks may outlive the library's static destructors.
-BlockCache& grad_cache() {
+BlockCache& block_cache() {
   static auto* cache = new BlockCache();
   return *cache;
 }
@@ -190,6 +222,97 @@ void act_backward(Act kind, const Tensor& grad, const Tensor& h, Tensor& out) {
     case Act::Gelu: at::gelu_backward_out(out, grad, h, "none"); break;
     case Act::Relu: at::threshold_backward_out(out, grad, h, 0); break;
   }
+}
+
+// The gated SiLU (SwiGLU) fused, for fp32 on AVX-512: one pass over h instead of ATen's three
+// (gate copy, silu, mul) forward and four backward, the same formulas as ATen's vectorized kernels
+// (silu(g) = g / (1 + exp(-g)), sigmoid(g) = 1 / (1 + exp(-g)), SLEEF's expf). The sigmoid is
+// recomputed in the backward from h, as the ATen path recomputes act(gate).
+bool have_avx512_exp() {
+  static const bool ok = &Sleef_expf16_u10 != nullptr && __builtin_cpu_supports("avx512f");
+  return ok;
+}
+
+bool fused_swiglu(const Activation& act, const Tensor& h) {
+  return act.gated && act.kind == Act::Silu && h.scalar_type() == at::kFloat && h.stride(1) == 1 &&
+         have_avx512_exp();
+}
+
+#pragma GCC push_options
+#pragma GCC target("avx512f")
+inline __m512 exp_neg16(__m512 x) {  // exp(-x), the sign flipped as ATen's neg() does
+  return Sleef_expf16_u10(_mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(x), _mm512_set1_epi32(INT32_MIN))));
+}
+
+// NOTE: h streams from memory here (E64's is 46 MB), and with exp and a division per 16 lanes between
+// its loads the hardware prefetcher fell behind: over [32768, 352] in 128-row blocks, cold, the fused
+// kernel took 8.2 ms against ATen's 5.1 (a copy streams at full speed), 2.0 ms with the rows kAhead
+// ahead prefetched (single-threaded, one-off). Prefetches never fault: past the last row is harmless.
+constexpr int64_t kAhead = 4;
+
+inline __mmask16 lanes(int64_t left) { return left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1); }
+
+// a[i] = silu(h[i, :F]) * h[i, F:2F] for rows i0..i1
+void swiglu_rows(const float* h, int64_t h_ld, float* a, int64_t a_ld, int64_t F, int64_t i0, int64_t i1) {
+  const __m512 one = _mm512_set1_ps(1.f);
+  for (int64_t i = i0; i < i1; ++i) {
+    const float* g = h + i * h_ld;
+    float* o = a + i * a_ld;
+    for (int64_t j = 0; j < F; j += 16) {
+      const __mmask16 m = lanes(F - j);
+      _mm_prefetch(reinterpret_cast<const char*>(g + kAhead * h_ld + j), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(g + kAhead * h_ld + F + j), _MM_HINT_T0);
+      const __m512 gv = _mm512_maskz_loadu_ps(m, g + j), uv = _mm512_maskz_loadu_ps(m, g + F + j);
+      const __m512 act = _mm512_div_ps(gv, _mm512_add_ps(one, exp_neg16(gv)));
+      _mm512_mask_storeu_ps(o + j, m, _mm512_mul_ps(act, uv));
+    }
+  }
+}
+
+// dL/dgate = (da * up) * sigmoid(g) * (1 + g (1 - sigmoid(g))), dL/dup = silu(g) * da, for rows i0..i1
+void swiglu_backward_rows(const float* h, int64_t h_ld, const float* da, int64_t da_ld, float* gh, int64_t gh_ld,
+                          int64_t F, int64_t i0, int64_t i1) {
+  const __m512 one = _mm512_set1_ps(1.f);
+  for (int64_t i = i0; i < i1; ++i) {
+    const float *g = h + i * h_ld, *d = da + i * da_ld;
+    float* o = gh + i * gh_ld;
+    for (int64_t j = 0; j < F; j += 16) {
+      const __mmask16 m = lanes(F - j);
+      _mm_prefetch(reinterpret_cast<const char*>(g + kAhead * h_ld + j), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(g + kAhead * h_ld + F + j), _MM_HINT_T0);
+      const __m512 gv = _mm512_maskz_loadu_ps(m, g + j), uv = _mm512_maskz_loadu_ps(m, g + F + j),
+                   dv = _mm512_maskz_loadu_ps(m, d + j);
+      const __m512 denom = _mm512_add_ps(one, exp_neg16(gv));
+      const __m512 sig = _mm512_div_ps(one, denom), act = _mm512_div_ps(gv, denom);
+      const __m512 dsilu = _mm512_mul_ps(_mm512_mul_ps(_mm512_mul_ps(dv, uv), sig),
+                                         _mm512_add_ps(one, _mm512_mul_ps(gv, _mm512_sub_ps(one, sig))));
+      _mm512_mask_storeu_ps(o + j, m, dsilu);
+      _mm512_mask_storeu_ps(o + F + j, m, _mm512_mul_ps(act, dv));
+    }
+  }
+}
+#pragma GCC pop_options
+
+// Rows split over the intra-op threads when called outside a parallel region (one group), inline
+// inside one (at::parallel_for does not nest).
+template <typename Rows>
+void for_rows(int64_t r, int64_t F, const Rows& rows) {
+  at::parallel_for(0, r, std::max<int64_t>(1, 16384 / std::max<int64_t>(F, 1)), rows);
+}
+
+void swiglu(const Tensor& h, Tensor& a) {
+  const int64_t F = a.size(1);
+  for_rows(h.size(0), F, [&](int64_t i0, int64_t i1) {
+    swiglu_rows(h.data_ptr<float>(), h.stride(0), a.data_ptr<float>(), a.stride(0), F, i0, i1);
+  });
+}
+
+void swiglu_backward(const Tensor& h, const Tensor& grad_a, Tensor& grad_h) {
+  const int64_t F = grad_a.size(1);
+  for_rows(h.size(0), F, [&](int64_t i0, int64_t i1) {
+    swiglu_backward_rows(h.data_ptr<float>(), h.stride(0), grad_a.data_ptr<float>(), grad_a.stride(0),
+                         grad_h.data_ptr<float>(), grad_h.stride(0), F, i0, i1);
+  });
 }
 
 const int64_t kRowDim[] = {0};
@@ -251,6 +374,10 @@ void activate(const Activation& act, const Tensor& h_e, Tensor& a_e, Tensor& act
               const c10::optional<Tensor>& gate_c = c10::nullopt) {
   if (!act.gated) {
     act_forward(act.kind, h_e, a_e);
+    return;
+  }
+  if (fused_swiglu(act, h_e)) {  // act_e and gate_c are not needed then: the backward is fused too
+    swiglu(h_e, a_e);
     return;
   }
   const int64_t F = a_e.size(1);
@@ -411,7 +538,7 @@ std::vector<Tensor> loop_experts_forward(const Tensor& x, const Tensor& tok, con
   const auto& tb = L.tb;
   const int64_t groups = L.groups, D = L.D, H = L.H, F = L.F;
   const bool fused = groups == 1;  // one thread of control: each expert's down projection right away
-  auto h = x.new_empty({h_rows, H});
+  auto h = block_cache().empty({h_rows, H}, x.options());
   auto out = at::zeros_like(x);
   const int64_t m = max_rows(sl);
   // Pass A: per expert, gather its tokens and run its first projection on its rows of h.
@@ -468,8 +595,10 @@ std::vector<c10::optional<Tensor>> loop_experts_backward(
   const auto& tb = L.tb;
   const int64_t groups = L.groups, D = L.D, H = L.H, F = L.F;
   const bool fused = groups == 1;
+  const bool fast_act = fused_swiglu(act, h);  // then no act(gate), gate copy or product buffers
   // Every expert's slice is written below (idle experts zeroed by their own thread).
-  auto grad_w_in = grad_cache().empty_like(w_in), grad_w_out = grad_cache().empty_like(w_out);
+  auto grad_w_in = block_cache().empty(w_in.sizes(), w_in.options()),
+       grad_w_out = block_cache().empty(w_out.sizes(), w_out.options());
   c10::optional<Tensor> grad_b_in, grad_b_out, grad_x;
   if (b_in) grad_b_in = at::empty_like(*b_in);
   if (b_out) grad_b_out = at::empty_like(*b_out);
@@ -478,9 +607,10 @@ std::vector<c10::optional<Tensor>> loop_experts_backward(
   const int64_t m = max_rows(sl);
   // Pass A: per expert, every gradient that sums over all of its rows, and dL/dh.
   for_each_group(groups, [&](int64_t g) {
+    const int64_t m_act = fast_act ? 0 : m;
     auto g_buf = x.new_empty({m, D}), x_buf = x.new_empty({m, D}), a_buf = x.new_empty({m, F}),
-         act_buf = x.new_empty({m, F}), ga_buf = x.new_empty({m, F}), gh_buf = x.new_empty({m, H}),
-         tmp_buf = x.new_empty({m, F}), gc_buf = x.new_empty({act.gated ? m : 0, F});
+         act_buf = x.new_empty({m_act, F}), ga_buf = x.new_empty({m, F}), gh_buf = x.new_empty({m, H}),
+         tmp_buf = x.new_empty({m_act, F}), gc_buf = x.new_empty({act.gated ? m_act : 0, F});
     for (int64_t e = bounds[g]; e < bounds[g + 1]; ++e) {
       const auto [s, n, r, o] = sl[e];
       auto gw_in_e = grad_w_in[e], gw_out_e = grad_w_out[e];
@@ -515,7 +645,9 @@ std::vector<c10::optional<Tensor>> loop_experts_backward(
       grad_a.mul_(w_r);
       // 2. Activation.
       auto grad_h = gh_buf.slice(0, 0, r);
-      if (act.gated) {
+      if (fast_act) {
+        swiglu_backward(h_e, grad_a, grad_h);
+      } else if (act.gated) {
         auto up = h_e.slice(1, F, H);
         auto tmp = tmp_buf.slice(0, 0, r), grad_gate = grad_h.slice(1, 0, F), grad_up = grad_h.slice(1, F, H);
         at::mul_out(tmp, grad_a, up);
@@ -578,10 +710,31 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("block_bounds") = std::vector<int64_t>{}, py::arg("onednn") = false,
         py::call_guard<py::gil_scoped_release>());
   m.def(
-      "release_cache", [] { return grad_cache().release(); },
-      "frees the cached weight-gradient blocks; returns their bytes");
+      "release_cache", [] { return block_cache().release(); }, "frees the cached blocks; returns their bytes");
   m.def(
-      "cache_bytes", [] { return grad_cache().bytes(); }, "bytes of weight-gradient blocks cached for reuse");
+      "cache_bytes", [] { return block_cache().bytes(); }, "bytes of freed blocks cached for reuse");
+  m.def("have_fused_swiglu", &have_avx512_exp, "whether the fused fp32 SwiGLU runs here (AVX-512, SLEEF found)");
+  m.def(
+      "swiglu",
+      [](const Tensor& h) {
+        TORCH_CHECK(h.dim() == 2 && h.size(1) % 2 == 0 && fused_swiglu({Act::Silu, true}, h),
+                    "moekit swiglu: needs an fp32 [r, 2F] tensor, AVX-512 and SLEEF");
+        auto a = h.new_empty({h.size(0), h.size(1) / 2});
+        swiglu(h, a);
+        return a;
+      },
+      "the fused kernel alone: silu(h[:, :F]) * h[:, F:]", py::arg("h"));
+  m.def(
+      "swiglu_backward",
+      [](const Tensor& h, const Tensor& grad_a) {
+        TORCH_CHECK(h.dim() == 2 && fused_swiglu({Act::Silu, true}, h) && grad_a.scalar_type() == at::kFloat &&
+                        grad_a.stride(1) == 1 && grad_a.size(0) == h.size(0) && 2 * grad_a.size(1) == h.size(1),
+                    "moekit swiglu_backward: needs fp32 h [r, 2F] and grad_a [r, F], AVX-512 and SLEEF");
+        auto grad_h = at::empty_like(h, at::MemoryFormat::Contiguous);
+        swiglu_backward(h, grad_a, grad_h);
+        return grad_h;
+      },
+      "the fused backward alone: dL/dh from dL/da", py::arg("h"), py::arg("grad_a"));
   m.def("have_onednn", &have_onednn, "whether ATen's oneDNN matmul was found in this torch");
   m.def(
       "mm_out", [](Tensor out, const Tensor& a, const Tensor& b, bool accumulate) { gemm(out, a, b, true, accumulate); },
