@@ -391,6 +391,36 @@ void activate(const Activation& act, const Tensor& h_e, Tensor& a_e, Tensor& act
   at::mul_out(a_e, act_e, h_e.slice(1, F, 2 * F));
 }
 
+// Rows of a [T, D] tensor in index order are random reads from memory (x, the output gradient, the
+// output's rows added into): each row's cache lines are asked for kAheadRows rows before they are used.
+constexpr int64_t kAheadRows = 4;
+
+inline void prefetch_row(const void* row, size_t bytes, bool write) {
+  const char* p = static_cast<const char*>(row);
+  for (size_t b = 0; b < bytes; b += 64) {
+    if (write) __builtin_prefetch(p + b, 1, 3);
+    else __builtin_prefetch(p + b, 0, 3);
+  }
+}
+
+// out[i] = src[idx[i]] (ATen's index_select along rows), the rows ahead prefetched.
+void gather_rows(Tensor out, const Tensor& src, const Tensor& idx) {
+  TORCH_CHECK(out.is_contiguous() && src.dim() == 2 && src.stride(1) == 1 && idx.is_contiguous() &&
+                  idx.scalar_type() == at::kLong && out.size(0) == idx.size(0) && out.size(1) == src.size(1) &&
+                  out.scalar_type() == src.scalar_type(),
+              "moekit loop_experts: gather_rows needs contiguous rows of one dtype and int64 indices");
+  const int64_t m = idx.size(0), T = src.size(0);
+  const size_t bytes = src.size(1) * src.element_size(), ld = src.stride(0) * src.element_size();
+  const char* s = static_cast<const char*>(src.data_ptr());
+  char* o = static_cast<char*>(out.data_ptr());
+  const int64_t* t = idx.data_ptr<int64_t>();
+  for (int64_t i = 0; i < m; ++i) {
+    TORCH_CHECK_INDEX(t[i] >= 0 && t[i] < T, "moekit loop_experts: row ", t[i], " out of range for ", T, " rows");
+    if (i + kAheadRows < m) prefetch_row(s + t[i + kAheadRows] * ld, bytes, false);  // (never faults)
+    std::memcpy(o + i * bytes, s + t[i] * ld, bytes);
+  }
+}
+
 // into[tok[i]] += rows[i], one row at a time. NOTE: pass B's threads add into disjoint rows of one
 // tensor, which at::index_add_ does not always allow: on bf16 / fp16 with narrow rows (8 wide here)
 // it adds through an fp32 copy of all of `into` and writes every row back (3.6 ms for one row into
@@ -407,7 +437,9 @@ void scatter_rows(Tensor& into, const Tensor& tok, const Tensor& rows) {
     scalar_t* dst = into.data_ptr<scalar_t>();
     const scalar_t* src = rows.data_ptr<scalar_t>();
     for (int64_t i = 0; i < m; ++i) {
-      TORCH_CHECK(t[i] >= 0 && t[i] < T, "moekit loop_experts: token ", t[i], " outside ", T, " rows");
+      TORCH_CHECK_INDEX(t[i] >= 0 && t[i] < T, "moekit loop_experts: token ", t[i], " out of range for ", T,
+                        " rows");
+      if (i + kAheadRows < m) prefetch_row(dst + t[i + kAheadRows] * D, D * sizeof(scalar_t), true);
       scalar_t* __restrict__ d = dst + t[i] * D;
       const scalar_t* __restrict__ x = src + i * stride;
       for (int64_t j = 0; j < D; ++j) d[j] = static_cast<scalar_t>(static_cast<acc_t>(d[j]) + static_cast<acc_t>(x[j]));
@@ -421,7 +453,7 @@ void scatter_rows(Tensor& into, const Tensor& tok, const Tensor& rows) {
 Tensor block_rows(const Tensor& h, const Tensor& hidx, const Block& blk, Tensor& buf) {
   if (blk.h0 >= 0) return h.slice(0, blk.h0, blk.h0 + blk.r);
   auto rows = buf.slice(0, 0, blk.r);
-  at::index_select_out(rows, h, 0, hidx.slice(0, blk.start, blk.start + blk.r));
+  gather_rows(rows, h, hidx.slice(0, blk.start, blk.start + blk.r));
   return rows;
 }
 
@@ -490,7 +522,7 @@ TokenBlocks read_token_blocks(const c10::optional<Tensor>& hidx, const c10::opti
   tb.hidx = *hidx, tb.tok = *tok_b, tb.w = *w_b, tb.bounds = block_bounds;
   TORCH_CHECK(tb.tok.size(0) == tb.hidx.size(0) && tb.w.size(0) == tb.hidx.size(0),
               "moekit loop_experts: token block rows disagree");
-  // (hidx values are bounds-checked by index_select where gathered; in-place blocks by read_blocks)
+  // (hidx values are bounds-checked by gather_rows where gathered; in-place blocks by read_blocks)
   tb.blocks = read_blocks(blocks, tb.hidx.size(0), experts, h_rows);
   TORCH_CHECK(static_cast<int64_t>(block_bounds.size()) == groups + 1 && block_bounds.front() == 0 &&
                   block_bounds.back() == static_cast<int64_t>(tb.blocks.size()),
@@ -550,7 +582,7 @@ std::vector<Tensor> loop_experts_forward(const Tensor& x, const Tensor& tok, con
       const auto [s, n, r, o] = sl[e];
       if (n == 0) continue;
       auto x_e = x_buf.slice(0, 0, r);
-      at::index_select_out(x_e, x, 0, tok.slice(0, s, s + r));
+      gather_rows(x_e, x, tok.slice(0, s, s + r));
       auto h_e = h.slice(0, o, o + r);
       if (b_in) gemm_bias(h_e, (*b_in)[e], x_e, w_in[e].t(), onednn);
       else gemm(h_e, x_e, w_in[e].t(), onednn);
@@ -628,7 +660,7 @@ std::vector<c10::optional<Tensor>> loop_experts_backward(
       activate(act, h_e, a_e, act_e, gate_c);
       // 1. Down projection: y = w (a W_out^T + b_out). Bucketed rows get a zero cotangent.
       auto g_e = g_buf.slice(0, 0, r);
-      at::index_select_out(g_e, grad_out, 0, tok_r);
+      gather_rows(g_e, grad_out, tok_r);
       if (r > n) g_e.slice(0, n, r).zero_();
       auto grad_a = ga_buf.slice(0, 0, r);
       gemm(grad_a, g_e, w_out[e], onednn);  // dL/da before the routing weight
@@ -659,7 +691,7 @@ std::vector<c10::optional<Tensor>> loop_experts_backward(
       }
       // 3. First projection: the weight gradient; dL/dx here (one group) or in pass B.
       auto x_e = x_buf.slice(0, 0, r);
-      at::index_select_out(x_e, x, 0, tok_r);
+      gather_rows(x_e, x, tok_r);
       gemm(gw_in_e, grad_h.t(), x_e, onednn);
       if (grad_b_in) {
         auto gb = (*grad_b_in)[e];
