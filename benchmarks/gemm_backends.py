@@ -71,36 +71,37 @@ def time_pair(a: torch.Tensor, b: torch.Tensor, repeats: int) -> dict:
 def grouped_step_s(E: int, rows: int, hidden: int, backend: str, repeats: int, g_: torch.Generator) -> float:
     """Median seconds of the six products of all E experts, one contiguous group per thread, each thread
     single-threaded (torch's ops and moekit's oneDNN call release the GIL); activations shared within a
-    thread (hot, as the loop's gathered rows), weights per expert."""
+    thread (hot, as the loop's gathered rows), weights per expert (read from memory), operands listed
+    before the clock starts. Python's call overhead (a few µs a product) stays in: a bound from below."""
     threads = torch.get_num_threads()
     acts = [six_products(rows, hidden, g_) for _ in range(threads)]
     weights = [(torch.randn(2 * hidden, D, generator=g_), torch.randn(D, hidden, generator=g_)) for _ in range(E)]
+    bounds = [E * t // threads for t in range(threads + 1)]
 
-    def products(t: int, e: int):
-        w_in, w_out = weights[e]
-        p = acts[t]
+    def products(t: int, e: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        (w_in, w_out), p = weights[e], acts[t]
         return [(p["x w_in^T"][0], w_in.t()), (p["a w_out^T"][0], w_out.t()), (p["g w_out"][0], w_out),
                 (p["g^T a"][0], p["g^T a"][1]), (p["h^T x"][0], p["h^T x"][1]), (p["h w_in"][0], w_in)]
 
-    outs = [{k: torch.empty(a.shape[0], b.shape[1]) for k, (a, b) in enumerate(products(t, 0))} for t in range(threads)]
-    bounds = [E * t // threads for t in range(threads + 1)]
+    work = []  # per thread: (a, b, out) of every product of its experts
+    for t in range(threads):
+        outs = [torch.empty(a.shape[0], b.shape[1]) for a, b in products(t, 0)]
+        work.append([(a, b, out) for e in range(bounds[t], bounds[t + 1])
+                     for (a, b), out in zip(products(t, e), outs)])
 
     def group(t: int) -> None:
-        for e in range(bounds[t], bounds[t + 1]):
-            for k, (a, b) in enumerate(products(t, e)):
-                gemm.mm(a, b, out=outs[t][k])
+        for a, b, out in work[t]:
+            gemm.mm(a, b, out=out)
 
     runs = []
-    with gemm.use_backend(backend), ThreadPoolExecutor(threads) as pool:
-        torch.set_num_threads(1)  # per thread: each worker's GEMMs run on it alone
-        try:
-            for i in range(repeats + 2):
-                start = time.perf_counter()
-                list(pool.map(group, range(threads)))
-                if i >= 2:
-                    runs.append(time.perf_counter() - start)
-        finally:
-            torch.set_num_threads(threads)
+    # each worker sets its own intra-op threads (a thread's count is its own in ATen and OpenMP)
+    with gemm.use_backend(backend), ThreadPoolExecutor(threads, initializer=torch.set_num_threads,
+                                                       initargs=(1,)) as pool:
+        for i in range(repeats + 2):
+            start = time.perf_counter()
+            list(pool.map(group, range(threads)))
+            if i >= 2:
+                runs.append(time.perf_counter() - start)
     return statistics.median(runs)
 
 

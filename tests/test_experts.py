@@ -1,8 +1,9 @@
 """The expert paths (the slice loop in Python and in C++, grouped_mm) against each other and the reference."""
 
+import gc
 import importlib.util
-import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -523,22 +524,22 @@ needs_fused_swiglu = pytest.mark.skipif(native.load() is None or not native.load
 
 def test_fused_swiglu_runs_on_avx512_x86():
     """Where the CPU has AVX-512 the fused kernel must be found: a lost SLEEF symbol fails here."""
-    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     if native.load() is None or " avx512f" not in flags:
         pytest.skip("no AVX-512 or no C++ loop here")
     assert native.load().have_fused_swiglu()
 
 
 @needs_fused_swiglu
-@pytest.mark.parametrize("F", [1, 12, 16, 88, 176])
+@pytest.mark.parametrize("F", [1, 12, 15, 16, 17, 88, 176])
 def test_fused_swiglu_matches_aten(F):
     """Forward against ATen's silu (fp32, same formulas; within a few ulp: ATen's scalar path rounds
-    otherwise), backward against fp64 autograd, over every tail width and values where exp under- and
-    overflows; strided rows as the loop passes them."""
+    otherwise), backward against fp64 autograd, over full vectors and tails of 1-15 lanes and values
+    where exp under- and overflows; strided rows as the loop passes them."""
     g_ = torch.Generator().manual_seed(F)
     h_full = torch.randn(37, 2 * F + 5, generator=g_) * 4
-    h_full[0, :F] = torch.tensor([-100.0, 100.0, -87.0, 89.0, 0.0, -0.0] * 30)[:F]
     h = h_full[:, 2:2 + 2 * F]  # a row stride that is not 2F
+    h[0, :F] = torch.tensor([-100.0, 100.0, -87.0, 89.0, 0.0, -0.0] * 30)[:F]  # exp under- and overflows
     grad_a = torch.randn(37, F, generator=g_)
     gate, up = h[:, :F], h[:, F:]
     mod = native.load()
@@ -548,17 +549,38 @@ def test_fused_swiglu_matches_aten(F):
     torch.testing.assert_close(mod.swiglu_backward(h, grad_a), h64.grad.float(), rtol=1e-5, atol=1e-6)
 
 
+def _cached_case():
+    """Experts whose h and weight gradients are blocks of 1 MiB or more (fp64: w_in 4 MiB, w_out
+    2 MiB, h ~2.4 MiB), expert 3 idle."""
+    torch.manual_seed(0)
+    cfg = MoEConfig(d_model=256, expert_hidden=256, num_experts=4, top_k=2)
+    experts = Experts(cfg).double()
+    ids_TK = torch.stack([torch.randperm(3)[:2] for _ in range(300)])
+    plan = plan_token_choice(ids_TK, torch.rand(300, 2, dtype=torch.float64), 4)
+    return lambda: _run_loop(NativeLoopExperts, (2,), experts, plan, plan.counts_E.tolist(), "swiglu", False, False,
+                             torch.float64)
+
+
+@pytest.fixture
+def block_cache():
+    """An empty block cache at its default bound, restored after the test."""
+    gc.collect()  # tensors of earlier tests still in reference cycles give their blocks back now
+    native.empty_cache()
+    limit = native.cache_limit_mb()
+    yield
+    native.set_cache_limit_mb(limit)
+    native.empty_cache()
+
+
 @needs_native
-def test_freed_blocks_are_reused_and_released(monkeypatch):
+def test_freed_blocks_are_reused_and_released(block_cache):
     """h (freed with the graph) and the weight gradients (freed by their owner) serve the next step
     from the cache, every element written again (an idle expert's gradient stays exactly zero over
-    stale values); MOEKIT_BLOCK_CACHE_MB bounds the bytes kept; empty_cache() frees them."""
-    native.empty_cache()
-    experts, plan, counts = _loop_case("swiglu", False, None)
-    run = lambda: _run_loop(NativeLoopExperts, (2,), experts, plan, counts, "swiglu", False, False, torch.float64)
+    stale values); empty_cache() frees them; a bound of 0 keeps none."""
+    run = _cached_case()
     first = run()
     h_bytes = native.cached_bytes()  # h went back when backward freed the graph
-    assert h_bytes > 0
+    assert h_bytes >= 2**20
     want = [t.clone() for t in first]
     ptrs = {first[3].data_ptr(), first[4].data_ptr()}
     need = sum(t.numel() * t.element_size() for t in first[3:5])
@@ -572,24 +594,30 @@ def test_freed_blocks_are_reused_and_released(monkeypatch):
     assert torch.equal(again[3][-1], torch.zeros_like(again[3][-1]))
     del again
     assert native.empty_cache() == h_bytes + grad_bytes and native.cached_bytes() == 0
-    monkeypatch.setenv("MOEKIT_BLOCK_CACHE_MB", "0")  # read at every free
+    native.set_cache_limit_mb(0)
     del run()[3:5]
     assert native.cached_bytes() == 0
 
 
 @needs_native
-def test_block_cache_keeps_at_most_its_bound(monkeypatch):
-    """Freed blocks past the bound are let go (the oldest first): the bytes kept never exceed it."""
-    native.empty_cache()
-    cfg = MoEConfig(d_model=256, expert_hidden=256, num_experts=4, top_k=2)
-    experts = Experts(cfg).double()  # w_in 2 MiB, w_out 1 MiB in fp64
-    ids_TK = torch.stack([torch.randperm(4)[:2] for _ in range(64)])
-    plan = plan_token_choice(ids_TK, torch.rand(64, 2, dtype=torch.float64), 4)
-    monkeypatch.setenv("MOEKIT_BLOCK_CACHE_MB", "2")
-    del _run_loop(NativeLoopExperts, (2,), experts, plan, plan.counts_E.tolist(), "swiglu", False, False,
-                  torch.float64)[3:5]
-    assert 0 < native.cached_bytes() <= 2 * 2**20
-    native.empty_cache()
+def test_block_cache_keeps_at_most_its_bound(block_cache):
+    """Past the bound, freed blocks are let go, the oldest first; lowering the bound frees the blocks
+    above it at once."""
+    run = _cached_case()
+    native.set_cache_limit_mb(4)
+    out = run()  # h's block (~2.4 MiB) went back with the graph
+    h_bytes = native.cached_bytes()
+    assert 2**21 < h_bytes < 3 * 2**20
+    grad_w_in, grad_w_out = out[3], out[4]  # 4 MiB and 2 MiB blocks
+    del out
+    del grad_w_out  # h's block is older: it goes to make room
+    assert native.cached_bytes() == 2**21
+    del grad_w_in  # w_out's goes
+    assert native.cached_bytes() == 2**22
+    native.set_cache_limit_mb(1)
+    assert native.cached_bytes() == 0
+    with pytest.raises(ValueError, match="MiB"):
+        native.set_cache_limit_mb(-1)
 
 
 @needs_native

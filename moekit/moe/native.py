@@ -178,16 +178,31 @@ def unavailable_reason() -> str | None:
 
 
 def empty_cache() -> int:
-    """Frees the blocks the C++ loop keeps for reuse (freed h and weight-gradient buffers, see
-    ``BlockCache`` in ``csrc/loop_experts.cpp``; ``MOEKIT_BLOCK_CACHE_MB`` bounds them, default 2048,
-    0 turns the cache off) and returns their bytes. Blocks still held by tensors are not touched. Does
-    not build the loop."""
+    """Frees the blocks the C++ loop keeps for reuse (freed h and weight-gradient buffers of 1 MiB or
+    more, see ``BlockCache`` in ``csrc/loop_experts.cpp``) and returns their bytes. Blocks still held
+    by tensors are not touched. Does not build the loop."""
     return _loaded[0].release_cache() if _loaded is not None and _loaded[0] is not None else 0
 
 
 def cached_bytes() -> int:
     """Bytes of freed blocks kept for the next step (0 before the loop is loaded)."""
     return _loaded[0].cache_bytes() if _loaded is not None and _loaded[0] is not None else 0
+
+
+def cache_limit_mb() -> int:
+    """The most MiB of freed blocks kept: ``MOEKIT_BLOCK_CACHE_MB`` (read once), else 2048, unless
+    :func:`set_cache_limit_mb` changed it; 0 when the loop cannot be built."""
+    module = load()
+    return module.cache_limit() >> 20 if module is not None else 0
+
+
+def set_cache_limit_mb(mib: int) -> None:
+    """Bounds the MiB of freed blocks kept (0: none), freeing the oldest above the new bound."""
+    if isinstance(mib, bool) or not isinstance(mib, int) or mib < 0:
+        raise ValueError(f"set_cache_limit_mb: the bound is a whole number of MiB >= 0, got {mib!r}")
+    module = load()
+    if module is not None:
+        module.set_cache_limit(mib << 20)
 
 
 def thread_groups(w_in_EHD: torch.Tensor, w_out_EDF: torch.Tensor) -> int:

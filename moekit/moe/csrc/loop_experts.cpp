@@ -29,15 +29,21 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/ThreadLocalState.h>
-#include <c10/core/impl/alloc_cpu.h>
+#include <c10/core/CPUAllocator.h>
 
+#include <algorithm>
+#include <cstdint>
 #include <cstdlib>
-#include <immintrin.h>
 #include <cstring>
+#include <map>
 #include <mutex>
 #include <string>
-#include <map>
 #include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define MOEKIT_AVX512 1
+#include <immintrin.h>
+#endif
 
 using at::Tensor;
 
@@ -49,12 +55,11 @@ __attribute__((weak)) void mkldnn_matmul(const Tensor& mat1, const Tensor& mat2,
                                          float alpha);
 }  // namespace at::native
 
+#ifdef MOEKIT_AVX512
 // SLEEF's 16-lane expf (1-ULP), as ATen's AVX-512 kernels call it; exported by libtorch_cpu on x86-64.
 // Weak, like mkldnn_matmul: null where this torch does not export it (the gated SiLU then runs on ATen).
-#pragma GCC push_options
-#pragma GCC target("avx512f")
-extern "C" __attribute__((weak)) __m512 Sleef_expf16_u10(__m512);
-#pragma GCC pop_options
+extern "C" __attribute__((weak, target("avx512f"))) __m512 Sleef_expf16_u10(__m512);
+#endif
 
 namespace {
 
@@ -103,33 +108,44 @@ void gemm_bias(Tensor out, const Tensor& bias, const Tensor& a, const Tensor& b,
 // every allocation above 32 MiB (its highest mmap threshold) fresh from the kernel and unmaps it on
 // free, and the first write to each 4 KiB page then faults: a 46 MB fp32 buffer (E64's h, E64's and
 // E128's grad_w_in) took ~17 ms single-threaded to fault in against ~1 ms to write, on every step. A
-// block freed by its tensor returns here and serves the next request it fits with at most 1/8 to spare
-// (blocks are made a little larger than asked for: h's rows change with the routing);
-// MOEKIT_BLOCK_CACHE_MB (default 2048; 0 turns the cache off) bounds the bytes kept, the oldest block
-// going first; release() hands them all back.
+// block of 1 MiB or more freed by its tensor returns here and serves the next request it fits with at
+// most 1/8 to spare (blocks are made a little larger than asked for: h's rows change with the
+// routing); a request that finds no block frees the smaller ones that could not serve it (an h of an
+// earlier, smaller batch). The bytes kept are bounded (MOEKIT_BLOCK_CACHE_MB, read once, default
+// 2048; set_limit; 0 turns the cache off), the oldest block going first; release() hands them all
+// back. The tensors' storages are not resizable.
 class BlockCache {
  public:
+  static constexpr size_t kMinBytes = size_t{1} << 20;
+
   Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
     size_t bytes = options.dtype().itemsize();
-    for (int64_t s : sizes) bytes *= static_cast<size_t>(s);
-    if (bytes == 0) return at::empty(sizes, options);
+    for (int64_t s : sizes) {
+      TORCH_CHECK(s >= 0, "moekit loop_experts: negative size ", s);
+      bytes *= static_cast<size_t>(s);
+    }
+    if (bytes < kMinBytes) return at::empty(sizes, options);
     size_t cap = 0;
     void* p = take(bytes, cap);
     if (p == nullptr) {
-      // rounded up to one of 16 sizes per power of two, so that the next step's h (a few rows
-      // longer, with other routing) still fits the block
-      const size_t step = std::max<size_t>((size_t{1} << (63 - __builtin_clzll(bytes))) / 16, 64);
+      // rounded up to one of 16 sizes per power of two
+      const size_t step = (size_t{1} << (63 - __builtin_clzll(bytes))) / 16;
       cap = (bytes + step - 1) / step * step;
-      p = c10::alloc_cpu(cap);
+      p = allocator()->raw_allocate(cap);
     }
-    return at::from_blob(
-        p, sizes, [this, cap](void* q) { give(q, cap); }, options);
+    try {
+      return at::from_blob(
+          p, sizes, [this, cap](void* q) { give(q, cap); }, options);
+    } catch (...) {
+      give(p, cap);
+      throw;
+    }
   }
 
   size_t release() {
     std::lock_guard<std::mutex> lock(mu_);
     const size_t freed = bytes_;
-    for (auto& [cap, block] : free_) c10::free_cpu(block.p);
+    for (auto& [cap, block] : free_) allocator()->raw_deallocate(block.p);
     free_.clear();
     bytes_ = 0;
     return freed;
@@ -140,21 +156,47 @@ class BlockCache {
     return bytes_;
   }
 
+  size_t limit() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return limit_;
+  }
+
+  void set_limit(size_t bytes) {
+    std::lock_guard<std::mutex> lock(mu_);
+    limit_ = bytes;
+    shrink(0);
+  }
+
  private:
   struct Block {
     void* p;
     uint64_t age;
   };
 
-  static size_t limit() {  // read at every free: cheap, and a changed setting applies at once
+  static c10::Allocator* allocator() { return c10::GetCPUAllocator(); }
+
+  static size_t limit_from_env() {
     const char* mb = std::getenv("MOEKIT_BLOCK_CACHE_MB");
-    return mb ? static_cast<size_t>(std::strtoull(mb, nullptr, 10)) << 20 : size_t{2048} << 20;
+    if (mb == nullptr || *mb == '\0') return size_t{2048} << 20;
+    char* end = nullptr;
+    const long long v = std::strtoll(mb, &end, 10);
+    TORCH_CHECK(*end == '\0' && v >= 0 && v < (1LL << 40), "MOEKIT_BLOCK_CACHE_MB must be a whole number of MiB >= 0, got '",
+                mb, "'");
+    return static_cast<size_t>(v) << 20;
   }
 
   void* take(size_t bytes, size_t& cap) {
     std::lock_guard<std::mutex> lock(mu_);
     auto it = free_.lower_bound(bytes);  // the smallest block that fits
-    if (it == free_.end() || it->first > bytes + bytes / 8) return nullptr;
+    if (it == free_.end() || it->first > bytes + bytes / 8) {
+      // the blocks smaller than asked for, down to half of it: most likely an earlier, smaller h
+      for (auto j = free_.lower_bound(bytes / 2); j != free_.end() && j->first < bytes;) {
+        allocator()->raw_deallocate(j->second.p);
+        bytes_ -= j->first;
+        j = free_.erase(j);
+      }
+      return nullptr;
+    }
     cap = it->first;
     void* p = it->second.p;
     bytes_ -= cap;
@@ -162,21 +204,24 @@ class BlockCache {
     return p;
   }
 
-  void give(void* p, size_t cap) {
-    std::lock_guard<std::mutex> lock(mu_);
-    const size_t most = limit();
-    if (cap > most) {
-      c10::free_cpu(p);
-      return;
-    }
-    while (bytes_ + cap > most) {  // the oldest first: sizes no longer asked for age out
+  void shrink(size_t room) {  // (locked) the oldest blocks go until `room` more bytes fit
+    while (!free_.empty() && bytes_ + room > limit_) {
       auto oldest = free_.begin();
       for (auto it = free_.begin(); it != free_.end(); ++it)
         if (it->second.age < oldest->second.age) oldest = it;
-      c10::free_cpu(oldest->second.p);
+      allocator()->raw_deallocate(oldest->second.p);
       bytes_ -= oldest->first;
       free_.erase(oldest);
     }
+  }
+
+  void give(void* p, size_t cap) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (cap > limit_) {
+      allocator()->raw_deallocate(p);
+      return;
+    }
+    shrink(cap);
     free_.emplace(cap, Block{p, clock_++});
     bytes_ += cap;
   }
@@ -184,6 +229,7 @@ class BlockCache {
   std::mutex mu_;
   std::multimap<size_t, Block> free_;  // by capacity
   size_t bytes_ = 0;
+  size_t limit_ = limit_from_env();
   uint64_t clock_ = 0;
 };
 
@@ -229,8 +275,12 @@ void act_backward(Act kind, const Tensor& grad, const Tensor& h, Tensor& out) {
 // (silu(g) = g / (1 + exp(-g)), sigmoid(g) = 1 / (1 + exp(-g)), SLEEF's expf). The sigmoid is
 // recomputed in the backward from h, as the ATen path recomputes act(gate).
 bool have_avx512_exp() {
+#ifdef MOEKIT_AVX512
   static const bool ok = &Sleef_expf16_u10 != nullptr && __builtin_cpu_supports("avx512f");
   return ok;
+#else
+  return false;
+#endif
 }
 
 bool fused_swiglu(const Activation& act, const Tensor& h) {
@@ -238,30 +288,37 @@ bool fused_swiglu(const Activation& act, const Tensor& h) {
          have_avx512_exp();
 }
 
-#pragma GCC push_options
-#pragma GCC target("avx512f")
-inline __m512 exp_neg16(__m512 x) {  // exp(-x), the sign flipped as ATen's neg() does
-  return Sleef_expf16_u10(_mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(x), _mm512_set1_epi32(INT32_MIN))));
-}
-
 // NOTE: h streams from memory here (E64's is 46 MB), and with exp and a division per 16 lanes between
 // its loads the hardware prefetcher fell behind: over [32768, 352] in 128-row blocks, cold, the fused
-// kernel took 8.2 ms against ATen's 5.1 (a copy streams at full speed), 2.0 ms with the rows kAhead
-// ahead prefetched (single-threaded, one-off). Prefetches never fault: past the last row is harmless.
-constexpr int64_t kAhead = 4;
+// kernel took 8.2 ms against ATen's 5.1 (a copy streams at full speed), 2.0 ms with the rows
+// kAheadRows ahead prefetched (single-threaded, one-off). Gathers and scatters prefetch as far ahead.
+constexpr int64_t kAheadRows = 4;
+
+inline void prefetch_row(const void* row, size_t bytes, bool write) {
+  const char* p = static_cast<const char*>(row);
+  for (size_t b = 0; b < bytes; b += 64) {
+    if (write) __builtin_prefetch(p + b, 1, 3);
+    else __builtin_prefetch(p + b, 0, 3);
+  }
+}
+
+#ifdef MOEKIT_AVX512
+__attribute__((target("avx512f"))) inline __m512 exp_neg16(__m512 x) {  // exp(-x), the sign flipped as ATen's neg()
+  return Sleef_expf16_u10(_mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(x), _mm512_set1_epi32(INT32_MIN))));
+}
 
 inline __mmask16 lanes(int64_t left) { return left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1); }
 
 // a[i] = silu(h[i, :F]) * h[i, F:2F] for rows i0..i1
-void swiglu_rows(const float* h, int64_t h_ld, float* a, int64_t a_ld, int64_t F, int64_t i0, int64_t i1) {
+__attribute__((target("avx512f"))) void swiglu_rows(const float* h, int64_t h_ld, float* a, int64_t a_ld, int64_t F,
+                                                    int64_t i0, int64_t i1) {
   const __m512 one = _mm512_set1_ps(1.f);
   for (int64_t i = i0; i < i1; ++i) {
     const float* g = h + i * h_ld;
     float* o = a + i * a_ld;
+    if (i + kAheadRows < i1) prefetch_row(g + kAheadRows * h_ld, 2 * F * sizeof(float), false);
     for (int64_t j = 0; j < F; j += 16) {
       const __mmask16 m = lanes(F - j);
-      _mm_prefetch(reinterpret_cast<const char*>(g + kAhead * h_ld + j), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(g + kAhead * h_ld + F + j), _MM_HINT_T0);
       const __m512 gv = _mm512_maskz_loadu_ps(m, g + j), uv = _mm512_maskz_loadu_ps(m, g + F + j);
       const __m512 act = _mm512_div_ps(gv, _mm512_add_ps(one, exp_neg16(gv)));
       _mm512_mask_storeu_ps(o + j, m, _mm512_mul_ps(act, uv));
@@ -270,16 +327,16 @@ void swiglu_rows(const float* h, int64_t h_ld, float* a, int64_t a_ld, int64_t F
 }
 
 // dL/dgate = (da * up) * sigmoid(g) * (1 + g (1 - sigmoid(g))), dL/dup = silu(g) * da, for rows i0..i1
-void swiglu_backward_rows(const float* h, int64_t h_ld, const float* da, int64_t da_ld, float* gh, int64_t gh_ld,
-                          int64_t F, int64_t i0, int64_t i1) {
+__attribute__((target("avx512f"))) void swiglu_backward_rows(const float* h, int64_t h_ld, const float* da,
+                                                             int64_t da_ld, float* gh, int64_t gh_ld, int64_t F,
+                                                             int64_t i0, int64_t i1) {
   const __m512 one = _mm512_set1_ps(1.f);
   for (int64_t i = i0; i < i1; ++i) {
     const float *g = h + i * h_ld, *d = da + i * da_ld;
     float* o = gh + i * gh_ld;
+    if (i + kAheadRows < i1) prefetch_row(g + kAheadRows * h_ld, 2 * F * sizeof(float), false);
     for (int64_t j = 0; j < F; j += 16) {
       const __mmask16 m = lanes(F - j);
-      _mm_prefetch(reinterpret_cast<const char*>(g + kAhead * h_ld + j), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(g + kAhead * h_ld + F + j), _MM_HINT_T0);
       const __m512 gv = _mm512_maskz_loadu_ps(m, g + j), uv = _mm512_maskz_loadu_ps(m, g + F + j),
                    dv = _mm512_maskz_loadu_ps(m, d + j);
       const __m512 denom = _mm512_add_ps(one, exp_neg16(gv));
@@ -291,7 +348,7 @@ void swiglu_backward_rows(const float* h, int64_t h_ld, const float* da, int64_t
     }
   }
 }
-#pragma GCC pop_options
+#endif
 
 // Rows split over the intra-op threads when called outside a parallel region (one group), inline
 // inside one (at::parallel_for does not nest).
@@ -300,19 +357,28 @@ void for_rows(int64_t r, int64_t F, const Rows& rows) {
   at::parallel_for(0, r, std::max<int64_t>(1, 16384 / std::max<int64_t>(F, 1)), rows);
 }
 
+// (only called where fused_swiglu holds)
 void swiglu(const Tensor& h, Tensor& a) {
+#ifdef MOEKIT_AVX512
   const int64_t F = a.size(1);
   for_rows(h.size(0), F, [&](int64_t i0, int64_t i1) {
     swiglu_rows(h.data_ptr<float>(), h.stride(0), a.data_ptr<float>(), a.stride(0), F, i0, i1);
   });
+#else
+  TORCH_CHECK(false, "moekit loop_experts: no fused SwiGLU on this CPU");
+#endif
 }
 
 void swiglu_backward(const Tensor& h, const Tensor& grad_a, Tensor& grad_h) {
+#ifdef MOEKIT_AVX512
   const int64_t F = grad_a.size(1);
   for_rows(h.size(0), F, [&](int64_t i0, int64_t i1) {
     swiglu_backward_rows(h.data_ptr<float>(), h.stride(0), grad_a.data_ptr<float>(), grad_a.stride(0),
                          grad_h.data_ptr<float>(), grad_h.stride(0), F, i0, i1);
   });
+#else
+  TORCH_CHECK(false, "moekit loop_experts: no fused SwiGLU on this CPU");
+#endif
 }
 
 const int64_t kRowDim[] = {0};
@@ -393,16 +459,6 @@ void activate(const Activation& act, const Tensor& h_e, Tensor& a_e, Tensor& act
 
 // Rows of a [T, D] tensor in index order are random reads from memory (x, the output gradient, the
 // output's rows added into): each row's cache lines are asked for kAheadRows rows before they are used.
-constexpr int64_t kAheadRows = 4;
-
-inline void prefetch_row(const void* row, size_t bytes, bool write) {
-  const char* p = static_cast<const char*>(row);
-  for (size_t b = 0; b < bytes; b += 64) {
-    if (write) __builtin_prefetch(p + b, 1, 3);
-    else __builtin_prefetch(p + b, 0, 3);
-  }
-}
-
 // out[i] = src[idx[i]] (ATen's index_select along rows), the rows ahead prefetched.
 void gather_rows(Tensor out, const Tensor& src, const Tensor& idx) {
   TORCH_CHECK(out.is_contiguous() && src.dim() == 2 && src.stride(1) == 1 && idx.is_contiguous() &&
@@ -416,7 +472,8 @@ void gather_rows(Tensor out, const Tensor& src, const Tensor& idx) {
   const int64_t* t = idx.data_ptr<int64_t>();
   for (int64_t i = 0; i < m; ++i) {
     TORCH_CHECK_INDEX(t[i] >= 0 && t[i] < T, "moekit loop_experts: row ", t[i], " out of range for ", T, " rows");
-    if (i + kAheadRows < m) prefetch_row(s + t[i + kAheadRows] * ld, bytes, false);  // (never faults)
+    const int64_t next = i + kAheadRows < m ? t[i + kAheadRows] : -1;
+    if (next >= 0 && next < T) prefetch_row(s + next * ld, bytes, false);
     std::memcpy(o + i * bytes, s + t[i] * ld, bytes);
   }
 }
@@ -439,7 +496,8 @@ void scatter_rows(Tensor& into, const Tensor& tok, const Tensor& rows) {
     for (int64_t i = 0; i < m; ++i) {
       TORCH_CHECK_INDEX(t[i] >= 0 && t[i] < T, "moekit loop_experts: token ", t[i], " out of range for ", T,
                         " rows");
-      if (i + kAheadRows < m) prefetch_row(dst + t[i + kAheadRows] * D, D * sizeof(scalar_t), true);
+      const int64_t next = i + kAheadRows < m ? t[i + kAheadRows] : -1;
+      if (next >= 0 && next < T) prefetch_row(dst + next * D, D * sizeof(scalar_t), true);
       scalar_t* __restrict__ d = dst + t[i] * D;
       const scalar_t* __restrict__ x = src + i * stride;
       for (int64_t j = 0; j < D; ++j) d[j] = static_cast<scalar_t>(static_cast<acc_t>(d[j]) + static_cast<acc_t>(x[j]));
@@ -460,8 +518,8 @@ Tensor block_rows(const Tensor& h, const Tensor& hidx, const Block& blk, Tensor&
 // Buffers of the largest row count for the per-expert (or per-block) temporaries of one thread.
 struct Buffers {
   Tensor a, act, y;
-  Buffers(const Tensor& like, int64_t rows, int64_t F, int64_t D)
-      : a(like.new_empty({rows, F})), act(like.new_empty({rows, F})), y(like.new_empty({rows, D})) {}
+  Buffers(const Tensor& like, int64_t rows, int64_t F, int64_t D, bool fused_act)
+      : a(like.new_empty({rows, F})), act(like.new_empty({fused_act ? 0 : rows, F})), y(like.new_empty({rows, D})) {}
 };
 
 // out[tok[i]] += w[i] * (act(h[i]) W_out^T + b_out) for the first m of r rows of h; `shared`: other
@@ -546,7 +604,15 @@ Layout read_layout(const Tensor& x, const Tensor& tok, const Tensor& w_in, const
   const int64_t groups = bounds.size() - 1;
   TORCH_CHECK(groups >= 1 && bounds.front() == 0 && bounds.back() == w_in.size(0),
               "moekit loop_experts: group bounds must run from 0 to the expert count");
-  return {parse_activation(act_name), read_meta(meta, w_in, tok.size(0), h_rows), groups, x.size(1), w_in.size(1),
+  const auto act = parse_activation(act_name);
+  // (the kernels below index h, the weights and the gradients by these widths through raw pointers)
+  TORCH_CHECK(x.dim() == 2 && w_in.dim() == 3 && w_out.dim() == 3 && w_in.size(2) == x.size(1) &&
+                  w_out.size(0) == w_in.size(0) && w_out.size(1) == x.size(1) &&
+                  w_in.size(1) == (act.gated ? 2 : 1) * w_out.size(2) && w_in.scalar_type() == x.scalar_type() &&
+                  w_out.scalar_type() == x.scalar_type(),
+              "moekit loop_experts: x [T, D], w_in [E, H, D] and w_out [E, D, F] with H = ", act.gated ? "2F" : "F",
+              " in x's dtype, got ", x.sizes(), ", ", w_in.sizes(), ", ", w_out.sizes());
+  return {act, read_meta(meta, w_in, tok.size(0), h_rows), groups, x.size(1), w_in.size(1),
           w_out.size(2), read_token_blocks(hidx, tok_b, w_b, blocks, block_bounds, groups, w_in.size(0), h_rows)};
 }
 
@@ -577,7 +643,7 @@ std::vector<Tensor> loop_experts_forward(const Tensor& x, const Tensor& tok, con
   for_each_group(groups, [&](int64_t g) {
     auto x_buf = x.new_empty({m, D});
     c10::optional<Buffers> buf;
-    if (fused) buf.emplace(x, m, F, D);
+    if (fused) buf.emplace(x, m, F, D, fused_swiglu(act, h));
     for (int64_t e = bounds[g]; e < bounds[g + 1]; ++e) {
       const auto [s, n, r, o] = sl[e];
       if (n == 0) continue;
@@ -596,7 +662,7 @@ std::vector<Tensor> loop_experts_forward(const Tensor& x, const Tensor& tok, con
   for_each_group(groups, [&](int64_t g) {
     const int64_t rows = tb.max_rows(g);
     if (rows == 0) return;
-    Buffers buf(x, rows, F, D);
+    Buffers buf(x, rows, F, D, fused_swiglu(act, h));
     auto h_buf = x.new_empty({rows, H});
     for (int64_t b = tb.bounds[g]; b < tb.bounds[g + 1]; ++b) {
       const Block& blk = tb.blocks[b];
@@ -745,6 +811,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "release_cache", [] { return block_cache().release(); }, "frees the cached blocks; returns their bytes");
   m.def(
       "cache_bytes", [] { return block_cache().bytes(); }, "bytes of freed blocks cached for reuse");
+  m.def(
+      "cache_limit", [] { return block_cache().limit(); }, "the most bytes of freed blocks kept");
+  m.def(
+      "set_cache_limit", [](size_t bytes) { block_cache().set_limit(bytes); },
+      "bounds the bytes of freed blocks kept (0: none), freeing the oldest above it", py::arg("bytes"));
   m.def("have_fused_swiglu", &have_avx512_exp, "whether the fused fp32 SwiGLU runs here (AVX-512, SLEEF found)");
   m.def(
       "swiglu",
