@@ -563,12 +563,14 @@ def _cached_case():
 
 @pytest.fixture
 def block_cache():
-    """An empty block cache at its default bound, restored after the test."""
+    """An empty block cache keeping blocks from 1 MiB (default 32), restored after the test."""
     gc.collect()  # tensors of earlier tests still in reference cycles give their blocks back now
     native.empty_cache()
-    limit = native.cache_limit_mb()
+    limit, smallest = native.cache_limit_mb(), native.cache_min_mb()
+    native.set_cache_min_mb(1)
     yield
     native.set_cache_limit_mb(limit)
+    native.set_cache_min_mb(smallest)
     native.empty_cache()
 
 
@@ -586,8 +588,8 @@ def test_freed_blocks_are_reused_and_released(block_cache):
     need = sum(t.numel() * t.element_size() for t in first[3:5])
     first[3].fill_(7.0), first[4].fill_(7.0)  # stale values for the next backward to overwrite
     del first
-    grad_bytes = native.cached_bytes() - h_bytes  # blocks are rounded up, by less than 1/8
-    assert need <= grad_bytes <= need * 9 // 8
+    grad_bytes = native.cached_bytes() - h_bytes
+    assert grad_bytes == need
     again = run()
     assert {again[3].data_ptr(), again[4].data_ptr()} == ptrs and native.cached_bytes() == h_bytes
     assert all(torch.equal(g, w) for g, w in zip(again, want))
@@ -618,6 +620,10 @@ def test_block_cache_keeps_at_most_its_bound(block_cache):
     assert native.cached_bytes() == 0
     with pytest.raises(ValueError, match="MiB"):
         native.set_cache_limit_mb(-1)
+    native.set_cache_limit_mb(2048)
+    native.set_cache_min_mb(4)
+    del run()[3:5]  # w_in's 4 MiB block is kept, w_out's 2 MiB and h's are not
+    assert native.cached_bytes() == 2**22
 
 
 @needs_native

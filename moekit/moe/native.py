@@ -178,8 +178,9 @@ def unavailable_reason() -> str | None:
 
 
 def empty_cache() -> int:
-    """Frees the blocks the C++ loop keeps for reuse (freed h and weight-gradient buffers of 1 MiB or
-    more, see ``BlockCache`` in ``csrc/loop_experts.cpp``) and returns their bytes. Blocks still held
+    """Frees the blocks the C++ loop keeps for reuse (freed h and weight-gradient buffers of
+    :func:`cache_min_mb` or more, see ``BlockCache`` in ``csrc/loop_experts.cpp``) and returns their
+    bytes. Blocks still held
     by tensors are not touched. Does not build the loop."""
     return _loaded[0].release_cache() if _loaded is not None and _loaded[0] is not None else 0
 
@@ -196,13 +197,31 @@ def cache_limit_mb() -> int:
     return module.cache_limit() >> 20 if module is not None else 0
 
 
+def _mib(name: str, mib: int) -> int:
+    if isinstance(mib, bool) or not isinstance(mib, int) or mib < 0:
+        raise ValueError(f"{name}: a whole number of MiB >= 0, got {mib!r}")
+    return mib << 20
+
+
 def set_cache_limit_mb(mib: int) -> None:
     """Bounds the MiB of freed blocks kept (0: none), freeing the oldest above the new bound."""
-    if isinstance(mib, bool) or not isinstance(mib, int) or mib < 0:
-        raise ValueError(f"set_cache_limit_mb: the bound is a whole number of MiB >= 0, got {mib!r}")
     module = load()
     if module is not None:
-        module.set_cache_limit(mib << 20)
+        module.set_cache_limit(_mib("set_cache_limit_mb", mib))
+
+
+def cache_min_mb() -> int:
+    """The smallest block (MiB) the cache keeps: 32, glibc's largest mmap threshold (smaller buffers
+    come from its heap without page faults); 0 when the loop cannot be built."""
+    module = load()
+    return module.cache_min_bytes() >> 20 if module is not None else 0
+
+
+def set_cache_min_mb(mib: int) -> None:
+    """The smallest block (MiB) the cache keeps; smaller buffers come from torch's allocator."""
+    module = load()
+    if module is not None:
+        module.set_cache_min_bytes(_mib("set_cache_min_mb", mib))
 
 
 def thread_groups(w_in_EHD: torch.Tensor, w_out_EDF: torch.Tensor) -> int:

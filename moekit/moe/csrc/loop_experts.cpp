@@ -107,32 +107,28 @@ void gemm_bias(Tensor out, const Tensor& bias, const Tensor& a, const Tensor& b,
 // Large step buffers (h, the weight gradients) come from a cache of freed blocks. NOTE: glibc maps
 // every allocation above 32 MiB (its highest mmap threshold) fresh from the kernel and unmaps it on
 // free, and the first write to each 4 KiB page then faults: a 46 MB fp32 buffer (E64's h, E64's and
-// E128's grad_w_in) took ~17 ms single-threaded to fault in against ~1 ms to write, on every step. A
-// block of 1 MiB or more freed by its tensor returns here and serves the next request it fits with at
-// most 1/8 to spare (blocks are made a little larger than asked for: h's rows change with the
-// routing); a request that finds no block frees the smaller ones that could not serve it (an h of an
-// earlier, smaller batch). The bytes kept are bounded (MOEKIT_BLOCK_CACHE_MB, read once, default
-// 2048; set_limit; 0 turns the cache off), the oldest block going first; release() hands them all
-// back. The tensors' storages are not resizable.
+// E128's grad_w_in) took ~17 ms single-threaded to fault in against ~1 ms to write, on every step.
+// Smaller buffers come from glibc's heap, reused without faults, while a cached block holds memory
+// the heap could lend to others (caching E128's 23 MB h put its step's peak 3% higher). So a block of
+// min_bytes (32 MiB) or more, freed by its tensor, returns here and serves the next request it fits
+// with at most 1/8 to spare; a request that finds no block frees the smaller ones it could not use.
+// h, whose rows change a little with the routing, thus settles on a block of the largest size seen
+// (a miss only at a new largest), and an h of an earlier, smaller batch does not linger. The bytes
+// kept are bounded (MOEKIT_BLOCK_CACHE_MB, read once, default 2048; set_limit; 0 turns the cache
+// off), the oldest block going first; release() hands them all back. The storages of its tensors are
+// not resizable.
 class BlockCache {
  public:
-  static constexpr size_t kMinBytes = size_t{1} << 20;
-
   Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
     size_t bytes = options.dtype().itemsize();
     for (int64_t s : sizes) {
       TORCH_CHECK(s >= 0, "moekit loop_experts: negative size ", s);
       bytes *= static_cast<size_t>(s);
     }
-    if (bytes < kMinBytes) return at::empty(sizes, options);
-    size_t cap = 0;
+    if (bytes < min_bytes()) return at::empty(sizes, options);
+    size_t cap = bytes;
     void* p = take(bytes, cap);
-    if (p == nullptr) {
-      // rounded up to one of 16 sizes per power of two
-      const size_t step = (size_t{1} << (63 - __builtin_clzll(bytes))) / 16;
-      cap = (bytes + step - 1) / step * step;
-      p = allocator()->raw_allocate(cap);
-    }
+    if (p == nullptr) p = allocator()->raw_allocate(cap);
     try {
       return at::from_blob(
           p, sizes, [this, cap](void* q) { give(q, cap); }, options);
@@ -165,6 +161,16 @@ class BlockCache {
     std::lock_guard<std::mutex> lock(mu_);
     limit_ = bytes;
     shrink(0);
+  }
+
+  size_t min_bytes() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return min_bytes_;
+  }
+
+  void set_min_bytes(size_t bytes) {
+    std::lock_guard<std::mutex> lock(mu_);
+    min_bytes_ = bytes;
   }
 
  private:
@@ -230,6 +236,7 @@ class BlockCache {
   std::multimap<size_t, Block> free_;  // by capacity
   size_t bytes_ = 0;
   size_t limit_ = limit_from_env();
+  size_t min_bytes_ = size_t{32} << 20;
   uint64_t clock_ = 0;
 };
 
@@ -816,6 +823,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def(
       "set_cache_limit", [](size_t bytes) { block_cache().set_limit(bytes); },
       "bounds the bytes of freed blocks kept (0: none), freeing the oldest above it", py::arg("bytes"));
+  m.def(
+      "cache_min_bytes", [] { return block_cache().min_bytes(); }, "the smallest block the cache keeps");
+  m.def(
+      "set_cache_min_bytes", [](size_t bytes) { block_cache().set_min_bytes(bytes); },
+      "the smallest block the cache keeps (smaller buffers come from the allocator)", py::arg("bytes"));
   m.def("have_fused_swiglu", &have_avx512_exp, "whether the fused fp32 SwiGLU runs here (AVX-512, SLEEF found)");
   m.def(
       "swiglu",
