@@ -18,6 +18,11 @@ GEMM on fewer rows may round differently). Experts
 with large weights keep one group on the calling thread instead, one pass (each GEMM on all threads),
 see :data:`GROUPED_THREADS_MAX_WEIGHT_BYTES`.
 
+Its step buffers of 32 MiB or more (h, the expert weight gradients) come from a cache of freed
+blocks (:func:`empty_cache`, :func:`set_cache_limit_mb`; ``MOEKIT_BLOCK_CACHE_MB``): glibc maps
+allocations that large fresh from the kernel, and faulting their pages in cost more than writing
+them, every step.
+
 If the build fails (no compiler, no ninja) the experts run the Python loop, after one warning.
 ``MOEKIT_NATIVE=0`` turns the C++ loop off; :func:`build_root` says where the build is kept.
 """
@@ -180,8 +185,7 @@ def unavailable_reason() -> str | None:
 def empty_cache() -> int:
     """Frees the blocks the C++ loop keeps for reuse (freed h and weight-gradient buffers of
     :func:`cache_min_mb` or more, see ``BlockCache`` in ``csrc/loop_experts.cpp``) and returns their
-    bytes. Blocks still held
-    by tensors are not touched. Does not build the loop."""
+    bytes. Blocks still held by tensors are not touched. Does not build the loop."""
     return _loaded[0].release_cache() if _loaded is not None and _loaded[0] is not None else 0
 
 
@@ -205,23 +209,25 @@ def _mib(name: str, mib: int) -> int:
 
 def set_cache_limit_mb(mib: int) -> None:
     """Bounds the MiB of freed blocks kept (0: none), freeing the oldest above the new bound."""
+    limit = _mib("set_cache_limit_mb", mib)
     module = load()
     if module is not None:
-        module.set_cache_limit(_mib("set_cache_limit_mb", mib))
+        module.set_cache_limit(limit)
 
 
 def cache_min_mb() -> int:
-    """The smallest block (MiB) the cache keeps: 32, glibc's largest mmap threshold (smaller buffers
-    come from its heap without page faults); 0 when the loop cannot be built."""
+    """The smallest block (MiB) the cache keeps: by default 32, glibc's largest mmap threshold (smaller
+    buffers come from its heap without page faults); 0 when the loop cannot be built."""
     module = load()
     return module.cache_min_bytes() >> 20 if module is not None else 0
 
 
 def set_cache_min_mb(mib: int) -> None:
     """The smallest block (MiB) the cache keeps; smaller buffers come from torch's allocator."""
+    smallest = _mib("set_cache_min_mb", mib)
     module = load()
     if module is not None:
-        module.set_cache_min_bytes(_mib("set_cache_min_mb", mib))
+        module.set_cache_min_bytes(smallest)
 
 
 def thread_groups(w_in_EHD: torch.Tensor, w_out_EDF: torch.Tensor) -> int:

@@ -186,8 +186,8 @@ class BlockCache {
     if (mb == nullptr || *mb == '\0') return size_t{2048} << 20;
     char* end = nullptr;
     const long long v = std::strtoll(mb, &end, 10);
-    TORCH_CHECK(*end == '\0' && v >= 0 && v < (1LL << 40), "MOEKIT_BLOCK_CACHE_MB must be a whole number of MiB >= 0, got '",
-                mb, "'");
+    TORCH_CHECK(*end == '\0' && v >= 0 && v < (1LL << 40),
+                "MOEKIT_BLOCK_CACHE_MB must be a whole number of MiB >= 0, got '", mb, "'");
     return static_cast<size_t>(v) << 20;
   }
 
