@@ -32,6 +32,7 @@
 #include <c10/core/CPUAllocator.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -163,15 +164,9 @@ class BlockCache {
     shrink(0);
   }
 
-  size_t min_bytes() {
-    std::lock_guard<std::mutex> lock(mu_);
-    return min_bytes_;
-  }
+  size_t min_bytes() const { return min_bytes_.load(std::memory_order_relaxed); }  // (read every request)
 
-  void set_min_bytes(size_t bytes) {
-    std::lock_guard<std::mutex> lock(mu_);
-    min_bytes_ = bytes;
-  }
+  void set_min_bytes(size_t bytes) { min_bytes_.store(bytes, std::memory_order_relaxed); }
 
  private:
   struct Block {
@@ -236,7 +231,7 @@ class BlockCache {
   std::multimap<size_t, Block> free_;  // by capacity
   size_t bytes_ = 0;
   size_t limit_ = limit_from_env();
-  size_t min_bytes_ = size_t{32} << 20;
+  std::atomic<size_t> min_bytes_{size_t{32} << 20};
   uint64_t clock_ = 0;
 };
 
