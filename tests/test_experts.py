@@ -3,6 +3,9 @@
 import gc
 import importlib.util
 import shutil
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -471,6 +474,27 @@ def test_native_build_is_imported_from_the_cache_and_a_corrupt_copy_rebuilt(tmp_
     with pytest.warns(RuntimeWarning, match="could not load .*" + name):
         assert native._build() == ("rebuilt", None)
     assert built == [(name, root)]
+
+
+def test_threads_loading_at_once_build_once(monkeypatch):
+    """The first load from several threads at once runs one build; every thread gets its result."""
+    calls, started = [], threading.Barrier(4)
+
+    def slow_build():
+        calls.append(1)
+        time.sleep(0.05)
+        return "module", None
+
+    monkeypatch.setattr(native, "_loaded", None)
+    monkeypatch.setattr(native, "_build", slow_build)
+
+    def ask():
+        started.wait()
+        return native.load()
+
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda _: ask(), range(4)))
+    assert got == ["module"] * 4 and len(calls) == 1
 
 
 def test_native_build_failure_falls_back_once_and_is_remembered(tmp_path, monkeypatch):

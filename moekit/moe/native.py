@@ -38,6 +38,7 @@ import shutil
 import sys
 import sysconfig
 import tempfile
+import threading
 import warnings
 from pathlib import Path
 from typing import NamedTuple
@@ -161,6 +162,7 @@ def _first_line(exc: BaseException) -> str:
 
 
 _loaded: tuple[object | None, str | None] | None = None  # (module, why not), once per process
+_load_lock = threading.Lock()  # threads asking at once wait for one build
 
 
 def _state() -> tuple[object | None, str | None]:
@@ -169,7 +171,9 @@ def _state() -> tuple[object | None, str | None]:
     # (+1.4 s, +70 MB for every `import moekit`).
     global _loaded
     if _loaded is None:
-        _loaded = _build()
+        with _load_lock:
+            if _loaded is None:
+                _loaded = _build()
     return _loaded
 
 
