@@ -186,16 +186,23 @@ def unavailable_reason() -> str | None:
     return _state()[1]
 
 
+def _built():
+    """The compiled module when it is already loaded, else None (builds nothing)."""
+    return _loaded[0] if _loaded is not None else None
+
+
 def empty_cache() -> int:
     """Frees the blocks the C++ loop keeps for reuse (freed h and weight-gradient buffers of
     :func:`cache_min_mb` or more, see ``BlockCache`` in ``csrc/loop_experts.cpp``) and returns their
     bytes. Blocks still held by tensors are not touched. Does not build the loop."""
-    return _loaded[0].release_cache() if _loaded is not None and _loaded[0] is not None else 0
+    module = _built()
+    return module.release_cache() if module is not None else 0
 
 
 def cached_bytes() -> int:
     """Bytes of freed blocks kept for the next step (0 before the loop is loaded)."""
-    return _loaded[0].cache_bytes() if _loaded is not None and _loaded[0] is not None else 0
+    module = _built()
+    return module.cache_bytes() if module is not None else 0
 
 
 def cache_limit_mb() -> int:

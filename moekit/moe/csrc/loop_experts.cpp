@@ -246,6 +246,7 @@ enum class Act { Silu, Gelu, Relu };
 struct Activation {
   Act kind;
   bool gated;
+  bool fused = false;  // the fused fp32 SwiGLU runs (see fused_swiglu; set by read_layout)
 };
 
 Activation parse_activation(const std::string& name) {
@@ -285,9 +286,8 @@ bool have_avx512_exp() {
 #endif
 }
 
-bool fused_swiglu(const Activation& act, const Tensor& h) {
-  return act.gated && act.kind == Act::Silu && h.scalar_type() == at::kFloat && h.stride(1) == 1 &&
-         have_avx512_exp();
+bool fused_swiglu(const Activation& act, at::ScalarType dtype) {
+  return act.gated && act.kind == Act::Silu && dtype == at::kFloat && have_avx512_exp();
 }
 
 // NOTE: h streams from memory here (E64's is 46 MB), and with exp and a division per 16 lanes between
@@ -359,7 +359,7 @@ void for_rows(int64_t r, int64_t F, const Rows& rows) {
   at::parallel_for(0, r, std::max<int64_t>(1, 16384 / std::max<int64_t>(F, 1)), rows);
 }
 
-// (only called where fused_swiglu holds)
+// (only called where fused_swiglu holds, on rows with unit column stride)
 void swiglu(const Tensor& h, Tensor& a) {
 #ifdef MOEKIT_AVX512
   const int64_t F = a.size(1);
@@ -444,7 +444,7 @@ void activate(const Activation& act, const Tensor& h_e, Tensor& a_e, Tensor& act
     act_forward(act.kind, h_e, a_e);
     return;
   }
-  if (fused_swiglu(act, h_e)) {  // act_e and gate_c are not needed then: the backward is fused too
+  if (act.fused) {  // act_e and gate_c are not needed then: the backward is fused too
     swiglu(h_e, a_e);
     return;
   }
@@ -606,7 +606,8 @@ Layout read_layout(const Tensor& x, const Tensor& tok, const Tensor& w_in, const
   const int64_t groups = bounds.size() - 1;
   TORCH_CHECK(groups >= 1 && bounds.front() == 0 && bounds.back() == w_in.size(0),
               "moekit loop_experts: group bounds must run from 0 to the expert count");
-  const auto act = parse_activation(act_name);
+  auto act = parse_activation(act_name);
+  act.fused = fused_swiglu(act, x.scalar_type());  // (h, in x's dtype, is the loop's own contiguous buffer)
   // (the kernels below index h, the weights and the gradients by these widths through raw pointers)
   TORCH_CHECK(x.dim() == 2 && w_in.dim() == 3 && w_out.dim() == 3 && w_in.size(2) == x.size(1) &&
                   w_out.size(0) == w_in.size(0) && w_out.size(1) == x.size(1) &&
@@ -645,7 +646,7 @@ std::vector<Tensor> loop_experts_forward(const Tensor& x, const Tensor& tok, con
   for_each_group(groups, [&](int64_t g) {
     auto x_buf = x.new_empty({m, D});
     c10::optional<Buffers> buf;
-    if (fused) buf.emplace(x, m, F, D, fused_swiglu(act, h));
+    if (fused) buf.emplace(x, m, F, D, act.fused);
     for (int64_t e = bounds[g]; e < bounds[g + 1]; ++e) {
       const auto [s, n, r, o] = sl[e];
       if (n == 0) continue;
@@ -664,7 +665,7 @@ std::vector<Tensor> loop_experts_forward(const Tensor& x, const Tensor& tok, con
   for_each_group(groups, [&](int64_t g) {
     const int64_t rows = tb.max_rows(g);
     if (rows == 0) return;
-    Buffers buf(x, rows, F, D, fused_swiglu(act, h));
+    Buffers buf(x, rows, F, D, act.fused);
     auto h_buf = x.new_empty({rows, H});
     for (int64_t b = tb.bounds[g]; b < tb.bounds[g + 1]; ++b) {
       const Block& blk = tb.blocks[b];
@@ -695,7 +696,6 @@ std::vector<c10::optional<Tensor>> loop_experts_backward(
   const auto& tb = L.tb;
   const int64_t groups = L.groups, D = L.D, H = L.H, F = L.F;
   const bool fused = groups == 1;
-  const bool fast_act = fused_swiglu(act, h);  // then no act(gate), gate copy or product buffers
   // Every expert's slice is written below (idle experts zeroed by their own thread).
   auto grad_w_in = block_cache().empty(w_in.sizes(), w_in.options()),
        grad_w_out = block_cache().empty(w_out.sizes(), w_out.options());
@@ -707,7 +707,7 @@ std::vector<c10::optional<Tensor>> loop_experts_backward(
   const int64_t m = max_rows(sl);
   // Pass A: per expert, every gradient that sums over all of its rows, and dL/dh.
   for_each_group(groups, [&](int64_t g) {
-    const int64_t m_act = fast_act ? 0 : m;
+    const int64_t m_act = act.fused ? 0 : m;  // no act(gate), gate copy or product buffers then
     auto g_buf = x.new_empty({m, D}), x_buf = x.new_empty({m, D}), a_buf = x.new_empty({m, F}),
          act_buf = x.new_empty({m_act, F}), ga_buf = x.new_empty({m, F}), gh_buf = x.new_empty({m, H}),
          tmp_buf = x.new_empty({m_act, F}), gc_buf = x.new_empty({act.gated ? m_act : 0, F});
@@ -745,7 +745,7 @@ std::vector<c10::optional<Tensor>> loop_experts_backward(
       grad_a.mul_(w_r);
       // 2. Activation.
       auto grad_h = gh_buf.slice(0, 0, r);
-      if (fast_act) {
+      if (act.fused) {
         swiglu_backward(h_e, grad_a, grad_h);
       } else if (act.gated) {
         auto up = h_e.slice(1, F, H);
@@ -827,7 +827,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def(
       "swiglu",
       [](const Tensor& h) {
-        TORCH_CHECK(h.dim() == 2 && h.size(1) % 2 == 0 && fused_swiglu({Act::Silu, true}, h),
+        TORCH_CHECK(h.dim() == 2 && h.size(1) % 2 == 0 && h.stride(1) == 1 &&
+                        fused_swiglu({Act::Silu, true}, h.scalar_type()),
                     "moekit swiglu: needs an fp32 [r, 2F] tensor, AVX-512 and SLEEF");
         auto a = h.new_empty({h.size(0), h.size(1) / 2});
         swiglu(h, a);
@@ -837,8 +838,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def(
       "swiglu_backward",
       [](const Tensor& h, const Tensor& grad_a) {
-        TORCH_CHECK(h.dim() == 2 && fused_swiglu({Act::Silu, true}, h) && grad_a.scalar_type() == at::kFloat &&
-                        grad_a.stride(1) == 1 && grad_a.size(0) == h.size(0) && 2 * grad_a.size(1) == h.size(1),
+        TORCH_CHECK(h.dim() == 2 && h.stride(1) == 1 && fused_swiglu({Act::Silu, true}, h.scalar_type()) &&
+                        grad_a.scalar_type() == at::kFloat && grad_a.stride(1) == 1 && grad_a.size(0) == h.size(0) &&
+                        2 * grad_a.size(1) == h.size(1),
                     "moekit swiglu_backward: needs fp32 h [r, 2F] and grad_a [r, F], AVX-512 and SLEEF");
         auto grad_h = at::empty_like(h, at::MemoryFormat::Contiguous);
         swiglu_backward(h, grad_a, grad_h);
