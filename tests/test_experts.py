@@ -559,18 +559,35 @@ def test_fused_swiglu_runs_on_avx512_x86():
 def test_fused_swiglu_matches_aten(F):
     """Forward against ATen's silu (fp32, same formulas; within a few ulp: ATen's scalar path rounds
     otherwise), backward against fp64 autograd, over full vectors and tails of 1-15 lanes and values
-    where exp under- and overflows; strided rows as the loop passes them."""
+    where exp under- and overflows; strided rows as the loop passes them. With a per-row scale (the
+    routing weights the loop folds in), the backward also returns <dL/d(a s), a> of the first rows:
+    the weights' gradient."""
     g_ = torch.Generator().manual_seed(F)
     h_full = torch.randn(37, 2 * F + 5, generator=g_) * 4
     h = h_full[:, 2:2 + 2 * F]  # a row stride that is not 2F
     h[0, :F] = torch.tensor([-100.0, 100.0, -87.0, 89.0, 0.0, -0.0] * 30)[:F]  # exp under- and overflows
     grad_a = torch.randn(37, F, generator=g_)
+    scale = torch.rand(37, generator=g_)
     gate, up = h[:, :F], h[:, F:]
     mod = native.load()
     torch.testing.assert_close(mod.swiglu(h), torch.nn.functional.silu(gate) * up, rtol=5e-7, atol=0)
+    torch.testing.assert_close(mod.swiglu(h, scale), torch.nn.functional.silu(gate) * up * scale[:, None],
+                               rtol=1e-6, atol=0)
     h64 = h.double().requires_grad_(True)
     (torch.nn.functional.silu(h64[:, :F]) * h64[:, F:]).backward(grad_a.double())
-    torch.testing.assert_close(mod.swiglu_backward(h, grad_a), h64.grad.float(), rtol=1e-5, atol=1e-6)
+    grad_h, dot = mod.swiglu_backward(h, grad_a)
+    torch.testing.assert_close(grad_h, h64.grad.float(), rtol=1e-5, atol=1e-6)
+    assert dot.shape == (0,)
+    h64.grad = None
+    s64 = scale.double().requires_grad_(True)
+    (torch.nn.functional.silu(h64[:, :F]) * h64[:, F:] * s64[:, None]).backward(grad_a.double())
+    grad_h, dot = mod.swiglu_backward(h, grad_a, scale, 30)
+    torch.testing.assert_close(grad_h, h64.grad.float(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dot, s64.grad[:30].float(), rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="scale"):
+        mod.swiglu(h, scale[:-1])
+    with pytest.raises(RuntimeError, match="n_dot"):
+        mod.swiglu_backward(h, grad_a, scale, 38)
 
 
 def _cached_case():

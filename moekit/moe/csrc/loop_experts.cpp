@@ -273,6 +273,12 @@ void act_backward(Act kind, const Tensor& grad, const Tensor& h, Tensor& out) {
   }
 }
 
+void check_scale(const c10::optional<Tensor>& scale, int64_t rows) {
+  TORCH_CHECK(!scale || (scale->dim() == 1 && scale->size(0) == rows && scale->is_contiguous() &&
+                         scale->scalar_type() == at::kFloat),
+              "moekit swiglu: scale must be a contiguous fp32 vector of one weight per row");
+}
+
 // The gated SiLU (SwiGLU) fused, for fp32 on AVX-512: one pass over h instead of ATen's three
 // (gate copy, silu, mul) forward and four backward, the same formulas as ATen's vectorized kernels
 // (silu(g) = g / (1 + exp(-g)), sigmoid(g) = 1 / (1 + exp(-g)), SLEEF's expf). The sigmoid is
@@ -311,43 +317,55 @@ __attribute__((target("avx512f"))) inline __m512 exp_neg16(__m512 x) {  // exp(-
 
 inline __mmask16 lanes(int64_t left) { return left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1); }
 
-// a[i] = silu(h[i, :F]) * h[i, F:2F] for rows i0..i1
-__attribute__((target("avx512f"))) void swiglu_rows(const float* h, int64_t h_ld, float* a, int64_t a_ld, int64_t F,
-                                                    int64_t i0, int64_t i1) {
+// a[i] = silu(h[i, :F]) * h[i, F:2F] * scale[i] (scale: the routing weights, or null for 1) for rows i0..i1
+__attribute__((target("avx512f"))) void swiglu_rows(const float* h, int64_t h_ld, const float* scale, float* a,
+                                                    int64_t a_ld, int64_t F, int64_t i0, int64_t i1) {
   const __m512 one = _mm512_set1_ps(1.f);
   for (int64_t i = i0; i < i1; ++i) {
     const float* g = h + i * h_ld;
     float* o = a + i * a_ld;
     if (i + kAheadRows < i1) prefetch_row(g + kAheadRows * h_ld, 2 * F * sizeof(float), false);
+    const __m512 sv = _mm512_set1_ps(scale ? scale[i] : 1.f);
     for (int64_t j = 0; j < F; j += 16) {
       const __mmask16 m = lanes(F - j);
       const __m512 gv = _mm512_maskz_loadu_ps(m, g + j), uv = _mm512_maskz_loadu_ps(m, g + F + j);
       const __m512 act = _mm512_div_ps(gv, _mm512_add_ps(one, exp_neg16(gv)));
-      _mm512_mask_storeu_ps(o + j, m, _mm512_mul_ps(act, uv));
+      __m512 av = _mm512_mul_ps(act, uv);
+      if (scale) av = _mm512_mul_ps(av, sv);
+      _mm512_mask_storeu_ps(o + j, m, av);
     }
   }
 }
 
-// dL/dgate = (da * up) * sigmoid(g) * (1 + g (1 - sigmoid(g))), dL/dup = silu(g) * da, for rows i0..i1
+// The backward of swiglu_rows for rows i0..i1, from dL/d(a·scale) = da: with a = silu(g) up and
+// da' = da scale[i], dL/dgate = (da' up) sigmoid(g) (1 + g (1 - sigmoid(g))), dL/dup = silu(g) da';
+// and for rows i < n_dot, dot[i] = <da[i], a[i]> (dL/dscale: the routing weight's gradient).
 __attribute__((target("avx512f"))) void swiglu_backward_rows(const float* h, int64_t h_ld, const float* da,
-                                                             int64_t da_ld, float* gh, int64_t gh_ld, int64_t F,
+                                                             int64_t da_ld, const float* scale, float* dot,
+                                                             int64_t n_dot, float* gh, int64_t gh_ld, int64_t F,
                                                              int64_t i0, int64_t i1) {
   const __m512 one = _mm512_set1_ps(1.f);
   for (int64_t i = i0; i < i1; ++i) {
     const float *g = h + i * h_ld, *d = da + i * da_ld;
     float* o = gh + i * gh_ld;
     if (i + kAheadRows < i1) prefetch_row(g + kAheadRows * h_ld, 2 * F * sizeof(float), false);
+    const bool want_dot = dot != nullptr && i < n_dot;
+    const __m512 sv = _mm512_set1_ps(scale ? scale[i] : 1.f);
+    __m512 acc = _mm512_setzero_ps();
     for (int64_t j = 0; j < F; j += 16) {
       const __mmask16 m = lanes(F - j);
-      const __m512 gv = _mm512_maskz_loadu_ps(m, g + j), uv = _mm512_maskz_loadu_ps(m, g + F + j),
-                   dv = _mm512_maskz_loadu_ps(m, d + j);
+      const __m512 gv = _mm512_maskz_loadu_ps(m, g + j), uv = _mm512_maskz_loadu_ps(m, g + F + j);
+      __m512 dv = _mm512_maskz_loadu_ps(m, d + j);
       const __m512 denom = _mm512_add_ps(one, exp_neg16(gv));
       const __m512 sig = _mm512_div_ps(one, denom), act = _mm512_div_ps(gv, denom);
+      if (want_dot) acc = _mm512_fmadd_ps(dv, _mm512_mul_ps(act, uv), acc);  // (masked lanes are 0)
+      if (scale) dv = _mm512_mul_ps(dv, sv);
       const __m512 dsilu = _mm512_mul_ps(_mm512_mul_ps(_mm512_mul_ps(dv, uv), sig),
                                          _mm512_add_ps(one, _mm512_mul_ps(gv, _mm512_sub_ps(one, sig))));
       _mm512_mask_storeu_ps(o + j, m, dsilu);
       _mm512_mask_storeu_ps(o + F + j, m, _mm512_mul_ps(act, dv));
     }
+    if (want_dot) dot[i] = _mm512_reduce_add_ps(acc);
   }
 }
 #endif
@@ -359,24 +377,30 @@ void for_rows(int64_t r, int64_t F, const Rows& rows) {
   at::parallel_for(0, r, std::max<int64_t>(1, 16384 / std::max<int64_t>(F, 1)), rows);
 }
 
-// (only called where fused_swiglu holds, on rows with unit column stride)
-void swiglu(const Tensor& h, Tensor& a) {
+// (only called where fused_swiglu holds, on rows with unit column stride; scale: r contiguous fp32 or null)
+const float* rows_of(const Tensor* t) { return t != nullptr ? t->data_ptr<float>() : nullptr; }
+
+void swiglu(const Tensor& h, Tensor& a, const Tensor* scale = nullptr) {
 #ifdef MOEKIT_AVX512
   const int64_t F = a.size(1);
   for_rows(h.size(0), F, [&](int64_t i0, int64_t i1) {
-    swiglu_rows(h.data_ptr<float>(), h.stride(0), a.data_ptr<float>(), a.stride(0), F, i0, i1);
+    swiglu_rows(h.data_ptr<float>(), h.stride(0), rows_of(scale), a.data_ptr<float>(), a.stride(0), F, i0, i1);
   });
 #else
   TORCH_CHECK(false, "moekit loop_experts: no fused SwiGLU on this CPU");
 #endif
 }
 
-void swiglu_backward(const Tensor& h, const Tensor& grad_a, Tensor& grad_h) {
+// dot: null, or n_dot contiguous fp32 to take <grad_a[i], a[i]> of the first n_dot rows
+void swiglu_backward(const Tensor& h, const Tensor& grad_a, Tensor& grad_h, const Tensor* scale = nullptr,
+                     Tensor* dot = nullptr) {
 #ifdef MOEKIT_AVX512
   const int64_t F = grad_a.size(1);
+  float* dot_p = dot != nullptr ? dot->data_ptr<float>() : nullptr;
+  const int64_t n_dot = dot != nullptr ? dot->size(0) : 0;
   for_rows(h.size(0), F, [&](int64_t i0, int64_t i1) {
     swiglu_backward_rows(h.data_ptr<float>(), h.stride(0), grad_a.data_ptr<float>(), grad_a.stride(0),
-                         grad_h.data_ptr<float>(), grad_h.stride(0), F, i0, i1);
+                         rows_of(scale), dot_p, n_dot, grad_h.data_ptr<float>(), grad_h.stride(0), F, i0, i1);
   });
 #else
   TORCH_CHECK(false, "moekit loop_experts: no fused SwiGLU on this CPU");
@@ -437,15 +461,17 @@ void for_each_group(int64_t groups, const Body& body) {
 // slice of h, and ATen's unary kernels (silu, gelu and their backwards) ran ~6x slower on such a
 // strided input than on a contiguous one (silu over [32768, 176]: 8.3 ms strided, 1.3 ms contiguous,
 // single-threaded here), against 1.5 ms for the copy: so the gate is copied first, into act_e or into
-// gate_c when given (the backward keeps it there for act'(gate)).
-void activate(const Activation& act, const Tensor& h_e, Tensor& a_e, Tensor& act_e,
+// gate_c when given (the backward keeps it there for act'(gate)). The fused SwiGLU also multiplies each
+// row by its routing weight (w_r: r rows), F wide here rather than D wide in the down projection's
+// output; the other activations leave that to the caller.
+void activate(const Activation& act, const Tensor& h_e, Tensor& a_e, Tensor& act_e, const Tensor& w_r,
               const c10::optional<Tensor>& gate_c = c10::nullopt) {
   if (!act.gated) {
     act_forward(act.kind, h_e, a_e);
     return;
   }
   if (act.fused) {  // act_e and gate_c are not needed then: the backward is fused too
-    swiglu(h_e, a_e);
+    swiglu(h_e, a_e, &w_r);
     return;
   }
   const int64_t F = a_e.size(1);
@@ -524,20 +550,21 @@ struct Buffers {
       : a(like.new_empty({rows, F})), act(like.new_empty({fused_act ? 0 : rows, F})), y(like.new_empty({rows, D})) {}
 };
 
-// out[tok[i]] += w[i] * (act(h[i]) W_out^T + b_out) for the first m of r rows of h; `shared`: other
-// threads add into other rows of out at the same time.
+// out[tok[i]] += w[i] * (act(h[i]) W_out^T + b_out) for the first m of r rows of h (w_r: r weights, the
+// rows past m the next assignments'); `threaded`: inside one of the intra-op threads while the others add
+// into other rows of out, so the rows are added one by one on it rather than by index_add_ on all threads.
 void down_and_scatter(const Activation& act, const Tensor& h_r, const Tensor& w_out_e,
-                      const c10::optional<Tensor>& b_out_e, const Tensor& w_m, const Tensor& tok_m, Tensor& out,
-                      Buffers& buf, bool shared, bool onednn) {
+                      const c10::optional<Tensor>& b_out_e, const Tensor& w_r, const Tensor& tok_m, Tensor& out,
+                      Buffers& buf, bool threaded, bool onednn) {
   const int64_t r = h_r.size(0), m = tok_m.size(0);
   auto a = buf.a.slice(0, 0, r), act_r = buf.act.slice(0, 0, r);
-  activate(act, h_r, a, act_r);
+  activate(act, h_r, a, act_r, w_r);
   auto y = buf.y.slice(0, 0, r);
-  gemm(y, a, w_out_e.t(), onednn);  // the unweighted down projection
-  auto y_m = y.slice(0, 0, m);
-  y_m.mul_(w_m.unsqueeze(1));
+  gemm(y, a, w_out_e.t(), onednn);  // weighted already when the activation is fused
+  auto y_m = y.slice(0, 0, m), w_m = w_r.slice(0, 0, m);
+  if (!act.fused) y_m.mul_(w_m.unsqueeze(1));
   if (b_out_e) y_m.addr_(w_m, *b_out_e);
-  if (shared) scatter_rows(out, tok_m, y_m);
+  if (threaded) scatter_rows(out, tok_m, y_m);
   else out.index_add_(0, tok_m, y_m);
 }
 
@@ -657,7 +684,7 @@ std::vector<Tensor> loop_experts_forward(const Tensor& x, const Tensor& tok, con
       else gemm(h_e, x_e, w_in[e].t(), onednn);
       if (fused)
         down_and_scatter(act, h_e, w_out[e], b_out ? c10::optional<Tensor>((*b_out)[e]) : c10::nullopt,
-                         w.slice(0, s, s + n), tok.slice(0, s, s + n), out, *buf, false, onednn);
+                         w.slice(0, s, s + r), tok.slice(0, s, s + n), out, *buf, false, onednn);
     }
   });
   if (fused) return {out, h};
@@ -671,8 +698,8 @@ std::vector<Tensor> loop_experts_forward(const Tensor& x, const Tensor& tok, con
       const Block& blk = tb.blocks[b];
       auto h_r = block_rows(h, tb.hidx, blk, h_buf);
       down_and_scatter(act, h_r, w_out[blk.e], b_out ? c10::optional<Tensor>((*b_out)[blk.e]) : c10::nullopt,
-                       tb.w.slice(0, blk.start, blk.start + blk.m), tb.tok.slice(0, blk.start, blk.start + blk.m), out,
-                       buf, true, onednn);
+                       tb.w.slice(0, blk.start, blk.start + blk.r), tb.tok.slice(0, blk.start, blk.start + blk.m),
+                       out, buf, true, onednn);
     }
   });
   return {out, h};
@@ -723,39 +750,49 @@ std::vector<c10::optional<Tensor>> loop_experts_backward(
       }
       auto tok_r = tok.slice(0, s, s + r), tok_n = tok.slice(0, s, s + n);
       auto h_e = h.slice(0, o, o + r);
-      auto w_r = w.slice(0, s, s + r).unsqueeze(1);  // rows past n: the next assignments' (w is padded)
+      auto w_r = w.slice(0, s, s + r);  // rows past n: the next assignments' (w is padded)
       auto a_e = a_buf.slice(0, 0, r), act_e = act_buf.slice(0, 0, r), gate_c = gc_buf.slice(0, 0, r);
-      activate(act, h_e, a_e, act_e, gate_c);
+      activate(act, h_e, a_e, act_e, w_r, gate_c);  // fused: a_e = w a
       // 1. Down projection: y = w (a W_out^T + b_out). Bucketed rows get a zero cotangent.
       auto g_e = g_buf.slice(0, 0, r);
       gather_rows(g_e, grad_out, tok_r);
       if (r > n) g_e.slice(0, n, r).zero_();
       auto grad_a = ga_buf.slice(0, 0, r);
       gemm(grad_a, g_e, w_out[e], onednn);  // dL/da before the routing weight
-      // dL/dw = <dL/dy, a W_out^T + b_out> = <grad_a, a> + <g, b_out>
+      // dL/dw = <dL/dy, a W_out^T + b_out> = <grad_a, a> + <g, b_out>; dL/dW_out = (w g)^T a = g^T (w a)
       auto grad_w_e = grad_w.slice(0, s, s + n);
-      at::linalg_vecdot_out(grad_w_e, grad_a.slice(0, 0, n), a_e.slice(0, 0, n));
-      if (b_out) grad_w_e.add_(at::mv(g_e.slice(0, 0, n), (*b_out)[e]));
-      g_e.mul_(w_r);  // now dL/d(a W_out^T + b_out)
-      gemm(gw_out_e, g_e.t(), a_e, onednn);
-      if (b_out) {
-        auto gb = (*grad_b_out)[e];
-        at::sum_out(gb, g_e, kRows);
-      }
-      grad_a.mul_(w_r);
-      // 2. Activation.
       auto grad_h = gh_buf.slice(0, 0, r);
       if (act.fused) {
-        swiglu_backward(h_e, grad_a, grad_h);
-      } else if (act.gated) {
-        auto up = h_e.slice(1, F, H);
-        auto tmp = tmp_buf.slice(0, 0, r), grad_gate = grad_h.slice(1, 0, F), grad_up = grad_h.slice(1, F, H);
-        at::mul_out(tmp, grad_a, up);
-        act_backward(act.kind, tmp, gate_c, tmp);  // on contiguous tensors (see activate), in place
-        grad_gate.copy_(tmp);
-        at::mul_out(grad_up, act_e, grad_a);
+        gemm(gw_out_e, g_e.t(), a_e, onednn);
+        if (b_out) {
+          auto gb = (*grad_b_out)[e];
+          at::mv_out(gb, g_e.t(), w_r);
+        }
+        // 2. Activation, with <grad_a, a> and grad_a's routing weight on the way.
+        swiglu_backward(h_e, grad_a, grad_h, &w_r, &grad_w_e);
+        if (b_out) grad_w_e.add_(at::mv(g_e.slice(0, 0, n), (*b_out)[e]));
       } else {
-        act_backward(act.kind, grad_a, h_e, grad_h);
+        auto w_r1 = w_r.unsqueeze(1);
+        at::linalg_vecdot_out(grad_w_e, grad_a.slice(0, 0, n), a_e.slice(0, 0, n));
+        if (b_out) grad_w_e.add_(at::mv(g_e.slice(0, 0, n), (*b_out)[e]));
+        g_e.mul_(w_r1);  // now dL/d(a W_out^T + b_out)
+        gemm(gw_out_e, g_e.t(), a_e, onednn);
+        if (b_out) {
+          auto gb = (*grad_b_out)[e];
+          at::sum_out(gb, g_e, kRows);
+        }
+        grad_a.mul_(w_r1);
+        // 2. Activation.
+        if (act.gated) {
+          auto up = h_e.slice(1, F, H);
+          auto tmp = tmp_buf.slice(0, 0, r), grad_gate = grad_h.slice(1, 0, F), grad_up = grad_h.slice(1, F, H);
+          at::mul_out(tmp, grad_a, up);
+          act_backward(act.kind, tmp, gate_c, tmp);  // on contiguous tensors (see activate), in place
+          grad_gate.copy_(tmp);
+          at::mul_out(grad_up, act_e, grad_a);
+        } else {
+          act_backward(act.kind, grad_a, h_e, grad_h);
+        }
       }
       // 3. First projection: the weight gradient; dL/dx here (one group) or in pass B.
       auto x_e = x_buf.slice(0, 0, r);
@@ -826,27 +863,33 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("have_fused_swiglu", &have_avx512_exp, "whether the fused fp32 SwiGLU runs here (AVX-512, SLEEF found)");
   m.def(
       "swiglu",
-      [](const Tensor& h) {
+      [](const Tensor& h, const c10::optional<Tensor>& scale) {
         TORCH_CHECK(h.dim() == 2 && h.size(1) % 2 == 0 && h.stride(1) == 1 &&
                         fused_swiglu({Act::Silu, true}, h.scalar_type()),
                     "moekit swiglu: needs an fp32 [r, 2F] tensor, AVX-512 and SLEEF");
+        check_scale(scale, h.size(0));
         auto a = h.new_empty({h.size(0), h.size(1) / 2});
-        swiglu(h, a);
+        swiglu(h, a, scale ? &*scale : nullptr);
         return a;
       },
-      "the fused kernel alone: silu(h[:, :F]) * h[:, F:]", py::arg("h"));
+      "the fused kernel alone: silu(h[:, :F]) * h[:, F:] (* scale[:, None])", py::arg("h"),
+      py::arg("scale") = py::none());
   m.def(
       "swiglu_backward",
-      [](const Tensor& h, const Tensor& grad_a) {
+      [](const Tensor& h, const Tensor& grad_a, const c10::optional<Tensor>& scale, int64_t n_dot) {
         TORCH_CHECK(h.dim() == 2 && h.stride(1) == 1 && fused_swiglu({Act::Silu, true}, h.scalar_type()) &&
                         grad_a.scalar_type() == at::kFloat && grad_a.stride(1) == 1 && grad_a.size(0) == h.size(0) &&
-                        2 * grad_a.size(1) == h.size(1),
-                    "moekit swiglu_backward: needs fp32 h [r, 2F] and grad_a [r, F], AVX-512 and SLEEF");
+                        2 * grad_a.size(1) == h.size(1) && n_dot >= 0 && n_dot <= h.size(0),
+                    "moekit swiglu_backward: needs fp32 h [r, 2F] and grad_a [r, F], 0 <= n_dot <= r, AVX-512 and "
+                    "SLEEF");
+        check_scale(scale, h.size(0));
         auto grad_h = at::empty_like(h, at::MemoryFormat::Contiguous);
-        swiglu_backward(h, grad_a, grad_h);
-        return grad_h;
+        auto dot = h.new_empty({n_dot});
+        swiglu_backward(h, grad_a, grad_h, scale ? &*scale : nullptr, &dot);
+        return std::make_tuple(grad_h, dot);
       },
-      "the fused backward alone: dL/dh from dL/da", py::arg("h"), py::arg("grad_a"));
+      "the fused backward alone: (dL/dh from dL/d(a * scale), <dL/d(a * scale), a> of the first n_dot rows)",
+      py::arg("h"), py::arg("grad_a"), py::arg("scale") = py::none(), py::arg("n_dot") = 0);
   m.def("have_onednn", &have_onednn, "whether ATen's oneDNN matmul was found in this torch");
   m.def(
       "mm_out", [](Tensor out, const Tensor& a, const Tensor& b, bool accumulate) { gemm(out, a, b, true, accumulate); },
