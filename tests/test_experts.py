@@ -112,21 +112,27 @@ def test_bucketed_expert_gemms_match_exact_rows(activation, bias, capacity):
         torch.testing.assert_close(bucketed, exact, atol=1e-12, rtol=1e-12)
 
 
+@pytest.mark.parametrize("own", ["0", "1"])
 @pytest.mark.parametrize("backend", ["blas", "onednn"])
 @pytest.mark.parametrize("impl,fn,bucket_arg", [("loop", _LoopExperts, -1), ("native", NativeLoopExperts, -2)])
-def test_cpu_experts_bucket_their_rows_on_onednn(monkeypatch, impl, fn, bucket_arg, backend):
+def test_cpu_experts_bucket_their_rows_on_onednn(monkeypatch, impl, fn, bucket_arg, backend, own):
     """oneDNN builds a kernel per GEMM shape: bf16 GEMMs always run on it, the C++ loop's fp32 ones
-    when it is the backend of moekit.nn.gemm."""
+    when it is the backend of moekit.nn.gemm, unless the loop's own kernel runs them (expert groups,
+    AVX-512, MOEKIT_OWN_GEMM not 0)."""
     if backend == "onednn" and (native.load() is None or not native.load().have_onednn()):
         pytest.skip("no oneDNN matmul here")
+    monkeypatch.setenv("MOEKIT_OWN_GEMM", own)
     seen = []
     monkeypatch.setattr(fn, "apply", lambda *args: seen.append(args[bucket_arg]) or args[0].clone())
     layer = make_layer(dtype=torch.float32, expert_impl=impl)
+    own_runs = (own == "1" and native.load() is not None and native.load().have_own_gemm()
+                and native.thread_groups(layer.experts.w_in, layer.experts.w_out) > 1)
     with gemm.use_backend(backend):
         layer(torch.randn(20, 16))
         with torch.autocast("cpu", dtype=torch.bfloat16):
             layer(torch.randn(20, 16))
-    assert seen == [backend == "onednn" and impl == "native", True]  # the Python loop's fp32 runs torch.mm
+    # the Python loop's fp32 runs torch.mm
+    assert seen == [backend == "onednn" and impl == "native" and not own_runs, True]
 
 
 def test_combine_is_deterministic():
@@ -546,12 +552,13 @@ needs_fused_swiglu = pytest.mark.skipif(native.load() is None or not native.load
                                         reason="no AVX-512 / SLEEF here: the gated SiLU runs on ATen")
 
 
-def test_fused_swiglu_runs_on_avx512_x86():
-    """Where the CPU has AVX-512 the fused kernel must be found: a lost SLEEF symbol fails here."""
+def test_avx512_kernels_run_on_avx512_x86():
+    """Where the CPU has AVX-512 the fused SwiGLU and the loop's own GEMM must run: a lost SLEEF symbol
+    or a broken CPU check fails here."""
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     if native.load() is None or " avx512f" not in flags:
         pytest.skip("no AVX-512 or no C++ loop here")
-    assert native.load().have_fused_swiglu()
+    assert native.load().have_fused_swiglu() and native.load().have_own_gemm()
 
 
 @needs_fused_swiglu
@@ -588,6 +595,57 @@ def test_fused_swiglu_matches_aten(F):
         mod.swiglu(h, scale[:-1])
     with pytest.raises(RuntimeError, match="n_dot"):
         mod.swiglu_backward(h, grad_a, scale, 38)
+
+
+needs_own_gemm = pytest.mark.skipif(native.load() is None or not native.load().have_own_gemm(),
+                                    reason="no AVX-512 here: the loop's fp32 products run on oneDNN")
+
+
+@needs_own_gemm
+@pytest.mark.parametrize("M", [1, 5, 6, 7, 13, 256])
+@pytest.mark.parametrize("N", [1, 15, 16, 17, 64, 65, 88, 176])
+def test_own_gemm_matches_fp64_matmul(M, N):
+    """Every tile shape (1-6 rows, 1-4 vectors, masked tails), K from 0, A and B as transposed views
+    (B transposed is packed first), and out += a @ b; within fp32 rounding of an fp64 product."""
+    mod = native.load()
+    g_ = torch.Generator().manual_seed(M * 1000 + N)
+    for K in (0, 1, 7, 88, 300):
+        a = torch.randn(M, K, generator=g_)
+        b = torch.randn(K, N, generator=g_)
+        want = a.double() @ b.double()
+        tol = dict(rtol=1e-5, atol=1e-5 * max(K, 1) ** 0.5)
+        for a_, b_ in ((a, b), (a.t().contiguous().t(), b), (a, b.t().contiguous().t()),
+                       (a.t().contiguous().t(), b.t().contiguous().t())):
+            torch.testing.assert_close(mod.own_mm(a_, b_).double(), want, **tol)
+        out = torch.randn(M, N, generator=g_)
+        expected = out.double() + want
+        torch.testing.assert_close(mod.own_mm(a, b, out).double(), expected, **tol)
+    with pytest.raises(RuntimeError, match="own_gemm"):
+        mod.own_mm(a.double(), b.double())
+
+
+@needs_own_gemm
+@pytest.mark.parametrize("bias", [False, True])
+def test_native_loop_on_its_own_gemm_matches_onednn(bias, monkeypatch):
+    """fp32 with expert groups: the loop's own kernel (exact rows) against oneDNN (bucketed rows), outputs
+    and every gradient, through the layer."""
+    if not native.load().have_onednn():
+        pytest.skip("no oneDNN matmul here")
+    results = []
+    for own in ("1", "0"):
+        monkeypatch.setenv("MOEKIT_OWN_GEMM", own)
+        torch.manual_seed(0)
+        layer = make_layer(dtype=torch.float32, num_experts=12, top_k=3, mlp_bias=bias, expert_impl="native")
+        assert native.thread_groups(layer.experts.w_in, layer.experts.w_out) > 1 or torch.get_num_threads() == 1
+        x = torch.randn(300, 16, generator=torch.Generator().manual_seed(3), requires_grad=True)
+        with gemm.use_backend("onednn"):
+            groups = native.thread_groups(layer.experts.w_in, layer.experts.w_out)
+            assert native.own_gemm(x, groups) == (own == "1" and groups > 1)
+            out = layer(x).output
+            out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(4)))
+        results.append([out.detach(), x.grad] + [p.grad for p in layer.parameters()])
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def _cached_case():

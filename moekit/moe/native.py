@@ -249,6 +249,17 @@ def thread_groups(w_in_EHD: torch.Tensor, w_out_EDF: torch.Tensor) -> int:
     return max(1, min(torch.get_num_threads(), w_in_EHD.shape[0]))
 
 
+def own_gemm(x_TD: torch.Tensor, groups: int) -> bool:
+    """Whether the loop's products run on its own fp32 kernel (``gemm_f32`` in ``csrc/loop_experts.cpp``)
+    instead of oneDNN: fp32 on the oneDNN backend (:mod:`moekit.nn.gemm`), small experts split into
+    groups (large ones keep oneDNN's multi-threaded GEMMs), a CPU with AVX-512, and ``MOEKIT_OWN_GEMM``
+    not ``0``. Its products need no bucketed rows: it builds nothing per shape."""
+    if groups < 2 or not gemm.onednn_for(x_TD) or os.environ.get("MOEKIT_OWN_GEMM", "1") == "0":
+        return False
+    module = load()
+    return module is not None and module.have_own_gemm()
+
+
 def split_groups(counts: list[int], groups: int) -> list[int]:
     """Bounds of ``groups`` contiguous expert ranges of about equal rows: experts b[g] .. b[g+1]-1."""
     cum = [0, *itertools.accumulate(counts)]  # rows before expert e
@@ -351,13 +362,13 @@ class NativeLoopExperts(torch.autograd.Function):
         if len(bounds) > 2:
             tb = token_blocks(token_ids_N[:kept], counts, bounds, pad, x_TD.shape[0], rows, h_rows)
             blocks = (tb.hidx_R, tb.token_ids_R, w_K[tb.order_R], tb.blocks_B5, tb.bounds)
-        onednn = gemm.onednn_for(x_TD)
+        onednn, own = gemm.onednn_for(x_TD), own_gemm(x_TD, len(bounds) - 1)
         out_TD, h_NH = module.forward(x_TD, tok_pad, w_pad, w_in_EHD, w_out_EDF, b_in_EH, b_out_ED, meta_E4, bounds,
-                                      act_name, h_rows, *blocks, onednn=onednn)
+                                      act_name, h_rows, *blocks, onednn=onednn, own_gemm=own)
         ctx.save_for_backward(x_TD, tok_pad, w_pad, w_in_EHD, w_out_EDF, b_in_EH, b_out_ED, h_NH, meta_E4,
                               *blocks[:4])
         ctx.bounds, ctx.act_name, ctx.num_assignments = bounds, act_name, weights_N.shape[0]
-        ctx.weights_dtype, ctx.block_bounds, ctx.onednn = weights_N.dtype, blocks[4:], onednn
+        ctx.weights_dtype, ctx.block_bounds, ctx.onednn, ctx.own = weights_N.dtype, blocks[4:], onednn, own
         return out_TD
 
     @staticmethod
@@ -371,10 +382,10 @@ class NativeLoopExperts(torch.autograd.Function):
         # then recomputes h by running the forward again.
         if getattr(ctx, "h_spent", False):
             h_NH = module.forward(*weights, meta_E4, ctx.bounds, ctx.act_name, h_NH.shape[0], *blocks,
-                                  *ctx.block_bounds, onednn=ctx.onednn)[1]
+                                  *ctx.block_bounds, onednn=ctx.onednn, own_gemm=ctx.own)[1]
         grad_x, grad_w, grad_w_in, grad_w_out, grad_b_in, grad_b_out = module.backward(
             grad_out_TD.contiguous(), *weights, h_NH, meta_E4, ctx.bounds, ctx.act_name, need_x,
-            ctx.num_assignments, *blocks, *ctx.block_bounds, onednn=ctx.onednn)
+            ctx.num_assignments, *blocks, *ctx.block_bounds, onednn=ctx.onednn, own_gemm=ctx.own)
         ctx.h_spent = need_x and len(ctx.bounds) > 2
         return (grad_x, None, grad_w.to(ctx.weights_dtype), grad_w_in, grad_w_out, grad_b_in, grad_b_out,
                 None, None, None, None)

@@ -95,14 +95,181 @@ void gemm(Tensor out, const Tensor& a, const Tensor& b, bool onednn, bool accumu
   else at::mm_out(out, a, b);
 }
 
+// ---- The loop's own fp32 GEMM (AVX-512), for the small experts' products inside the expert groups ----
+// Why: at E64-E128 every product is small ([~256, 512] x [512, 176] and the like) and there are ~1000 a
+// step. ATen's oneDNN matmul spends ~10 us a call before any arithmetic (creating the primitive
+// descriptor, even when the primitive is cached), builds a kernel per new row count (hence the
+// bucketed rows, ~5% extra work), and on these shapes reached 185-250 GFLOP/s single-threaded; this
+// kernel, a plain register-tiled loop over B's rows with A broadcast, reached 240-273 on the same
+// shapes and has no per-call cost (one-off, hot operands; benchmarks/gemm_backends.py compares them).
+// C[M, N] (+)= A[M, K] B[K, N]: A(i, k) = a[i a_rs + k a_cs] (any strides: a transposed view needs no
+// copy), B's rows contiguous (a transposed B is first packed by pack_transposed), C's rows contiguous.
+// Each C tile of kMR rows by up to 64 columns sums over k in order, in registers (fp32 FMA).
+#ifdef MOEKIT_AVX512
+constexpr int kMR = 6;  // 6 rows x 4 vectors: 24 accumulators of the 32 registers
+
+template <int MR, int NV>
+__attribute__((target("avx512f"))) void gemm_tile(int64_t K, const float* a, int64_t a_rs, int64_t a_cs,
+                                                  const float* b, int64_t ldb, float* c, int64_t ldc,
+                                                  __mmask16 last, bool accumulate) {
+  __m512 acc[MR][NV];
+  // (fully unrolled, so that acc stays in registers)
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    const float* bk = b + k * ldb;
+    __m512 bv[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v)
+      bv[v] = v == NV - 1 ? _mm512_maskz_loadu_ps(last, bk + 16 * v) : _mm512_loadu_ps(bk + 16 * v);
+    const float* ak = a + k * a_cs;
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      const __m512 av = _mm512_set1_ps(ak[i * a_rs]);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_fmadd_ps(av, bv[v], acc[i][v]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      float* ci = c + i * ldc + 16 * v;
+      const __mmask16 m = v == NV - 1 ? last : __mmask16(0xFFFF);
+      const __m512 r = accumulate ? _mm512_add_ps(acc[i][v], _mm512_maskz_loadu_ps(m, ci)) : acc[i][v];
+      _mm512_mask_storeu_ps(ci, m, r);
+    }
+}
+
+template <int NV>
+void gemm_tile_rows(int mr, int64_t K, const float* a, int64_t a_rs, int64_t a_cs, const float* b, int64_t ldb,
+                    float* c, int64_t ldc, __mmask16 last, bool accumulate) {
+  switch (mr) {
+    case 1: gemm_tile<1, NV>(K, a, a_rs, a_cs, b, ldb, c, ldc, last, accumulate); break;
+    case 2: gemm_tile<2, NV>(K, a, a_rs, a_cs, b, ldb, c, ldc, last, accumulate); break;
+    case 3: gemm_tile<3, NV>(K, a, a_rs, a_cs, b, ldb, c, ldc, last, accumulate); break;
+    case 4: gemm_tile<4, NV>(K, a, a_rs, a_cs, b, ldb, c, ldc, last, accumulate); break;
+    case 5: gemm_tile<5, NV>(K, a, a_rs, a_cs, b, ldb, c, ldc, last, accumulate); break;
+    default: gemm_tile<kMR, NV>(K, a, a_rs, a_cs, b, ldb, c, ldc, last, accumulate); break;
+  }
+}
+
+// Column panels of 64 (B's panel, K x 64, stays in L2 while every row tile passes over it).
+void gemm_f32(int64_t M, int64_t N, int64_t K, const float* a, int64_t a_rs, int64_t a_cs, const float* b,
+              int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+  for (int64_t n0 = 0; n0 < N; n0 += 64) {
+    const int64_t width = std::min<int64_t>(64, N - n0);
+    const int nv = static_cast<int>((width + 15) / 16);
+    const int64_t tail = width - 16 * (nv - 1);
+    const __mmask16 last = tail == 16 ? __mmask16(0xFFFF) : __mmask16((1u << tail) - 1);
+    for (int64_t m0 = 0; m0 < M; m0 += kMR) {
+      const int mr = static_cast<int>(std::min<int64_t>(kMR, M - m0));
+      const float* am = a + m0 * a_rs;
+      float* cm = c + m0 * ldc + n0;
+      switch (nv) {
+        case 1: gemm_tile_rows<1>(mr, K, am, a_rs, a_cs, b + n0, ldb, cm, ldc, last, accumulate); break;
+        case 2: gemm_tile_rows<2>(mr, K, am, a_rs, a_cs, b + n0, ldb, cm, ldc, last, accumulate); break;
+        case 3: gemm_tile_rows<3>(mr, K, am, a_rs, a_cs, b + n0, ldb, cm, ldc, last, accumulate); break;
+        default: gemm_tile_rows<4>(mr, K, am, a_rs, a_cs, b + n0, ldb, cm, ldc, last, accumulate); break;
+      }
+    }
+  }
+}
+
+// dst[0:16, 0:16] (row stride ldd) = the transpose of src[0:16, 0:16] (row stride lds): unpacks of
+// pairs of rows, then of pairs of pairs, then two rounds of 128-bit lane shuffles.
+__attribute__((target("avx512f"))) void transpose16(const float* src, int64_t lds, float* dst, int64_t ldd) {
+  __m512 r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * lds);
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int h = 0; h < 16; h += 8)
+    for (int i = 0; i < 4; ++i) {
+      t[h + i] = _mm512_shuffle_f32x4(r[h + i], r[h + i + 4], 0x88);
+      t[h + i + 4] = _mm512_shuffle_f32x4(r[h + i], r[h + i + 4], 0xdd);
+    }
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd);
+  }
+  for (int i = 0; i < 16; ++i) _mm512_storeu_ps(dst + i * ldd, r[i]);
+}
+
+// dst [K, N] = src^T for src [N, K] with row stride lds: whole 16 x 16 blocks in registers, the edges
+// element by element.
+void pack_transposed(const float* src, int64_t N, int64_t K, int64_t lds, float* dst) {
+  const int64_t N16 = N - N % 16, K16 = K - K % 16;
+  for (int64_t n0 = 0; n0 < N16; n0 += 16)
+    for (int64_t k0 = 0; k0 < K16; k0 += 16) transpose16(src + n0 * lds + k0, lds, dst + k0 * N + n0, N);
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t k = n < N16 ? K16 : 0; k < K; ++k) dst[k * N + n] = src[n * lds + k];
+}
+#endif
+
+bool have_own_gemm() {
+#ifdef MOEKIT_AVX512
+  static const bool ok = __builtin_cpu_supports("avx512f");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+// out (+)= a b on the kernel above: fp32, out's and b's rows contiguous or b a transposed view (packed
+// into a buffer of the calling thread first), a any strides.
+void own_gemm(Tensor& out, const Tensor& a, const Tensor& b, bool accumulate) {
+#ifdef MOEKIT_AVX512
+  TORCH_CHECK(a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat &&
+                  out.stride(1) == 1 && (b.stride(1) == 1 || b.stride(0) == 1) && a.size(1) == b.size(0) &&
+                  out.size(0) == a.size(0) && out.size(1) == b.size(1),
+              "moekit loop_experts: own_gemm needs fp32 [M, K] x [K, N] into rows of N, got ", a.sizes(), " x ",
+              b.sizes(), " into ", out.sizes());
+  const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
+  const float* bp = b.data_ptr<float>();
+  int64_t ldb = b.stride(0);
+  if (b.stride(1) != 1 && N > 1) {  // b = w.t() for a row-major w [N, K]
+    thread_local std::vector<float> packed;
+    packed.resize(static_cast<size_t>(K * N));
+    pack_transposed(bp, N, K, b.stride(1), packed.data());
+    bp = packed.data();
+    ldb = N;
+  }
+  gemm_f32(M, N, K, a.data_ptr<float>(), a.stride(0), a.stride(1), bp, ldb, out.data_ptr<float>(), out.stride(0),
+           accumulate);
+#else
+  TORCH_CHECK(false, "moekit loop_experts: no own GEMM on this CPU");
+#endif
+}
+
+// The loop's products: on its own kernel (`own`: fp32 inside the expert groups, where AVX-512 is),
+// else on oneDNN (`onednn`) or ATen's mm.
+struct Gemm {
+  bool onednn = false, own = false;
+
+  void operator()(Tensor out, const Tensor& a, const Tensor& b, bool accumulate = false) const {
+    if (own) own_gemm(out, a, b, accumulate);
+    else gemm(out, a, b, onednn, accumulate);
+  }
+};
+
 // out = bias + a b, bias broadcast over the rows (at::addmm's rounding: one, after the sum).
-void gemm_bias(Tensor out, const Tensor& bias, const Tensor& a, const Tensor& b, bool onednn) {
-  if (!on_onednn(onednn, out, a, b)) {
+void gemm_bias(Tensor out, const Tensor& bias, const Tensor& a, const Tensor& b, const Gemm& mm) {
+  if (!mm.own && !on_onednn(mm.onednn, out, a, b)) {
     at::addmm_out(out, bias, a, b);
     return;
   }
   out.copy_(bias.expand_as(out));
-  gemm(out, a, b, onednn, true);
+  mm(out, a, b, true);
 }
 
 // Large step buffers (h, the weight gradients) come from a cache of freed blocks. NOTE: glibc maps
@@ -555,12 +722,12 @@ struct Buffers {
 // into other rows of out, so the rows are added one by one on it rather than by index_add_ on all threads.
 void down_and_scatter(const Activation& act, const Tensor& h_r, const Tensor& w_out_e,
                       const c10::optional<Tensor>& b_out_e, const Tensor& w_r, const Tensor& tok_m, Tensor& out,
-                      Buffers& buf, bool threaded, bool onednn) {
+                      Buffers& buf, bool threaded, const Gemm& mm) {
   const int64_t r = h_r.size(0), m = tok_m.size(0);
   auto a = buf.a.slice(0, 0, r), act_r = buf.act.slice(0, 0, r);
   activate(act, h_r, a, act_r, w_r);
   auto y = buf.y.slice(0, 0, r);
-  gemm(y, a, w_out_e.t(), onednn);  // weighted already when the activation is fused
+  mm(y, a, w_out_e.t());  // weighted already when the activation is fused
   auto y_m = y.slice(0, 0, m), w_m = w_r.slice(0, 0, m);
   if (!act.fused) y_m.mul_(w_m.unsqueeze(1));
   if (b_out_e) y_m.addr_(w_m, *b_out_e);
@@ -657,7 +824,7 @@ std::vector<Tensor> loop_experts_forward(const Tensor& x, const Tensor& tok, con
                                          int64_t h_rows, const c10::optional<Tensor>& hidx,
                                          const c10::optional<Tensor>& tok_b, const c10::optional<Tensor>& w_b,
                                          const c10::optional<Tensor>& blocks,
-                                         const std::vector<int64_t>& block_bounds, bool onednn) {
+                                         const std::vector<int64_t>& block_bounds, bool onednn, bool own_gemm) {
   const auto L = read_layout(x, tok, w_in, w_out, meta, bounds, act_name, h_rows, hidx, tok_b, w_b, blocks,
                              block_bounds);
   // (plain references, not a structured binding: lambdas may not capture those before C++20)
@@ -665,6 +832,7 @@ std::vector<Tensor> loop_experts_forward(const Tensor& x, const Tensor& tok, con
   const auto& sl = L.slices;
   const auto& tb = L.tb;
   const int64_t groups = L.groups, D = L.D, H = L.H, F = L.F;
+  const Gemm mm{onednn, own_gemm && groups > 1 && x.scalar_type() == at::kFloat && have_own_gemm()};
   const bool fused = groups == 1;  // one thread of control: each expert's down projection right away
   auto h = block_cache().empty({h_rows, H}, x.options());
   auto out = at::zeros_like(x);
@@ -680,11 +848,11 @@ std::vector<Tensor> loop_experts_forward(const Tensor& x, const Tensor& tok, con
       auto x_e = x_buf.slice(0, 0, r);
       gather_rows(x_e, x, tok.slice(0, s, s + r));
       auto h_e = h.slice(0, o, o + r);
-      if (b_in) gemm_bias(h_e, (*b_in)[e], x_e, w_in[e].t(), onednn);
-      else gemm(h_e, x_e, w_in[e].t(), onednn);
+      if (b_in) gemm_bias(h_e, (*b_in)[e], x_e, w_in[e].t(), mm);
+      else mm(h_e, x_e, w_in[e].t());
       if (fused)
         down_and_scatter(act, h_e, w_out[e], b_out ? c10::optional<Tensor>((*b_out)[e]) : c10::nullopt,
-                         w.slice(0, s, s + r), tok.slice(0, s, s + n), out, *buf, false, onednn);
+                         w.slice(0, s, s + r), tok.slice(0, s, s + n), out, *buf, false, mm);
     }
   });
   if (fused) return {out, h};
@@ -699,7 +867,7 @@ std::vector<Tensor> loop_experts_forward(const Tensor& x, const Tensor& tok, con
       auto h_r = block_rows(h, tb.hidx, blk, h_buf);
       down_and_scatter(act, h_r, w_out[blk.e], b_out ? c10::optional<Tensor>((*b_out)[blk.e]) : c10::nullopt,
                        tb.w.slice(0, blk.start, blk.start + blk.r), tb.tok.slice(0, blk.start, blk.start + blk.m),
-                       out, buf, true, onednn);
+                       out, buf, true, mm);
     }
   });
   return {out, h};
@@ -714,7 +882,7 @@ std::vector<c10::optional<Tensor>> loop_experts_backward(
     const Tensor& meta, const std::vector<int64_t>& bounds, const std::string& act_name, bool need_x,
     int64_t num_assignments, const c10::optional<Tensor>& hidx, const c10::optional<Tensor>& tok_b,
     const c10::optional<Tensor>& w_b, const c10::optional<Tensor>& blocks,
-    const std::vector<int64_t>& block_bounds, bool onednn) {
+    const std::vector<int64_t>& block_bounds, bool onednn, bool own_gemm) {
   const auto L = read_layout(x, tok, w_in, w_out, meta, bounds, act_name, h.size(0), hidx, tok_b, w_b, blocks,
                              block_bounds);
   // (plain references, not a structured binding: lambdas may not capture those before C++20)
@@ -722,6 +890,7 @@ std::vector<c10::optional<Tensor>> loop_experts_backward(
   const auto& sl = L.slices;
   const auto& tb = L.tb;
   const int64_t groups = L.groups, D = L.D, H = L.H, F = L.F;
+  const Gemm mm{onednn, own_gemm && groups > 1 && x.scalar_type() == at::kFloat && have_own_gemm()};
   const bool fused = groups == 1;
   // Every expert's slice is written below (idle experts zeroed by their own thread).
   auto grad_w_in = block_cache().empty(w_in.sizes(), w_in.options()),
@@ -758,12 +927,12 @@ std::vector<c10::optional<Tensor>> loop_experts_backward(
       gather_rows(g_e, grad_out, tok_r);
       if (r > n) g_e.slice(0, n, r).zero_();
       auto grad_a = ga_buf.slice(0, 0, r);
-      gemm(grad_a, g_e, w_out[e], onednn);  // dL/da before the routing weight
+      mm(grad_a, g_e, w_out[e]);  // dL/da before the routing weight
       // dL/dw = <dL/dy, a W_out^T + b_out> = <grad_a, a> + <g, b_out>; dL/dW_out = (w g)^T a = g^T (w a)
       auto grad_w_e = grad_w.slice(0, s, s + n);
       auto grad_h = gh_buf.slice(0, 0, r);
       if (act.fused) {
-        gemm(gw_out_e, g_e.t(), a_e, onednn);
+        mm(gw_out_e, g_e.t(), a_e);
         if (b_out) {
           auto gb = (*grad_b_out)[e];
           at::mv_out(gb, g_e.t(), w_r);
@@ -776,7 +945,7 @@ std::vector<c10::optional<Tensor>> loop_experts_backward(
         at::linalg_vecdot_out(grad_w_e, grad_a.slice(0, 0, n), a_e.slice(0, 0, n));
         if (b_out) grad_w_e.add_(at::mv(g_e.slice(0, 0, n), (*b_out)[e]));
         g_e.mul_(w_r1);  // now dL/d(a W_out^T + b_out)
-        gemm(gw_out_e, g_e.t(), a_e, onednn);
+        mm(gw_out_e, g_e.t(), a_e);
         if (b_out) {
           auto gb = (*grad_b_out)[e];
           at::sum_out(gb, g_e, kRows);
@@ -797,14 +966,14 @@ std::vector<c10::optional<Tensor>> loop_experts_backward(
       // 3. First projection: the weight gradient; dL/dx here (one group) or in pass B.
       auto x_e = x_buf.slice(0, 0, r);
       gather_rows(x_e, x, tok_r);
-      gemm(gw_in_e, grad_h.t(), x_e, onednn);
+      mm(gw_in_e, grad_h.t(), x_e);
       if (grad_b_in) {
         auto gb = (*grad_b_in)[e];
         at::sum_out(gb, grad_h, kRows);
       }
       if (need_x && fused) {
         auto gx = x_e;  // the gathered input is spent: its buffer takes dL/dx
-        gemm(gx, grad_h, w_in[e], onednn);
+        mm(gx, grad_h, w_in[e]);
         grad_x->index_add_(0, tok_n, gx.slice(0, 0, n));
       } else if (need_x) {
         // Only its own n rows (the next expert reads past them), and behind autograd's back: no
@@ -822,7 +991,7 @@ std::vector<c10::optional<Tensor>> loop_experts_backward(
       for (int64_t b = tb.bounds[g]; b < tb.bounds[g + 1]; ++b) {
         const Block& blk = tb.blocks[b];
         auto gh = block_rows(h, tb.hidx, blk, gh_buf), gx = gx_buf.slice(0, 0, blk.r);
-        gemm(gx, gh, w_in[blk.e], onednn);
+        mm(gx, gh, w_in[blk.e]);
         scatter_rows(*grad_x, tb.tok.slice(0, blk.start, blk.start + blk.m), gx.slice(0, 0, blk.m));
       }
     });
@@ -836,7 +1005,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("w"), py::arg("w_in"), py::arg("w_out"), py::arg("b_in"), py::arg("b_out"), py::arg("meta"),
         py::arg("bounds"), py::arg("act"), py::arg("h_rows"), py::arg("hidx") = py::none(),
         py::arg("tok_b") = py::none(), py::arg("w_b") = py::none(), py::arg("blocks") = py::none(),
-        py::arg("block_bounds") = std::vector<int64_t>{}, py::arg("onednn") = false,
+        py::arg("block_bounds") = std::vector<int64_t>{}, py::arg("onednn") = false, py::arg("own_gemm") = false,
         py::call_guard<py::gil_scoped_release>());
   m.def("backward", &loop_experts_backward,
         "its backward: (grad_x, grad_weights, grad_w_in, grad_w_out, grad_b_in, grad_b_out)", py::arg("grad_out"),
@@ -844,7 +1013,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("b_out"), py::arg("h"), py::arg("meta"), py::arg("bounds"), py::arg("act"), py::arg("need_x"),
         py::arg("num_assignments"), py::arg("hidx") = py::none(), py::arg("tok_b") = py::none(),
         py::arg("w_b") = py::none(), py::arg("blocks") = py::none(),
-        py::arg("block_bounds") = std::vector<int64_t>{}, py::arg("onednn") = false,
+        py::arg("block_bounds") = std::vector<int64_t>{}, py::arg("onednn") = false, py::arg("own_gemm") = false,
         py::call_guard<py::gil_scoped_release>());
   m.def(
       "release_cache", [] { return block_cache().release(); }, "frees the cached blocks; returns their bytes");
@@ -890,6 +1059,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       },
       "the fused backward alone: (dL/dh from dL/d(a * scale), <dL/d(a * scale), a> of the first n_dot rows)",
       py::arg("h"), py::arg("grad_a"), py::arg("scale") = py::none(), py::arg("n_dot") = 0);
+  m.def("have_own_gemm", &have_own_gemm, "whether the loop's own fp32 GEMM runs here (AVX-512)");
+  m.def(
+      "own_mm",
+      [](const Tensor& a, const Tensor& b, c10::optional<Tensor> out) {
+        TORCH_CHECK(have_own_gemm() && a.dim() == 2 && b.dim() == 2 && (!out || out->dim() == 2),
+                    "moekit own_mm: needs AVX-512 and matrices");
+        const bool accumulate = out.has_value();
+        if (!out) out = a.new_empty({a.size(0), b.size(1)});
+        own_gemm(*out, a, b, accumulate);
+        return *out;
+      },
+      "a @ b on the loop's own fp32 kernel (a any strides; b's rows contiguous or b transposed); with out, "
+      "out += a @ b",
+      py::arg("a"), py::arg("b"), py::arg("out") = py::none());
   m.def("have_onednn", &have_onednn, "whether ATen's oneDNN matmul was found in this torch");
   m.def(
       "mm_out", [](Tensor out, const Tensor& a, const Tensor& b, bool accumulate) { gemm(out, a, b, true, accumulate); },
