@@ -16,7 +16,9 @@ would reach against dense if everything but its GEMMs were free):
   stay in cache): the loop with one group (experts too large to split, see moekit.moe.native);
 - ``ceiling_grouped_<backend>``: the experts split into one contiguous group per thread, each
   thread running its group's products single-threaded, every expert with weights of its own (read
-  from memory as in the loop): the loop with groups (E64, E128 here).
+  from memory as in the loop): the loop with groups (E64, E128 here). Backend ``own`` is the C++
+  loop's own fp32 kernel (``gemm_f32`` in moekit/moe/csrc/loop_experts.cpp, AVX-512), which the loop
+  uses there (``own_max_rel_diff``: its largest relative difference from torch.mm over the six).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from moekit.moe import native
 from moekit.nn import gemm
 
 ROUTINGS = ((8, 2, 1408), (64, 8, 176), (128, 8, 88))
@@ -89,13 +92,18 @@ def grouped_step_s(E: int, rows: int, hidden: int, backend: str, repeats: int, g
         work.append([(a, b, out) for e in range(bounds[t], bounds[t + 1])
                      for (a, b), out in zip(products(t, e), outs)])
 
+    module = native.load()
+
     def group(t: int) -> None:
         for a, b, out in work[t]:
-            gemm.mm(a, b, out=out)
+            if backend == "own":
+                module.own_mm(a, b, out=out)
+            else:
+                gemm.mm(a, b, out=out)
 
     runs = []
     # each worker sets its own intra-op threads (a thread's count is its own in ATen and OpenMP)
-    with gemm.use_backend(backend), ThreadPoolExecutor(threads, initializer=torch.set_num_threads,
+    with gemm.use_backend("onednn" if backend == "own" else backend), ThreadPoolExecutor(threads, initializer=torch.set_num_threads,
                                                        initargs=(1,)) as pool:
         for i in range(repeats + 2):
             start = time.perf_counter()
@@ -124,10 +132,16 @@ def main(argv: list[str] | None = None) -> int:
             for p_ in products.values():
                 del p_["_s"]
             entry[side] = {"products": products, "step_ms": {n: round(s * 1e3, 2) for n, s in total.items()}}
+        rows = args.tokens * k // E
+        own = native.load() is not None and native.load().have_own_gemm()
+        if own:
+            entry["own_max_rel_diff"] = max(float((native.load().own_mm(a, b) - a @ b).abs().max()
+                                                  / (a @ b).abs().max()) for a, b in six_products(rows, F, g_).values())
         for name in ("blas", "onednn"):  # dense time / the E experts' time: the loop's GEMM ceilings
-            dense_ms = entry["dense"]["step_ms"][name]
-            entry[f"ceiling_{name}"] = round(dense_ms / entry["per_expert"]["step_ms"][name], 3)
-            grouped_ms = grouped_step_s(E, args.tokens * k // E, F, name, args.repeats, g_) * 1e3
+            entry[f"ceiling_{name}"] = round(entry["dense"]["step_ms"][name] / entry["per_expert"]["step_ms"][name], 3)
+        for name in ("blas", "onednn", "own") if own else ("blas", "onednn"):
+            dense_ms = entry["dense"]["step_ms"]["onednn" if name == "own" else name]  # own: against oneDNN's dense
+            grouped_ms = grouped_step_s(E, rows, F, name, args.repeats, g_) * 1e3
             entry[f"grouped_step_ms_{name}"] = round(grouped_ms, 2)
             entry[f"ceiling_grouped_{name}"] = round(dense_ms / grouped_ms, 3)
         report["routings"].append(entry)

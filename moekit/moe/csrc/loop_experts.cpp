@@ -1062,17 +1062,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("have_own_gemm", &have_own_gemm, "whether the loop's own fp32 GEMM runs here (AVX-512)");
   m.def(
       "own_mm",
-      [](const Tensor& a, const Tensor& b, c10::optional<Tensor> out) {
+      [](const Tensor& a, const Tensor& b, c10::optional<Tensor> out, bool accumulate) {
         TORCH_CHECK(have_own_gemm() && a.dim() == 2 && b.dim() == 2 && (!out || out->dim() == 2),
                     "moekit own_mm: needs AVX-512 and matrices");
-        const bool accumulate = out.has_value();
+        TORCH_CHECK(out || !accumulate, "moekit own_mm: accumulate needs out");
         if (!out) out = a.new_empty({a.size(0), b.size(1)});
         own_gemm(*out, a, b, accumulate);
         return *out;
       },
-      "a @ b on the loop's own fp32 kernel (a any strides; b's rows contiguous or b transposed); with out, "
-      "out += a @ b",
-      py::arg("a"), py::arg("b"), py::arg("out") = py::none());
+      "a @ b on the loop's own fp32 kernel, single-threaded (a any strides; b's rows contiguous or b "
+      "transposed), into out (out += a @ b with accumulate)",
+      py::arg("a"), py::arg("b"), py::arg("out") = py::none(), py::arg("accumulate") = false,
+      py::call_guard<py::gil_scoped_release>());
   m.def("have_onednn", &have_onednn, "whether ATen's oneDNN matmul was found in this torch");
   m.def(
       "mm_out", [](Tensor out, const Tensor& a, const Tensor& b, bool accumulate) { gemm(out, a, b, true, accumulate); },
