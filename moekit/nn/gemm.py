@@ -7,7 +7,8 @@ FFN step (x W^T, its input and weight gradients, transposed operands included) 1
 ``torch.mm`` at the layer benchmark's sizes, equal to fp32 rounding
 (``python benchmarks/gemm_backends.py``). PyTorch sends only bf16 / fp16 (and reduced-precision
 fp32) products to oneDNN; moekit calls ATen's own oneDNN matmul for fp32 through its C++ extension
-(:mod:`moekit.moe.native`), into preallocated outputs.
+(:mod:`moekit.moe.native`), into preallocated outputs. Small experts' products inside that C++
+expert loop run on a kernel of the loop's own instead (:func:`moekit.moe.native.own_gemm`).
 
 ``MOEKIT_GEMM`` chooses: ``auto`` (the default: oneDNN for fp32 on an x86-64 CPU when the extension
 found it and a first product on it ran: ATen's fp32 path needs AVX-512 or AVX-NE-CONVERT), ``onednn``
