@@ -529,6 +529,11 @@ def test_native_loop_rejects_a_layout_outside_its_tensors():
     with torch.no_grad(), pytest.raises(RuntimeError, match="expert 2 has"):
         native.load().forward(x, plan.token_ids_N, plan.weights_N, experts.w_in, experts.w_out, None, None,
                               meta, [0, len(counts)], "swiglu", h_rows)
+    meta, _, h_rows = native.layout(counts, int, [0, len(counts)])
+    strided_w = torch.stack([plan.weights_N, plan.weights_N], dim=1)[:, 0]  # read through a raw pointer
+    with torch.no_grad(), pytest.raises(RuntimeError, match="routing weights"):
+        native.load().forward(x, plan.token_ids_N, strided_w, experts.w_in, experts.w_out, None, None,
+                              meta, [0, len(counts)], "swiglu", h_rows)
 
 
 @needs_native
@@ -602,11 +607,12 @@ needs_own_gemm = pytest.mark.skipif(native.load() is None or not native.load().h
 
 
 @needs_own_gemm
-@pytest.mark.parametrize("M", [1, 5, 6, 7, 13, 256])
+@pytest.mark.parametrize("M", [1, 2, 3, 5, 6, 7, 256])  # tiles of 6 rows: tails of 1-5 rows (256 = 42 * 6 + 4)
 @pytest.mark.parametrize("N", [1, 15, 16, 17, 64, 65, 88, 176])
 def test_own_gemm_matches_fp64_matmul(M, N):
     """Every tile shape (1-6 rows, 1-4 vectors, masked tails), K from 0, A and B as transposed views
-    (B transposed is packed first), and out += a @ b; within fp32 rounding of an fp64 product."""
+    (B transposed is packed first), A strided both ways, an output with a longer row stride, and
+    out += a @ b; within fp32 rounding of an fp64 product."""
     mod = native.load()
     g_ = torch.Generator().manual_seed(M * 1000 + N)
     for K in (0, 1, 7, 88, 300):
@@ -614,38 +620,74 @@ def test_own_gemm_matches_fp64_matmul(M, N):
         b = torch.randn(K, N, generator=g_)
         want = a.double() @ b.double()
         tol = dict(rtol=1e-5, atol=1e-5 * max(K, 1) ** 0.5)
+        a_strided = torch.zeros(2 * M, 3 * K)[::2, ::3]
+        a_strided.copy_(a)
         for a_, b_ in ((a, b), (a.t().contiguous().t(), b), (a, b.t().contiguous().t()),
-                       (a.t().contiguous().t(), b.t().contiguous().t())):
+                       (a.t().contiguous().t(), b.t().contiguous().t()), (a_strided, b)):
             torch.testing.assert_close(mod.own_mm(a_, b_).double(), want, **tol)
-        out = torch.randn(M, N, generator=g_)
+        wide = torch.randn(M, N + 3, generator=g_)
+        out, kept = wide[:, :N], wide[:, N:].clone()
         expected = out.double() + want
         torch.testing.assert_close(mod.own_mm(a, b, out, accumulate=True).double(), expected, **tol)
+        assert torch.equal(wide[:, N:], kept)  # the columns past the output's are not written
     with pytest.raises(RuntimeError, match="own_gemm"):
         mod.own_mm(a.double(), b.double())
+    square = torch.randn(8, 8)
+    with pytest.raises(RuntimeError, match="single memory location"):
+        mod.own_mm(square, torch.randn(8, 8), out=square)
 
 
 @needs_own_gemm
-@pytest.mark.parametrize("bias", [False, True])
-def test_native_loop_on_its_own_gemm_matches_onednn(bias, monkeypatch):
-    """fp32 with expert groups: the loop's own kernel (exact rows) against oneDNN (bucketed rows), outputs
-    and every gradient, through the layer."""
+@pytest.mark.parametrize("activation,bias", [("swiglu", False), ("swiglu", True), ("geglu", True), ("gelu", False),
+                                             ("relu", True)])
+def test_native_loop_on_its_own_gemm_matches_onednn(activation, bias, monkeypatch):
+    """fp32 with expert groups on two threads: the loop's own kernel (exact rows) against oneDNN
+    (bucketed rows), outputs and every gradient, through the layer; every activation (the fused
+    SwiGLU and ATen's paths)."""
     if not native.load().have_onednn():
         pytest.skip("no oneDNN matmul here")
-    results = []
-    for own in ("1", "0"):
-        monkeypatch.setenv("MOEKIT_OWN_GEMM", own)
-        torch.manual_seed(0)
-        layer = make_layer(dtype=torch.float32, num_experts=12, top_k=3, mlp_bias=bias, expert_impl="native")
-        assert native.thread_groups(layer.experts.w_in, layer.experts.w_out) > 1 or torch.get_num_threads() == 1
-        x = torch.randn(300, 16, generator=torch.Generator().manual_seed(3), requires_grad=True)
-        with gemm.use_backend("onednn"):
-            groups = native.thread_groups(layer.experts.w_in, layer.experts.w_out)
-            assert native.own_gemm(x, groups) == (own == "1" and groups > 1)
-            out = layer(x).output
-            out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(4)))
-        results.append([out.detach(), x.grad] + [p.grad for p in layer.parameters()])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        results = []
+        for own in ("1", "0"):
+            monkeypatch.setenv("MOEKIT_OWN_GEMM", own)
+            torch.manual_seed(0)
+            layer = make_layer(dtype=torch.float32, num_experts=12, top_k=3, activation=activation, mlp_bias=bias,
+                               expert_impl="native")
+            x = torch.randn(300, 16, generator=torch.Generator().manual_seed(3), requires_grad=True)
+            with gemm.use_backend("onednn"):
+                groups = native.thread_groups(layer.experts.w_in, layer.experts.w_out)
+                assert groups == 2 and native.own_gemm(x, groups) == (own == "1")
+                out = layer(x).output
+                out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(4)))
+            results.append([out.detach(), x.grad] + [p.grad for p in layer.parameters()])
+    finally:
+        torch.set_num_threads(threads)
     for got, want in zip(*results):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@needs_own_gemm
+def test_native_loop_with_strided_expert_weights(monkeypatch):
+    """Expert weights the own kernel does not take (neither stride 1) run on the library GEMM instead:
+    the same results as contiguous ones."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.manual_seed(0)
+        layer = make_layer(dtype=torch.float32, num_experts=12, top_k=3, expert_impl="native")
+        x = torch.randn(300, 16, generator=torch.Generator().manual_seed(3))
+        want = layer(x).output
+        w_in = layer.experts.w_in.detach()
+        strided = torch.empty(w_in.shape[1], w_in.shape[2], w_in.shape[0]).permute(2, 0, 1)
+        strided.copy_(w_in)
+        assert strided[0].t().stride(0) != 1 and strided[0].t().stride(1) != 1
+        layer.experts.w_in = torch.nn.Parameter(strided)
+        with gemm.use_backend("onednn"):
+            torch.testing.assert_close(layer(x).output, want, rtol=1e-5, atol=1e-5)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _cached_case():

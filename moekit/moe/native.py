@@ -1,10 +1,10 @@
 """The expert slice loop in C++ (``csrc/loop_experts.cpp``), built on first use with PyTorch's
 extension builder (a C++ compiler and ninja; cached per source and torch version).
 
-Same algorithm as :class:`moekit.moe.experts._LoopExperts`, step for step, except that the backward
-recomputes the activation from the saved pre-activation (two elementwise ops per expert) instead of
-holding the [N, F] activation between the passes; the tests compare the two (outputs and every
-gradient). What the C++ buys on a CPU: at E64-E128 an expert's GEMMs take
+Same algorithm as :class:`moekit.moe.experts._LoopExperts`, except that the backward recomputes the
+activation from the saved pre-activation (two elementwise ops per expert) instead of holding the
+[N, F] activation between the passes, and that the fused fp32 SwiGLU folds the routing weight into
+the activation; the tests compare the two (outputs and every gradient). What the C++ buys on a CPU: at E64-E128 an expert's GEMMs take
 0.1-0.3 ms and the ~20 other ops around them (each a Python call and a fork/join of the intra-op
 threads) as much again. Here every op runs single-threaded on one of the intra-op threads, in two
 passes: pass A splits the experts into contiguous groups of about equal rows, one per thread, for
@@ -13,14 +13,15 @@ dL/dh); pass B splits the tokens into ranges (:func:`token_blocks`), one per thr
 that adds into token rows (down projection and scatter; in backward dL/dx). No two threads add into
 one row, so there is no per-thread [T, D] partial sum (memory that grew with the thread count), and
 each token's sum runs over its experts in expert order as in the Python loop, whatever the thread
-count (the results equalled the Python loop's bit for bit here, fp32 and bf16; not guaranteed: a
-GEMM on fewer rows may round differently). Experts
+count (fp64 results equal the Python loop's to ~1e-12 in the tests; fp32 ones differ by rounding:
+other GEMM kernels, the routing weight folded in). Experts
 with large weights keep one group on the calling thread instead, one pass (each GEMM on all threads),
 see :data:`GROUPED_THREADS_MAX_WEIGHT_BYTES`.
 
-Inside the expert groups its fp32 products run on a GEMM kernel of its own where the CPU has AVX-512
-(:func:`own_gemm`): ATen's oneDNN matmul costs ~10 µs a call and a kernel build per new row count,
-against ~1000 products of 0.05-0.25 ms a step at E64-E128.
+Inside the expert groups its fp32 products run on a GEMM kernel of its own (:func:`own_gemm`: on the
+oneDNN backend, where the CPU has AVX-512, unless ``MOEKIT_OWN_GEMM=0``): ATen's oneDNN matmul costs
+~10 µs a call and a kernel build per new row count, against ~1000 products of 0.05-0.25 ms a step at
+E64-E128.
 
 Its step buffers of 32 MiB or more (h, the expert weight gradients) come from a cache of freed
 blocks (:func:`empty_cache`, :func:`set_cache_limit_mb`; ``MOEKIT_BLOCK_CACHE_MB``): glibc maps
@@ -360,7 +361,7 @@ class NativeLoopExperts(torch.autograd.Function):
         rows = bucketed_rows if bucket else int
         bounds = split_groups(counts, groups)
         meta_E4, pad, h_rows = layout(counts, rows, bounds)
-        w_K = weights_N[:kept].to(x_TD.dtype)
+        w_K = weights_N[:kept].to(x_TD.dtype).contiguous()  # (the C++ reads it through a raw pointer)
         tok_pad, w_pad = pad_rows(token_ids_N[:kept], pad), pad_rows(w_K, pad)
         blocks = ()
         if len(bounds) > 2:

@@ -1,7 +1,8 @@
 // The slice loop of moekit.moe.experts in C++: per expert gather -> GEMM -> activation -> GEMM ->
-// weighted scatter, and its backward. The Python loop (_LoopExperts) is the same algorithm, step for
-// step, except that here the backward recomputes the activation from h instead of keeping it; the
-// tests compare the two and both against moekit.moe.reference.
+// weighted scatter, and its backward. The Python loop (_LoopExperts) is the same algorithm, except
+// that here the backward recomputes the activation from h instead of keeping it, and that the fused
+// fp32 SwiGLU folds the routing weight into the activation (w a W_out^T rather than w (a W_out^T));
+// the tests compare the two and both against moekit.moe.reference.
 //
 // Why C++: at E64-E128 an expert's GEMMs take ~0.1-0.3 ms on a CPU, and the ~20 other ops around them
 // (each a Python call and a fork/join of the intra-op threads) cost as much again. Here every op runs
@@ -225,13 +226,19 @@ bool have_own_gemm() {
 #endif
 }
 
-// out (+)= a b on the kernel above: fp32, out's and b's rows contiguous or b a transposed view (packed
-// into a buffer of the calling thread first), a any strides.
+// Whether own_gemm takes these operands: fp32, out's rows contiguous, b's rows contiguous or b a
+// transposed view (other layouts, e.g. strided weights, go to the library GEMM).
+bool own_gemm_takes(const Tensor& out, const Tensor& a, const Tensor& b) {
+  return a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat &&
+         out.stride(1) == 1 && (b.stride(1) == 1 || b.stride(0) == 1);
+}
+
+// out (+)= a b on the kernel above: own_gemm_takes(out, a, b); a any strides; a transposed b is packed
+// into a buffer of the calling thread first (kept for the next call: at most one expert's weights).
 void own_gemm(Tensor& out, const Tensor& a, const Tensor& b, bool accumulate) {
 #ifdef MOEKIT_AVX512
-  TORCH_CHECK(a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat &&
-                  out.stride(1) == 1 && (b.stride(1) == 1 || b.stride(0) == 1) && a.size(1) == b.size(0) &&
-                  out.size(0) == a.size(0) && out.size(1) == b.size(1),
+  TORCH_CHECK(own_gemm_takes(out, a, b) && a.size(1) == b.size(0) && out.size(0) == a.size(0) &&
+                  out.size(1) == b.size(1),
               "moekit loop_experts: own_gemm needs fp32 [M, K] x [K, N] into rows of N, got ", a.sizes(), " x ",
               b.sizes(), " into ", out.sizes());
   const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
@@ -251,20 +258,24 @@ void own_gemm(Tensor& out, const Tensor& a, const Tensor& b, bool accumulate) {
 #endif
 }
 
-// The loop's products: on its own kernel (`own`: fp32 inside the expert groups, where AVX-512 is),
-// else on oneDNN (`onednn`) or ATen's mm.
+// The loop's products: on its own kernel (`own`: fp32 inside the expert groups, see
+// moekit.moe.native.own_gemm) where it takes the operands, else on oneDNN (`onednn`) or ATen's mm.
 struct Gemm {
   bool onednn = false, own = false;
 
+  bool own_takes(const Tensor& out, const Tensor& a, const Tensor& b) const {
+    return own && own_gemm_takes(out, a, b);
+  }
+
   void operator()(Tensor out, const Tensor& a, const Tensor& b, bool accumulate = false) const {
-    if (own) own_gemm(out, a, b, accumulate);
+    if (own_takes(out, a, b)) own_gemm(out, a, b, accumulate);
     else gemm(out, a, b, onednn, accumulate);
   }
 };
 
 // out = bias + a b, bias broadcast over the rows (at::addmm's rounding: one, after the sum).
 void gemm_bias(Tensor out, const Tensor& bias, const Tensor& a, const Tensor& b, const Gemm& mm) {
-  if (!mm.own && !on_onednn(mm.onednn, out, a, b)) {
+  if (!mm.own_takes(out, a, b) && !on_onednn(mm.onednn, out, a, b)) {
     at::addmm_out(out, bias, a, b);
     return;
   }
@@ -544,9 +555,9 @@ void for_rows(int64_t r, int64_t F, const Rows& rows) {
   at::parallel_for(0, r, std::max<int64_t>(1, 16384 / std::max<int64_t>(F, 1)), rows);
 }
 
-// (only called where fused_swiglu holds, on rows with unit column stride; scale: r contiguous fp32 or null)
 const float* rows_of(const Tensor* t) { return t != nullptr ? t->data_ptr<float>() : nullptr; }
 
+// (only called where fused_swiglu holds, on rows with unit column stride; scale: r contiguous fp32 or null)
 void swiglu(const Tensor& h, Tensor& a, const Tensor* scale = nullptr) {
 #ifdef MOEKIT_AVX512
   const int64_t F = a.size(1);
@@ -792,8 +803,8 @@ struct Layout {
   TokenBlocks tb;
 };
 
-Layout read_layout(const Tensor& x, const Tensor& tok, const Tensor& w_in, const Tensor& w_out, const Tensor& meta,
-                   const std::vector<int64_t>& bounds, const std::string& act_name, int64_t h_rows,
+Layout read_layout(const Tensor& x, const Tensor& tok, const Tensor& w, const Tensor& w_in, const Tensor& w_out,
+                   const Tensor& meta, const std::vector<int64_t>& bounds, const std::string& act_name, int64_t h_rows,
                    const c10::optional<Tensor>& hidx, const c10::optional<Tensor>& tok_b,
                    const c10::optional<Tensor>& w_b, const c10::optional<Tensor>& blocks,
                    const std::vector<int64_t>& block_bounds) {
@@ -809,6 +820,10 @@ Layout read_layout(const Tensor& x, const Tensor& tok, const Tensor& w_in, const
                   w_out.scalar_type() == x.scalar_type(),
               "moekit loop_experts: x [T, D], w_in [E, H, D] and w_out [E, D, F] with H = ", act.gated ? "2F" : "F",
               " in x's dtype, got ", x.sizes(), ", ", w_in.sizes(), ", ", w_out.sizes());
+  // (the fused SwiGLU reads the routing weights through a raw pointer, r rows from each slice's start)
+  TORCH_CHECK(w.dim() == 1 && w.is_contiguous() && w.size(0) == tok.size(0) && w.scalar_type() == x.scalar_type() &&
+                  (!w_b || (w_b->dim() == 1 && w_b->is_contiguous() && w_b->scalar_type() == x.scalar_type())),
+              "moekit loop_experts: the routing weights must be contiguous vectors in x's dtype, one per token row");
   return {act, read_meta(meta, w_in, tok.size(0), h_rows), groups, x.size(1), w_in.size(1),
           w_out.size(2), read_token_blocks(hidx, tok_b, w_b, blocks, block_bounds, groups, w_in.size(0), h_rows)};
 }
@@ -825,7 +840,7 @@ std::vector<Tensor> loop_experts_forward(const Tensor& x, const Tensor& tok, con
                                          const c10::optional<Tensor>& tok_b, const c10::optional<Tensor>& w_b,
                                          const c10::optional<Tensor>& blocks,
                                          const std::vector<int64_t>& block_bounds, bool onednn, bool own_gemm) {
-  const auto L = read_layout(x, tok, w_in, w_out, meta, bounds, act_name, h_rows, hidx, tok_b, w_b, blocks,
+  const auto L = read_layout(x, tok, w, w_in, w_out, meta, bounds, act_name, h_rows, hidx, tok_b, w_b, blocks,
                              block_bounds);
   // (plain references, not a structured binding: lambdas may not capture those before C++20)
   const auto& act = L.act;
@@ -883,7 +898,7 @@ std::vector<c10::optional<Tensor>> loop_experts_backward(
     int64_t num_assignments, const c10::optional<Tensor>& hidx, const c10::optional<Tensor>& tok_b,
     const c10::optional<Tensor>& w_b, const c10::optional<Tensor>& blocks,
     const std::vector<int64_t>& block_bounds, bool onednn, bool own_gemm) {
-  const auto L = read_layout(x, tok, w_in, w_out, meta, bounds, act_name, h.size(0), hidx, tok_b, w_b, blocks,
+  const auto L = read_layout(x, tok, w, w_in, w_out, meta, bounds, act_name, h.size(0), hidx, tok_b, w_b, blocks,
                              block_bounds);
   // (plain references, not a structured binding: lambdas may not capture those before C++20)
   const auto& act = L.act;
@@ -1067,6 +1082,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                     "moekit own_mm: needs AVX-512 and matrices");
         TORCH_CHECK(out || !accumulate, "moekit own_mm: accumulate needs out");
         if (!out) out = a.new_empty({a.size(0), b.size(1)});
+        at::assert_no_overlap(*out, a);  // (a later column panel reads rows of a an earlier one wrote)
+        at::assert_no_overlap(*out, b);
         own_gemm(*out, a, b, accumulate);
         return *out;
       },
