@@ -1,6 +1,7 @@
 """The expert paths (the slice loop in Python and in C++, grouped_mm) against each other and the reference."""
 
 import gc
+import math
 import importlib.util
 import shutil
 import threading
@@ -688,6 +689,38 @@ def test_native_loop_with_strided_expert_weights(monkeypatch):
             torch.testing.assert_close(layer(x).output, want, rtol=1e-5, atol=1e-5)
     finally:
         torch.set_num_threads(threads)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_topk_indices_order_ties_and_nan(dtype):
+    """Largest first, ties to the lower index, NaN above every number, k from 1 to E: the reference's
+    order (moekit.moe.reference._top), on scores with many ties."""
+    g_ = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 4, (300, 13), generator=g_).to(dtype)
+    scores[5, 3] = scores[7, 0] = scores[7, 9] = float("nan")
+    scores[8, :] = float("nan")
+    scores[9, 4] = float("-inf")
+    for k in (1, 2, 5, 13):
+        want = [sorted(range(13), key=lambda i: (-(math.inf if row[i] != row[i] else row[i]), i))[:k]
+                for row in scores.tolist()]
+        assert native.topk_indices(scores, k).tolist() == want
+    assert torch.equal(native.topk_indices(scores[:, :0].reshape(0, 13), 3), torch.empty(0, 3, dtype=torch.long))
+    with pytest.raises(RuntimeError, match="k=14"):
+        native.load().topk(scores, 14)
+
+
+@needs_native
+def test_router_ties_go_to_the_lower_expert_as_in_the_reference():
+    """A router with zero weights scores every expert alike: experts 0..k-1 for every token, and the
+    layer's output equals the reference's."""
+    layer = make_layer(num_experts=6, top_k=2)
+    with torch.no_grad():
+        layer.router.weight_ED.zero_()
+    x = torch.randn(40, 16, dtype=torch.float64)
+    r, _ = layer.route(x)
+    assert torch.equal(r.expert_ids_TK, torch.tensor([[0, 1]] * 40))
+    torch.testing.assert_close(layer(x).output, reference_forward(layer, x).output, atol=1e-12, rtol=1e-12)
 
 
 def _cached_case():

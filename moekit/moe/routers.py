@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moekit.config import MoEConfig
+from moekit.moe import native
 from moekit.nn import gemm
 
 
@@ -100,7 +101,7 @@ class Router(nn.Module):
         if cfg.n_group > 1:
             mask_TE = group_limited_mask(select_TE, cfg.n_group, cfg.topk_group, cfg.group_score)
             select_TE = select_TE.masked_fill(~mask_TE, float("-inf"))
-        expert_ids_TK = select_TE.topk(cfg.top_k, dim=-1).indices
+        expert_ids_TK = native.topk_indices(select_TE, cfg.top_k)  # (ties: the lower index, as the reference)
         return expert_ids_TK, scores_TE.gather(1, expert_ids_TK)
 
     def finish_weights(self, weights_TK: torch.Tensor) -> torch.Tensor:
