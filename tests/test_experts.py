@@ -113,27 +113,42 @@ def test_bucketed_expert_gemms_match_exact_rows(activation, bias, capacity):
         torch.testing.assert_close(bucketed, exact, atol=1e-12, rtol=1e-12)
 
 
-@pytest.mark.parametrize("own", ["0", "1"])
 @pytest.mark.parametrize("backend", ["blas", "onednn"])
 @pytest.mark.parametrize("impl,fn,bucket_arg", [("loop", _LoopExperts, -1), ("native", NativeLoopExperts, -2)])
-def test_cpu_experts_bucket_their_rows_on_onednn(monkeypatch, impl, fn, bucket_arg, backend, own):
+def test_cpu_experts_bucket_their_rows_on_onednn(monkeypatch, impl, fn, bucket_arg, backend):
     """oneDNN builds a kernel per GEMM shape: bf16 GEMMs always run on it, the C++ loop's fp32 ones
-    when it is the backend of moekit.nn.gemm, unless the loop's own kernel runs them (expert groups,
-    AVX-512, MOEKIT_OWN_GEMM not 0)."""
+    when it is the backend of moekit.nn.gemm."""
     if backend == "onednn" and (native.load() is None or not native.load().have_onednn()):
         pytest.skip("no oneDNN matmul here")
-    monkeypatch.setenv("MOEKIT_OWN_GEMM", own)
     seen = []
     monkeypatch.setattr(fn, "apply", lambda *args: seen.append(args[bucket_arg]) or args[0].clone())
     layer = make_layer(dtype=torch.float32, expert_impl=impl)
-    own_runs = (own == "1" and native.load() is not None and native.load().have_own_gemm()
-                and native.thread_groups(layer.experts.w_in, layer.experts.w_out) > 1)
     with gemm.use_backend(backend):
         layer(torch.randn(20, 16))
         with torch.autocast("cpu", dtype=torch.bfloat16):
             layer(torch.randn(20, 16))
-    # the Python loop's fp32 runs torch.mm
-    assert seen == [backend == "onednn" and impl == "native" and not own_runs, True]
+    assert seen == [backend == "onednn" and impl == "native", True]  # the Python loop's fp32 runs torch.mm
+
+
+@pytest.mark.parametrize("own", ["0", "1"])
+def test_native_loop_runs_exact_rows_on_its_own_gemm(monkeypatch, own):
+    """Asked to bucket, the C++ loop still runs its products on the exact rows where its own kernel
+    runs them (it builds nothing per shape); on oneDNN the rows are bucketed."""
+    if native.load() is None or not native.load().have_onednn():
+        pytest.skip("no oneDNN matmul here")
+    monkeypatch.setenv("MOEKIT_OWN_GEMM", own)
+    rows_seen = []
+    layout = native.layout
+    monkeypatch.setattr(native, "layout", lambda counts, rows, bounds: rows_seen.append(rows(17)) or
+                        layout(counts, rows, bounds))
+    experts, plan, counts = _loop_case("swiglu", False, None)
+    experts = experts.float()
+    x = torch.randn(plan.num_tokens, 8)
+    with gemm.use_backend("onednn"), torch.no_grad():
+        NativeLoopExperts.apply(x, plan.token_ids_N, plan.weights_N, experts.w_in, experts.w_out, None, None,
+                                counts, "swiglu", True, 2)
+    own_runs = own == "1" and native.load().have_own_gemm()
+    assert rows_seen == [17 if own_runs else bucketed_rows(17)] and bucketed_rows(17) > 17
 
 
 def test_combine_is_deterministic():

@@ -309,16 +309,13 @@ class Experts(nn.Module):
             counts = plan.counts_E.tolist()  # the one host sync of the loop path: slice bounds
             # NOTE: CPU bf16/fp16 GEMMs run on oneDNN, the C++ loop's fp32 ones too where moekit.nn.gemm
             # chooses it; oneDNN compiles a kernel per new shape (~0.6 ms and ~0.6 MB of RSS each, cached)
-            # (the C++ loop's own fp32 kernel has neither: its products run on the exact rows)
+            # (the C++ loop's own fp32 kernel, where it runs, has neither: see NativeLoopExperts)
             bucket = x_TD.device.type == "cpu" and (x_TD.dtype in (torch.bfloat16, torch.float16)
                                                      or impl == "native" and gemm.onednn_for(x_TD))
-            if impl != "native":
-                return _LoopExperts.apply(x_TD.contiguous(), plan.token_ids_N, plan.weights_N, *params, counts,
-                                          self.cfg.activation, bucket)
-            if x_TD.device.type != "cpu":
-                raise ValueError(f"expert_impl='native' runs on the CPU, got a tensor on {x_TD.device}; "
-                                 f"use 'auto', 'loop' or 'grouped_mm'")
-            groups = native.thread_groups(params[0], params[1])
-            bucket = bucket and not native.own_gemm(x_TD, groups)
-            return native.NativeLoopExperts.apply(x_TD.contiguous(), plan.token_ids_N, plan.weights_N, *params,
-                                                  counts, self.cfg.activation, bucket, groups)
+            args = (x_TD.contiguous(), plan.token_ids_N, plan.weights_N, *params, counts, self.cfg.activation, bucket)
+            if impl == "native":
+                if x_TD.device.type != "cpu":
+                    raise ValueError(f"expert_impl='native' runs on the CPU, got a tensor on {x_TD.device}; "
+                                     f"use 'auto', 'loop' or 'grouped_mm'")
+                return native.NativeLoopExperts.apply(*args, native.thread_groups(params[0], params[1]))
+            return _LoopExperts.apply(*args)

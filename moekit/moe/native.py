@@ -364,7 +364,8 @@ def layout(counts: list[int], rows, bounds: list[int]) -> tuple[torch.Tensor, in
 class NativeLoopExperts(torch.autograd.Function):
     """:class:`moekit.moe.experts._LoopExperts` with the loop in C++; ``groups`` expert groups (and as
     many token ranges) run on the intra-op threads (1: on the calling thread). Same arguments, plus
-    ``groups``."""
+    ``groups``; ``bucket`` is ignored where the loop's own kernel runs the products (:func:`own_gemm`):
+    it builds nothing per shape, so they run on the exact rows."""
 
     @staticmethod
     def forward(ctx, x_TD, token_ids_N, weights_N, w_in_EHD, w_out_EDF, b_in_EH, b_out_ED, counts, act_name,
@@ -373,7 +374,8 @@ class NativeLoopExperts(torch.autograd.Function):
         if module is None:
             raise RuntimeError(f"expert_impl='native': the C++ expert loop is unavailable ({unavailable_reason()})")
         kept = sum(counts)
-        rows = bucketed_rows if bucket else int
+        onednn, own = gemm.onednn_for(x_TD), own_gemm(x_TD, groups)
+        rows = bucketed_rows if bucket and not own else int
         bounds = split_groups(counts, groups)
         meta_E4, pad, h_rows = layout(counts, rows, bounds)
         w_K = weights_N[:kept].to(x_TD.dtype).contiguous()  # (the C++ reads it through a raw pointer)
@@ -382,7 +384,6 @@ class NativeLoopExperts(torch.autograd.Function):
         if len(bounds) > 2:
             tb = token_blocks(token_ids_N[:kept], counts, bounds, pad, x_TD.shape[0], rows, h_rows)
             blocks = (tb.hidx_R, tb.token_ids_R, w_K[tb.order_R], tb.blocks_B5, tb.bounds)
-        onednn, own = gemm.onednn_for(x_TD), own_gemm(x_TD, len(bounds) - 1)
         out_TD, h_NH = module.forward(x_TD, tok_pad, w_pad, w_in_EHD, w_out_EDF, b_in_EH, b_out_ED, meta_E4, bounds,
                                       act_name, h_rows, *blocks, onednn=onednn, own_gemm=own)
         ctx.save_for_backward(x_TD, tok_pad, w_pad, w_in_EHD, w_out_EDF, b_in_EH, b_out_ED, h_NH, meta_E4,
