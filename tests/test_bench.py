@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -115,3 +116,15 @@ def test_suite_summary_and_markdown():
     text = bench_suite.markdown(report)
     assert "| fp32 | 32 | E8 k2 F16 |" in text and "(≥ 1.1)" in text
     assert "1.5× / – (≥ 1.1)" in text and "**2.727×**" in text and "×1.1 (target ≤ 1.2)" in text
+
+
+@pytest.mark.slow  # (builds the profiling library of the C++ loop: ~20 s the first time)
+def test_loop_profile_reports_the_loops_kinds_of_work():
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "loop_profile.py"
+    res = subprocess.run([sys.executable, str(script), "--tokens", "64", "--steps", "2", "--shapes", "16,8,8,2"],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    (result,) = json.loads(res.stdout)["results"]
+    assert set(result["thread_ms"]) == {"products", "packing", "gathers", "scatters", "activation"}
+    assert result["thread_ms"]["products"]["calls"] > 0 and result["loop_wall_ms"]["forward"]["calls"] == 1
+    assert 0 < result["loop_ms"] <= result["step_ms_mean"]

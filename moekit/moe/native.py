@@ -80,12 +80,14 @@ def _import(name: str, path: Path):
 
 def _flags() -> tuple[list[str], list[str]]:
     """Compile and link flags. Without OpenMP (Apple clang) ``at::parallel_for`` runs the groups one
-    after the other: still correct, without the split's gain."""
+    after the other: still correct, without the split's gain. ``MOEKIT_LOOP_PROFILE=1`` builds (and
+    loads) a library of its own that times the loop's kinds of work (``benchmarks/loop_profile.py``)."""
+    profile = ["-DMOEKIT_LOOP_PROFILE"] if os.environ.get("MOEKIT_LOOP_PROFILE") == "1" else []
     if sys.platform == "win32":
-        return ["/O2", "/openmp"], []
+        return ["/O2", "/openmp", *profile], []
     if sys.platform == "darwin":
-        return ["-O3"], []
-    return ["-O3", "-fopenmp"], ["-fopenmp"]
+        return ["-O3", *profile], []
+    return ["-O3", "-fopenmp", *profile], ["-fopenmp"]
 
 
 def library_name() -> str:

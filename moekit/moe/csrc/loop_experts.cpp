@@ -50,6 +50,32 @@
 
 using at::Tensor;
 
+// A build with -DMOEKIT_LOOP_PROFILE (moekit.moe.native with MOEKIT_LOOP_PROFILE=1, a library of its
+// own) times the loop's kinds of work, summed over threads: benchmarks/loop_profile.py prints them.
+// Nested timers count in both (a transposed weight's packing is also inside its product's time).
+#ifdef MOEKIT_LOOP_PROFILE
+#include <chrono>
+namespace loop_profile {
+enum Op { kProduct, kPack, kGather, kScatter, kActivation, kForward, kBackward, kOps };
+const char* const kNames[kOps] = {"products", "packing", "gathers", "scatters", "activation", "forward",
+                                  "backward"};
+std::atomic<int64_t> ns[kOps], calls[kOps];
+
+struct Timer {
+  Op op;
+  std::chrono::steady_clock::time_point start = std::chrono::steady_clock::now();
+  explicit Timer(Op o) : op(o) {}
+  ~Timer() {
+    ns[op] += std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - start).count();
+    ++calls[op];
+  }
+};
+}  // namespace loop_profile
+#define MOEKIT_PROFILE(op) loop_profile::Timer moekit_profile_timer_(loop_profile::op)
+#else
+#define MOEKIT_PROFILE(op)
+#endif
+
 namespace at::native {
 // ATen's oneDNN matmul (ATen/native/mkldnn/Matmul.cpp; its header is not installed): result = alpha a b
 // + beta result, written in place. Declared weak so that a torch built without it (or with another
@@ -210,6 +236,7 @@ __attribute__((target("avx512f"))) void transpose16(const float* src, int64_t ld
 // dst [K, N] = src^T for src [N, K] with row stride lds: whole 16 x 16 blocks in registers, the edges
 // element by element.
 void pack_transposed(const float* src, int64_t N, int64_t K, int64_t lds, float* dst) {
+  MOEKIT_PROFILE(kPack);
   const int64_t N16 = N - N % 16, K16 = K - K % 16;
   for (int64_t n0 = 0; n0 < N16; n0 += 16)
     for (int64_t k0 = 0; k0 < K16; k0 += 16) transpose16(src + n0 * lds + k0, lds, dst + k0 * N + n0, N);
@@ -269,6 +296,7 @@ struct Gemm {
   }
 
   void operator()(Tensor out, const Tensor& a, const Tensor& b, bool accumulate = false) const {
+    MOEKIT_PROFILE(kProduct);
     if (own_takes(out, a, b)) own_gemm(out, a, b, accumulate);
     else gemm(out, a, b, onednn, accumulate);
   }
@@ -645,6 +673,7 @@ void for_each_group(int64_t groups, const Body& body) {
 // output; the other activations leave that to the caller.
 void activate(const Activation& act, const Tensor& h_e, Tensor& a_e, Tensor& act_e, const Tensor& w_r,
               const c10::optional<Tensor>& gate_c = c10::nullopt) {
+  MOEKIT_PROFILE(kActivation);
   if (!act.gated) {
     act_forward(act.kind, h_e, a_e);
     return;
@@ -668,6 +697,7 @@ void activate(const Activation& act, const Tensor& h_e, Tensor& a_e, Tensor& act
 // output's rows added into): each row's cache lines are asked for kAheadRows rows before they are used.
 // out[i] = src[idx[i]] (ATen's index_select along rows), the rows ahead prefetched.
 void gather_rows(Tensor out, const Tensor& src, const Tensor& idx) {
+  MOEKIT_PROFILE(kGather);
   TORCH_CHECK(out.is_contiguous() && src.dim() == 2 && src.stride(1) == 1 && idx.is_contiguous() &&
                   idx.scalar_type() == at::kLong && out.size(0) == idx.size(0) && out.size(1) == src.size(1) &&
                   out.scalar_type() == src.scalar_type(),
@@ -691,6 +721,7 @@ void gather_rows(Tensor out, const Tensor& src, const Tensor& idx) {
 // [1M, 8], 3 us in fp32), undoing the other thread's work. Each sum is rounded to the dtype once per
 // added row, as index_add_ does (a token appears at most once per block).
 void scatter_rows(Tensor& into, const Tensor& tok, const Tensor& rows) {
+  MOEKIT_PROFILE(kScatter);
   TORCH_CHECK(into.is_contiguous() && rows.stride(1) == 1 && tok.is_contiguous() && rows.size(1) == into.size(1) &&
                   tok.size(0) == rows.size(0) && rows.scalar_type() == into.scalar_type(),
               "moekit loop_experts: scatter_rows needs contiguous rows of one dtype");
@@ -744,7 +775,10 @@ void down_and_scatter(const Activation& act, const Tensor& h_r, const Tensor& w_
   if (!act.fused) y_m.mul_(w_m.unsqueeze(1));
   if (b_out_e) y_m.addr_(w_m, *b_out_e);
   if (threaded) scatter_rows(out, tok_m, y_m);
-  else out.index_add_(0, tok_m, y_m);
+  else {
+    MOEKIT_PROFILE(kScatter);
+    out.index_add_(0, tok_m, y_m);
+  }
 }
 
 std::vector<Block> read_blocks(const c10::optional<Tensor>& blocks, int64_t rows, int64_t experts,
@@ -887,6 +921,7 @@ std::vector<Tensor> loop_experts_forward(const Tensor& x, const Tensor& tok, con
                                          const c10::optional<Tensor>& tok_b, const c10::optional<Tensor>& w_b,
                                          const c10::optional<Tensor>& blocks,
                                          const std::vector<int64_t>& block_bounds, bool onednn, bool own_gemm) {
+  MOEKIT_PROFILE(kForward);
   const auto L = read_layout(x, tok, w, w_in, w_out, meta, bounds, act_name, h_rows, hidx, tok_b, w_b, blocks,
                              block_bounds);
   // (plain references, not a structured binding: lambdas may not capture those before C++20)
@@ -945,6 +980,7 @@ std::vector<c10::optional<Tensor>> loop_experts_backward(
     int64_t num_assignments, const c10::optional<Tensor>& hidx, const c10::optional<Tensor>& tok_b,
     const c10::optional<Tensor>& w_b, const c10::optional<Tensor>& blocks,
     const std::vector<int64_t>& block_bounds, bool onednn, bool own_gemm) {
+  MOEKIT_PROFILE(kBackward);
   const auto L = read_layout(x, tok, w, w_in, w_out, meta, bounds, act_name, h.size(0), hidx, tok_b, w_b, blocks,
                              block_bounds);
   // (plain references, not a structured binding: lambdas may not capture those before C++20)
@@ -1000,6 +1036,7 @@ std::vector<c10::optional<Tensor>> loop_experts_backward(
           at::mv_out(gb, g_e.t(), w_r);
         }
         // 2. Activation, with <grad_a, a> and grad_a's routing weight on the way.
+        MOEKIT_PROFILE(kActivation);
         swiglu_backward(h_e, grad_a, grad_h, &w_r, &grad_w_e);
         if (b_out) grad_w_e.add_(at::mv(g_e.slice(0, 0, n), (*b_out)[e]));
       } else {
@@ -1014,6 +1051,7 @@ std::vector<c10::optional<Tensor>> loop_experts_backward(
         }
         grad_a.mul_(w_r1);
         // 2. Activation.
+        MOEKIT_PROFILE(kActivation);
         if (act.gated) {
           auto up = h_e.slice(1, F, H);
           auto tmp = tmp_buf.slice(0, 0, r), grad_gate = grad_h.slice(1, 0, F), grad_up = grad_h.slice(1, F, H);
@@ -1036,6 +1074,7 @@ std::vector<c10::optional<Tensor>> loop_experts_backward(
       if (need_x && fused) {
         auto gx = x_e;  // the gathered input is spent: its buffer takes dL/dx
         mm(gx, grad_h, w_in[e]);
+        MOEKIT_PROFILE(kScatter);
         grad_x->index_add_(0, tok_n, gx.slice(0, 0, n));
       } else if (need_x) {
         // Only its own n rows (the next expert reads past them), and behind autograd's back: no
@@ -1063,6 +1102,23 @@ std::vector<c10::optional<Tensor>> loop_experts_backward(
 
 // The loop and the GEMM run without the GIL (they touch no Python object): other Python threads go on.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+#ifdef MOEKIT_LOOP_PROFILE
+  m.def(
+      "profile",
+      [] {
+        std::map<std::string, std::pair<double, int64_t>> out;
+        for (int op = 0; op < loop_profile::kOps; ++op)
+          out[loop_profile::kNames[op]] = {loop_profile::ns[op] * 1e-9, loop_profile::calls[op].load()};
+        return out;
+      },
+      "{kind of work: (seconds summed over threads, calls)} since the last profile_reset");
+  m.def(
+      "profile_reset",
+      [] {
+        for (int op = 0; op < loop_profile::kOps; ++op) loop_profile::ns[op] = loop_profile::calls[op] = 0;
+      },
+      "zeroes the profile");
+#endif
   m.def("forward", &loop_experts_forward, "the expert slice loop: (out, h)", py::arg("x"), py::arg("tok"),
         py::arg("w"), py::arg("w_in"), py::arg("w_out"), py::arg("b_in"), py::arg("b_out"), py::arg("meta"),
         py::arg("bounds"), py::arg("act"), py::arg("h_rows"), py::arg("hidx") = py::none(),
