@@ -132,10 +132,8 @@ void gemm(Tensor out, const Tensor& a, const Tensor& b, bool onednn, bool accumu
 // shapes and has no per-call cost (one-off, hot operands; benchmarks/gemm_backends.py compares them).
 // C[M, N] (+)= A[M, K] B[K, N]: A(i, k) = a[i a_rs + k a_cs] (any strides: a transposed view needs no
 // copy), B's rows contiguous (a transposed B is first packed by pack_transposed), C's rows contiguous.
-// Each C tile of kMR rows by up to 64 columns sums over k in order, in registers (fp32 FMA).
+// Each C tile of up to 12 rows by up to 64 columns sums over k in order, in registers (fp32 FMA).
 #ifdef MOEKIT_AVX512
-constexpr int kMR = 6;  // 6 rows x 4 vectors: 24 accumulators of the 32 registers
-
 template <int MR, int NV>
 __attribute__((target("avx512f"))) void gemm_tile(int64_t K, const float* a, int64_t a_rs, int64_t a_cs,
                                                   const float* b, int64_t ldb, float* c, int64_t ldc,
@@ -171,38 +169,45 @@ __attribute__((target("avx512f"))) void gemm_tile(int64_t K, const float* a, int
     }
 }
 
-template <int NV>
+// Rows per tile for NV vectors of columns: 24 accumulators (6 x 4, 8 x 3, 12 x 2), the rest of the 32
+// registers for B's vectors and A's broadcast.
+constexpr int tile_rows(int nv) { return nv == 4 ? 6 : nv == 3 ? 8 : nv == 2 ? 12 : 6; }
+
+template <int NV, int MR = tile_rows(NV)>
 void gemm_tile_rows(int mr, int64_t K, const float* a, int64_t a_rs, int64_t a_cs, const float* b, int64_t ldb,
                     float* c, int64_t ldc, __mmask16 last, bool accumulate) {
-  switch (mr) {
-    case 1: gemm_tile<1, NV>(K, a, a_rs, a_cs, b, ldb, c, ldc, last, accumulate); break;
-    case 2: gemm_tile<2, NV>(K, a, a_rs, a_cs, b, ldb, c, ldc, last, accumulate); break;
-    case 3: gemm_tile<3, NV>(K, a, a_rs, a_cs, b, ldb, c, ldc, last, accumulate); break;
-    case 4: gemm_tile<4, NV>(K, a, a_rs, a_cs, b, ldb, c, ldc, last, accumulate); break;
-    case 5: gemm_tile<5, NV>(K, a, a_rs, a_cs, b, ldb, c, ldc, last, accumulate); break;
-    default: gemm_tile<kMR, NV>(K, a, a_rs, a_cs, b, ldb, c, ldc, last, accumulate); break;
+  if constexpr (MR > 1) {
+    if (mr < MR) return gemm_tile_rows<NV, MR - 1>(mr, K, a, a_rs, a_cs, b, ldb, c, ldc, last, accumulate);
   }
+  gemm_tile<MR, NV>(K, a, a_rs, a_cs, b, ldb, c, ldc, last, accumulate);
 }
 
-// Column panels of 64 (B's panel, K x 64, stays in L2 while every row tile passes over it).
+// Column panels of at most 4 vectors, as even as they come (88 columns: 48 + 40, not 64 + 24), each
+// swept by tiles of tile_rows(NV) rows (B's panel, K x 16 NV, stays in L2 while they pass over it).
+template <int NV>
+void gemm_panel(int64_t M, int64_t K, const float* a, int64_t a_rs, int64_t a_cs, const float* b, int64_t ldb,
+                float* c, int64_t ldc, __mmask16 last, bool accumulate) {
+  constexpr int MR = tile_rows(NV);
+  for (int64_t m0 = 0; m0 < M; m0 += MR)
+    gemm_tile_rows<NV>(static_cast<int>(std::min<int64_t>(MR, M - m0)), K, a + m0 * a_rs, a_rs, a_cs, b, ldb,
+                       c + m0 * ldc, ldc, last, accumulate);
+}
+
 void gemm_f32(int64_t M, int64_t N, int64_t K, const float* a, int64_t a_rs, int64_t a_cs, const float* b,
               int64_t ldb, float* c, int64_t ldc, bool accumulate) {
-  for (int64_t n0 = 0; n0 < N; n0 += 64) {
-    const int64_t width = std::min<int64_t>(64, N - n0);
-    const int nv = static_cast<int>((width + 15) / 16);
-    const int64_t tail = width - 16 * (nv - 1);
+  const int64_t vectors = (N + 15) / 16, panels = (vectors + 3) / 4;
+  int64_t n0 = 0;
+  for (int64_t p = 0; p < panels; ++p) {
+    const int nv = static_cast<int>((vectors - n0 / 16 + (panels - p) - 1) / (panels - p));  // of the rest
+    const int64_t width = std::min<int64_t>(16 * nv, N - n0), tail = width - 16 * (nv - 1);
     const __mmask16 last = tail == 16 ? __mmask16(0xFFFF) : __mmask16((1u << tail) - 1);
-    for (int64_t m0 = 0; m0 < M; m0 += kMR) {
-      const int mr = static_cast<int>(std::min<int64_t>(kMR, M - m0));
-      const float* am = a + m0 * a_rs;
-      float* cm = c + m0 * ldc + n0;
-      switch (nv) {
-        case 1: gemm_tile_rows<1>(mr, K, am, a_rs, a_cs, b + n0, ldb, cm, ldc, last, accumulate); break;
-        case 2: gemm_tile_rows<2>(mr, K, am, a_rs, a_cs, b + n0, ldb, cm, ldc, last, accumulate); break;
-        case 3: gemm_tile_rows<3>(mr, K, am, a_rs, a_cs, b + n0, ldb, cm, ldc, last, accumulate); break;
-        default: gemm_tile_rows<4>(mr, K, am, a_rs, a_cs, b + n0, ldb, cm, ldc, last, accumulate); break;
-      }
+    switch (nv) {
+      case 1: gemm_panel<1>(M, K, a, a_rs, a_cs, b + n0, ldb, c + n0, ldc, last, accumulate); break;
+      case 2: gemm_panel<2>(M, K, a, a_rs, a_cs, b + n0, ldb, c + n0, ldc, last, accumulate); break;
+      case 3: gemm_panel<3>(M, K, a, a_rs, a_cs, b + n0, ldb, c + n0, ldc, last, accumulate); break;
+      default: gemm_panel<4>(M, K, a, a_rs, a_cs, b + n0, ldb, c + n0, ldc, last, accumulate); break;
     }
+    n0 += width;
   }
 }
 
