@@ -18,7 +18,8 @@ would reach against dense if everything but its GEMMs were free):
   thread running its group's products single-threaded, every expert with weights of its own (read
   from memory as in the loop): the loop with groups (E64, E128 here). Backend ``own`` is the C++
   loop's own fp32 kernel (``gemm_f32`` in moekit/moe/csrc/loop_experts.cpp, AVX-512), which the loop
-  uses there (``own_max_rel_diff``: its largest relative difference from torch.mm over the six).
+  uses there; ``single_thread`` gives each of an expert's six products on one thread, oneDNN against
+  it (``own_max_rel_diff``: its largest relative difference from torch.mm over the six).
 """
 
 from __future__ import annotations
@@ -71,6 +72,30 @@ def time_pair(a: torch.Tensor, b: torch.Tensor, repeats: int) -> dict:
             "max_rel_diff": float((got - want).abs().max() / want.abs().max()), "_s": t}
 
 
+def single_thread_pair(a: torch.Tensor, b: torch.Tensor, repeats: int) -> dict:
+    """GFLOP/s of one product on one thread, oneDNN (as moekit calls it) against the C++ loop's own kernel
+    (interleaved, the own kernel's largest relative difference from torch.mm): the two as the loop's
+    expert groups run them."""
+    module, threads = native.load(), torch.get_num_threads()
+    out = torch.empty(a.shape[0], b.shape[1])
+    runs = {"onednn": [], "own": []}
+    torch.set_num_threads(1)
+    try:
+        with gemm.use_backend("onednn"):
+            for i in range(repeats + 2):
+                for name in runs:
+                    start = time.perf_counter()
+                    module.own_mm(a, b, out=out) if name == "own" else gemm.mm(a, b, out=out)
+                    if i >= 2:
+                        runs[name].append(time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
+    want = a @ b
+    flop = 2 * a.shape[0] * a.shape[1] * b.shape[1]
+    return {**{f"{name}_gflops": round(flop / statistics.median(v) / 1e9, 1) for name, v in runs.items()},
+            "own_max_rel_diff": float((module.own_mm(a, b) - want).abs().max() / want.abs().max())}
+
+
 def grouped_step_s(E: int, rows: int, hidden: int, backend: str, repeats: int, g_: torch.Generator) -> float:
     """Median seconds of the six products of all E experts, one contiguous group per thread, each thread
     single-threaded (torch's ops and moekit's oneDNN call release the GIL); activations shared within a
@@ -103,8 +128,8 @@ def grouped_step_s(E: int, rows: int, hidden: int, backend: str, repeats: int, g
 
     runs = []
     # each worker sets its own intra-op threads (a thread's count is its own in ATen and OpenMP)
-    with gemm.use_backend("onednn" if backend == "own" else backend), ThreadPoolExecutor(threads, initializer=torch.set_num_threads,
-                                                       initargs=(1,)) as pool:
+    with (gemm.use_backend("onednn" if backend == "own" else backend),
+          ThreadPoolExecutor(threads, initializer=torch.set_num_threads, initargs=(1,)) as pool):
         for i in range(repeats + 2):
             start = time.perf_counter()
             list(pool.map(group, range(threads)))
@@ -134,9 +159,10 @@ def main(argv: list[str] | None = None) -> int:
             entry[side] = {"products": products, "step_ms": {n: round(s * 1e3, 2) for n, s in total.items()}}
         rows = args.tokens * k // E
         own = native.load() is not None and native.load().have_own_gemm()
-        if own:
-            entry["own_max_rel_diff"] = max(float((native.load().own_mm(a, b) - a @ b).abs().max()
-                                                  / (a @ b).abs().max()) for a, b in six_products(rows, F, g_).values())
+        if own:  # the expert's products on one thread, as the loop's groups run them
+            entry["single_thread"] = {name: single_thread_pair(a, b, args.repeats)
+                                      for name, (a, b) in six_products(rows, F, g_).items()}
+            entry["own_max_rel_diff"] = max(p_["own_max_rel_diff"] for p_ in entry["single_thread"].values())
         for name in ("blas", "onednn"):  # dense time / the E experts' time: the loop's GEMM ceilings
             entry[f"ceiling_{name}"] = round(entry["dense"]["step_ms"][name] / entry["per_expert"]["step_ms"][name], 3)
         for name in ("blas", "onednn", "own") if own else ("blas", "onednn"):

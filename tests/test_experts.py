@@ -688,13 +688,16 @@ def test_native_loop_on_its_own_gemm_matches_onednn(activation, bias, monkeypatc
 def test_native_loop_with_strided_expert_weights(monkeypatch):
     """Expert weights the own kernel does not take (neither stride 1) run on the library GEMM instead:
     the same results as contiguous ones."""
+    monkeypatch.setenv("MOEKIT_OWN_GEMM", "1")
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         torch.manual_seed(0)
         layer = make_layer(dtype=torch.float32, num_experts=12, top_k=3, expert_impl="native")
         x = torch.randn(300, 16, generator=torch.Generator().manual_seed(3))
-        want = layer(x).output
+        with gemm.use_backend("onednn"):
+            assert native.own_gemm(x, native.thread_groups(layer.experts.w_in, layer.experts.w_out))
+            want = layer(x).output
         w_in = layer.experts.w_in.detach()
         strided = torch.empty(w_in.shape[1], w_in.shape[2], w_in.shape[0]).permute(2, 0, 1)
         strided.copy_(w_in)

@@ -4,10 +4,10 @@ extension builder (a C++ compiler and ninja; cached per source and torch version
 Same algorithm as :class:`moekit.moe.experts._LoopExperts`, except that the backward recomputes the
 activation from the saved pre-activation (two elementwise ops per expert) instead of holding the
 [N, F] activation between the passes, and that the fused fp32 SwiGLU folds the routing weight into
-the activation; the tests compare the two (outputs and every gradient). What the C++ buys on a CPU: at E64-E128 an expert's GEMMs take
-0.1-0.3 ms and the ~20 other ops around them (each a Python call and a fork/join of the intra-op
-threads) as much again. Here every op runs single-threaded on one of the intra-op threads, in two
-passes: pass A splits the experts into contiguous groups of about equal rows, one per thread, for
+the activation; the tests compare the two (outputs and every gradient). What the C++ buys on a CPU:
+at E64-E128 an expert's GEMMs take 0.1-0.3 ms and the ~20 other ops around them (each a Python call
+and a fork/join of the intra-op threads) as much again. Here every op runs single-threaded on one
+of the intra-op threads, in two passes: pass A splits the experts into contiguous groups of about equal rows, one per thread, for
 the work that needs all of an expert's rows (first projection; in backward the weight gradients and
 dL/dh); pass B splits the tokens into ranges (:func:`token_blocks`), one per thread, for the work
 that adds into token rows (down projection and scatter; in backward dL/dx). No two threads add into

@@ -127,9 +127,10 @@ void gemm(Tensor out, const Tensor& a, const Tensor& b, bool onednn, bool accumu
 // Why: at E64-E128 every product is small ([~256, 512] x [512, 176] and the like) and there are ~1000 a
 // step. ATen's oneDNN matmul spends ~10 us a call before any arithmetic (creating the primitive
 // descriptor, even when the primitive is cached), builds a kernel per new row count (hence the
-// bucketed rows, ~5% extra work), and on these shapes reached 185-250 GFLOP/s single-threaded; this
-// kernel, a plain register-tiled loop over B's rows with A broadcast, reached 240-273 on the same
-// shapes and has no per-call cost (one-off, hot operands; benchmarks/gemm_backends.py compares them).
+// bucketed rows, ~5% extra work), and on these shapes reached 170-254 GFLOP/s single-threaded; this
+// kernel, a plain register-tiled loop over B's rows with A broadcast, reached 213-270 on the same
+// shapes (E64's and E128's six products, `single_thread` of benchmarks/gemm_backends.py, one run) and
+// has no per-call cost.
 // C[M, N] (+)= A[M, K] B[K, N]: A(i, k) = a[i a_rs + k a_cs] (any strides: a transposed view needs no
 // copy), B's rows contiguous (a transposed B is first packed by pack_transposed), C's rows contiguous.
 // Each C tile of up to 12 rows by up to 64 columns sums over k in order, in registers (fp32 FMA).
@@ -841,13 +842,14 @@ struct Layout {
   std::vector<Slice> slices;
   int64_t groups, D, H, F;
   TokenBlocks tb;
+  Gemm mm;  // the own kernel only inside expert groups (moekit.moe.native.own_gemm), where AVX-512 is
 };
 
 Layout read_layout(const Tensor& x, const Tensor& tok, const Tensor& w, const Tensor& w_in, const Tensor& w_out,
                    const Tensor& meta, const std::vector<int64_t>& bounds, const std::string& act_name, int64_t h_rows,
                    const c10::optional<Tensor>& hidx, const c10::optional<Tensor>& tok_b,
                    const c10::optional<Tensor>& w_b, const c10::optional<Tensor>& blocks,
-                   const std::vector<int64_t>& block_bounds) {
+                   const std::vector<int64_t>& block_bounds, bool onednn, bool own_gemm) {
   const int64_t groups = bounds.size() - 1;
   TORCH_CHECK(groups >= 1 && bounds.front() == 0 && bounds.back() == w_in.size(0),
               "moekit loop_experts: group bounds must run from 0 to the expert count");
@@ -864,8 +866,10 @@ Layout read_layout(const Tensor& x, const Tensor& tok, const Tensor& w, const Te
   TORCH_CHECK(w.dim() == 1 && w.is_contiguous() && w.size(0) == tok.size(0) && w.scalar_type() == x.scalar_type() &&
                   (!w_b || (w_b->dim() == 1 && w_b->is_contiguous() && w_b->scalar_type() == x.scalar_type())),
               "moekit loop_experts: the routing weights must be contiguous vectors in x's dtype, one per token row");
-  return {act, read_meta(meta, w_in, tok.size(0), h_rows), groups, x.size(1), w_in.size(1),
-          w_out.size(2), read_token_blocks(hidx, tok_b, w_b, blocks, block_bounds, groups, w_in.size(0), h_rows)};
+  // (the own kernel takes fp32 operands only: Gemm sends the others to the library's)
+  const Gemm mm{onednn, own_gemm && groups > 1 && have_own_gemm()};
+  return {act, read_meta(meta, w_in, tok.size(0), h_rows), groups, x.size(1), w_in.size(1), w_out.size(2),
+          read_token_blocks(hidx, tok_b, w_b, blocks, block_bounds, groups, w_in.size(0), h_rows), mm};
 }
 
 // The indices of the k largest scores of each row, largest first, ties to the lower index (the order
@@ -928,13 +932,13 @@ std::vector<Tensor> loop_experts_forward(const Tensor& x, const Tensor& tok, con
                                          const std::vector<int64_t>& block_bounds, bool onednn, bool own_gemm) {
   MOEKIT_PROFILE(kForward);
   const auto L = read_layout(x, tok, w, w_in, w_out, meta, bounds, act_name, h_rows, hidx, tok_b, w_b, blocks,
-                             block_bounds);
+                             block_bounds, onednn, own_gemm);
   // (plain references, not a structured binding: lambdas may not capture those before C++20)
   const auto& act = L.act;
   const auto& sl = L.slices;
   const auto& tb = L.tb;
   const int64_t groups = L.groups, D = L.D, H = L.H, F = L.F;
-  const Gemm mm{onednn, own_gemm && groups > 1 && x.scalar_type() == at::kFloat && have_own_gemm()};
+  const auto& mm = L.mm;
   const bool fused = groups == 1;  // one thread of control: each expert's down projection right away
   auto h = block_cache().empty({h_rows, H}, x.options());
   auto out = at::zeros_like(x);
@@ -987,13 +991,13 @@ std::vector<c10::optional<Tensor>> loop_experts_backward(
     const std::vector<int64_t>& block_bounds, bool onednn, bool own_gemm) {
   MOEKIT_PROFILE(kBackward);
   const auto L = read_layout(x, tok, w, w_in, w_out, meta, bounds, act_name, h.size(0), hidx, tok_b, w_b, blocks,
-                             block_bounds);
+                             block_bounds, onednn, own_gemm);
   // (plain references, not a structured binding: lambdas may not capture those before C++20)
   const auto& act = L.act;
   const auto& sl = L.slices;
   const auto& tb = L.tb;
   const int64_t groups = L.groups, D = L.D, H = L.H, F = L.F;
-  const Gemm mm{onednn, own_gemm && groups > 1 && x.scalar_type() == at::kFloat && have_own_gemm()};
+  const auto& mm = L.mm;
   const bool fused = groups == 1;
   // Every expert's slice is written below (idle experts zeroed by their own thread).
   auto grad_w_in = block_cache().empty(w_in.sizes(), w_in.options()),
@@ -1204,7 +1208,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("scores"), py::arg("k"), py::call_guard<py::gil_scoped_release>());
   m.def("have_onednn", &have_onednn, "whether ATen's oneDNN matmul was found in this torch");
   m.def(
-      "mm_out", [](Tensor out, const Tensor& a, const Tensor& b, bool accumulate) { gemm(out, a, b, true, accumulate); },
+      "mm_out",
+      [](Tensor out, const Tensor& a, const Tensor& b, bool accumulate) { gemm(out, a, b, true, accumulate); },
       "out = a b (out += a b with accumulate): oneDNN for fp32 where found, else at::mm", py::arg("out"), py::arg("a"),
       py::arg("b"), py::arg("accumulate") = false, py::call_guard<py::gil_scoped_release>());
 }
