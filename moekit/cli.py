@@ -86,27 +86,10 @@ def _train_config(args: argparse.Namespace):
         return TrainConfig(**{**data, "out": args.out})
     fields = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__ and v is not None}
     if args.set:
+        from moekit.config import parse_overrides
+
         fields["model_overrides"] = parse_overrides(args.set)
     return TrainConfig(**fields)
-
-
-def parse_overrides(items: list[str]) -> dict:
-    """``["moe.top_k=4", "n_layers=6"]`` -> {"moe": {"top_k": 4}, "n_layers": 6}; values are JSON
-    (numbers, true/false, null, quoted strings) or else plain strings."""
-    out: dict = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--set {item!r}: expected FIELD=VALUE (e.g. moe.top_k=4)")
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        *parents, leaf = key.split(".")
-        if parents not in ([], ["moe"]):
-            raise ValueError(f"--set {item!r}: only model fields and moe.<field> can be set")
-        (out.setdefault("moe", {}) if parents else out)[leaf] = value
-    return out
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -7,7 +7,12 @@ the field, the value and what is allowed, so a typo fails at construction rather
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import math
+import re
+import types
+import typing
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
@@ -47,6 +52,91 @@ def _check_known_fields(cls: type, data: dict[str, Any]) -> None:
     unknown = sorted(set(data) - known)
     if unknown:
         raise ValueError(f"{cls.__name__} got unknown field(s) {unknown}; known fields: {sorted(known)}")
+
+
+# ---- field types: checked at construction, parsed from text (``--set FIELD=VALUE``) -------------
+@functools.cache
+def _field_hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _type_members(hint: Any) -> tuple:
+    """``int | None`` -> (int, NoneType); a plain type -> (type,)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return typing.get_args(hint)
+    return (hint,)
+
+
+def _matches(value: Any, kind: type) -> bool:
+    if kind is type(None):
+        return value is None
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is float:  # an int is a float's value too (capacity_factor=2)
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+def _type_name(hint: Any) -> str:
+    names = {bool: "a bool (true/false)", int: "an int", float: "a number", str: "a string", dict: "a mapping",
+             type(None): "None"}
+    return " or ".join(names.get(k, k.__name__) for k in _type_members(hint))
+
+
+def check_field_types(obj: Any) -> None:
+    """Every field of a config dataclass holds a value of its declared type, or ValueError names it.
+
+    The class of bug this stops: ``mlp_bias="False"`` (a string, hence truthy) reaching a model."""
+    owner = type(obj).__name__
+    for name, hint in _field_hints(type(obj)).items():
+        value = getattr(obj, name)
+        if not any(_matches(value, kind) for kind in _type_members(hint)):
+            raise _bad(name, value, f"expected {_type_name(hint)}", owner)
+
+
+_NONE_WORDS = ("none", "null")
+_BOOL_WORDS = {"true": True, "false": False, "yes": True, "no": False, "on": True, "off": False, "1": True, "0": False}
+
+
+def parse_field(cls: type, name: str, raw: str) -> Any:
+    """The text ``raw`` as a value of field ``name`` of config class ``cls``, by its declared type.
+
+    None / null (any case) for an optional field; true/false/yes/no/on/off/1/0 for a bool; an int;
+    a number (``1e-3``, ``inf`` and ``nan`` too: the config's own validation judges them); a JSON
+    object for a mapping or a nested config; anything else of a string field as it is (JSON quotes
+    stripped). Text that fits none of the field's types raises ValueError naming the field."""
+    hints = _field_hints(cls)
+    if name not in hints:
+        raise ValueError(f"{cls.__name__} has no field {name!r}; known fields: {sorted(hints)}")
+    members = _type_members(hints[name])
+    text = raw.strip()
+    if text.lower() in _NONE_WORDS and type(None) in members:
+        return None
+    for kind in members:
+        if kind is bool and text.lower() in _BOOL_WORDS:
+            return _BOOL_WORDS[text.lower()]
+        if kind is int and re.fullmatch(r"[+-]?\d+", text):
+            return int(text)
+        if kind is float:
+            try:
+                return float(text)
+            except ValueError:
+                pass
+        if kind is dict or dataclasses.is_dataclass(kind):
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(value, dict):
+                return value
+    if str in members:
+        if len(text) >= 2 and text[0] == text[-1] == '"':
+            return json.loads(text)
+        return raw
+    raise ValueError(f"{cls.__name__}.{name}={raw!r} is invalid: expected {_type_name(hints[name])}"
+                     + (" or a JSON object of its fields" if any(dataclasses.is_dataclass(k) for k in members) else ""))
 
 
 def _check_choice(field: str, value: Any, allowed: tuple, owner: str = "MoEConfig") -> None:
@@ -136,6 +226,7 @@ class MoEConfig:
     init_std: float = 0.02
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         _check_int("d_model", self.d_model, 1)
         _check_int("num_experts", self.num_experts, 1)
         _check_int("expert_hidden", self.expert_hidden, 1)
@@ -350,6 +441,7 @@ class ModelConfig:
     init_std: float = 0.02
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
             _mcheck_int(name, getattr(self, name), 1)
         _check_choice_m("attention", self.attention, ATTENTIONS)
@@ -465,3 +557,56 @@ class ModelConfig:
         cfg = get_preset(name)
         return cfg.replace(**overrides) if overrides else cfg
 
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["moe.top_k=4", "n_layers=6", "moe.mlp_bias=false"]`` -> ``{"moe": {"top_k": 4, "mlp_bias": False},
+    "n_layers": 6}``: each value parsed to its field's declared type (:func:`parse_field`); an unknown
+    field or a value its type cannot take raises ValueError naming the ``--set`` item."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set {item!r}: expected FIELD=VALUE (e.g. moe.top_k=4)")
+        *parents, leaf = key.split(".")
+        if parents not in ([], ["moe"]):
+            raise ValueError(f"--set {item!r}: only model fields and moe.<field> can be set")
+        cls = MoEConfig if parents else ModelConfig
+        try:
+            value = parse_field(cls, leaf, raw)
+        except ValueError as err:
+            raise ValueError(f"--set {item!r}: {err}") from None
+        if parents:
+            moe = out.setdefault("moe", {})
+            if not isinstance(moe, dict):
+                raise ValueError(f"--set {item!r}: moe is set to {moe!r} by an earlier --set")
+            moe[leaf] = value
+        elif leaf == "moe" and isinstance(out.get("moe"), dict) and isinstance(value, dict):
+            out["moe"].update(value)
+        else:
+            out[leaf] = value
+    return out
+
+
+def apply_overrides(base: ModelConfig, overrides: dict[str, Any] | None) -> ModelConfig:
+    """``base`` with ModelConfig fields replaced. ``{"moe": {...}}`` replaces fields of the base's
+    MoEConfig (or builds one from them when the base is dense); ``{"moe": None}`` makes every FFN dense."""
+    overrides = dict(overrides or {})
+    unknown = sorted(set(overrides) - set(ModelConfig.__dataclass_fields__))
+    if unknown:
+        raise ValueError(f"--set: unknown model field(s) {unknown}; known: {sorted(ModelConfig.__dataclass_fields__)}")
+    if "moe" in overrides:
+        moe = overrides["moe"]
+        if isinstance(moe, dict):
+            unknown = sorted(set(moe) - set(MoEConfig.__dataclass_fields__))
+            if unknown:
+                raise ValueError(f"--set: unknown MoE field(s) {unknown}; known: "
+                                 f"{sorted(MoEConfig.__dataclass_fields__)}")
+            if base.moe is not None:
+                moe = base.moe.replace(**moe)
+            else:
+                moe = MoEConfig.from_dict({"d_model": overrides.get("d_model", base.d_model), **moe})
+        elif moe is not None and not isinstance(moe, MoEConfig):
+            raise _mbad("moe", moe, "expected None (every FFN dense), a MoEConfig or a mapping of its fields")
+        overrides["moe"] = moe
+    return base.replace(**overrides)

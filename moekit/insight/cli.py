@@ -38,7 +38,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def _moe_overrides(items: list[str] | None) -> dict | None:
-    from moekit.cli import parse_overrides
+    from moekit.config import parse_overrides
 
     if not items:
         return None

@@ -32,7 +32,7 @@ from moekit import checkpoint as ckpt_io
 from moekit.dist import ParallelDims, init_distributed
 from moekit.dist.ep import (clip_grad_norm, data_parallel, expert_slices, full_optimizer_state, full_state_dict,
                             shard_experts, sync_expert_grads)
-from moekit.config import ModelConfig
+from moekit.config import ModelConfig, apply_overrides
 from moekit.model import MoETransformer, flops_per_token
 from moekit.moe.layer import update_expert_biases
 from moekit.presets import get_preset, miniature
@@ -128,24 +128,6 @@ def param_groups(model: MoETransformer, cfg: TrainConfig) -> list[dict]:
         else:
             decay.append(p)
     return [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def apply_overrides(base: ModelConfig, overrides: dict | None) -> ModelConfig:
-    """ModelConfig fields replaced; ``{"moe": {...}}`` replaces fields of the preset's MoEConfig."""
-    overrides = dict(overrides or {})
-    moe = overrides.pop("moe", None)
-    unknown = sorted(set(overrides) - set(ModelConfig.__dataclass_fields__))
-    if unknown:
-        raise ValueError(f"--set: unknown model field(s) {unknown}")
-    cfg = base.replace(**overrides)
-    if isinstance(moe, dict):
-        if cfg.moe is None:
-            raise ValueError(f"--set moe.*: preset has no MoE layers")
-        unknown = sorted(set(moe) - set(type(cfg.moe).__dataclass_fields__))
-        if unknown:
-            raise ValueError(f"--set: unknown MoE field(s) {unknown}")
-        cfg = cfg.replace(moe=cfg.moe.replace(**moe))
-    return cfg
 
 
 def model_config_for(cfg: TrainConfig, vocab_size: int) -> ModelConfig:
