@@ -122,7 +122,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     seq_len = args.seq_len or train_cfg.get("seq_len", 256)
     if seq_len > model.cfg.max_seq_len:
         raise ValueError(f"--seq-len={seq_len} exceeds the model's max_seq_len={model.cfg.max_seq_len}")
-    tokens = load_tokens(open_corpus(data, train_cfg.get("val_fraction", 0.02)), tokenizer)
+    tokens = load_tokens(open_corpus(data, train_cfg.get("val_fraction", 0.02)), tokenizer, splits=("val",))
     result = evaluate(model, tokens.val, args.batch_size, seq_len, args.max_tokens)
     print(json.dumps(result))
     return 0

@@ -48,7 +48,7 @@ class TrainConfig:
 
     preset: str = "small"
     miniature: bool = False  # a CPU-sized sibling of the preset (moekit.presets.miniature)
-    data: str | None = None  # None: the embedded default corpus
+    data: str | None = None  # None: the embedded default corpus; a path is stored absolute (absolute_paths)
     out: str = "runs/train"
     tokenizer: str = "byte"  # "byte", "bpe", or a path to a tokenizer.json
     vocab_size: int = 4096  # BPE only
@@ -98,7 +98,27 @@ class TrainConfig:
             raise bad("weight_decay" if self.weight_decay < 0 else "grad_clip", "expected a number >= 0")
         if self.dtype not in ("fp32", "bf16"):
             raise bad("dtype", "allowed: 'fp32', 'bf16'")
+        for f in self.PATH_FIELDS:
+            if getattr(self, f) == "":
+                raise bad(f, "expected a path (an empty one would mean the current directory)")
+        # the saved config is read by eval, inspect, prune and --resume from any directory
+        for f, value in self.absolute_paths({f: getattr(self, f) for f in self.PATH_FIELDS}).items():
+            object.__setattr__(self, f, value)
         get_preset(self.preset)  # unknown preset: a clear error listing the known ones
+
+    PATH_FIELDS = ("data", "tokenizer", "init_from")  # a class constant, not a field
+
+    @staticmethod
+    def absolute_paths(fields: dict[str, Any]) -> dict[str, Any]:
+        """``fields`` (TrainConfig fields, e.g. a saved config) with each path absolute and resolved
+        against the current directory: ``data``, ``init_from``, and ``tokenizer`` unless 'byte' or
+        'bpe'. Idempotent; resolve a saved config through it before comparing it with a new one."""
+        out = dict(fields)
+        for f in TrainConfig.PATH_FIELDS:
+            value = out.get(f)
+            if isinstance(value, str) and value and not (f == "tokenizer" and value in ("byte", "bpe")):
+                out[f] = str(Path(value).expanduser().resolve())
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
