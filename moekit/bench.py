@@ -36,6 +36,7 @@ import moekit
 from moekit.config import MoEConfig
 from moekit.moe import MoELayer, native
 from moekit.nn import MLP, gemm
+from moekit.argtypes import NON_NEGATIVE, POSITIVE
 
 WARMUP = 2  # steps per side before timing: the allocator's first steps map fresh pages
 HF_SIDES = ("hf_eager", "hf_grouped_mm")  # transformers' experts_implementation after the prefix
@@ -424,19 +425,6 @@ def run_layer_benchmark(tokens: int = 4096, repeats: int = 5, shapes: Sequence[S
 
 
 # ---- command line ----------------------------------------------------------------------------
-def _int_at_least(minimum: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = None
-        if value is None or value < minimum:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
-        return value
-
-    return parse
-
-
 def parse_shapes(text: str) -> tuple[Shape, ...]:
     """``D,F,E,K[;D,F,E,K...]`` -> shapes, each checked by MoEConfig."""
     shapes = []
@@ -460,8 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moekit bench layer",
                                 description="MoELayer vs a dense SwiGLU FFN of equal active FLOPs: forward and "
                                             "forward+backward time and peak step memory, as JSON on stdout.")
-    p.add_argument("--tokens", type=_int_at_least(1), help="tokens per step (default 4096; --quick 1024)")
-    p.add_argument("--repeats", type=_int_at_least(1), help="timed repeats per side (default 5; --quick 3)")
+    p.add_argument("--tokens", type=POSITIVE, help="tokens per step (default 4096; --quick 1024)")
+    p.add_argument("--repeats", type=POSITIVE, help="timed repeats per side (default 5; --quick 3)")
     p.add_argument("--shapes", type=parse_shapes, default=DEFAULT_SHAPES,
                    help="'D,F,E,K;...' (default '512,1408,8,2;512,176,64,8')")
     p.add_argument("--quick", action="store_true", help="1024 tokens, 3 repeats: a fast demo")
@@ -469,7 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
                    help="bf16: every side under torch.autocast('cpu', bfloat16)")
-    p.add_argument("--seed", type=_int_at_least(0), default=0)
+    p.add_argument("--seed", type=NON_NEGATIVE, default=0)
     gemm.add_argument(p)
     p.add_argument("--memory-probe", choices=SIDES, help=argparse.SUPPRESS)
     p.add_argument("--one-shape", action="store_true", help=argparse.SUPPRESS)  # a fresh process's share

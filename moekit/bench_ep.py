@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from moekit import ModelConfig, MoEConfig, MoETransformer
+from moekit.argtypes import NON_NEGATIVE, POSITIVE
 
 D, LAYERS, EXPERTS, TOP_K, HIDDEN, BATCH, SEQ = 256, 4, 8, 2, 512, 16, 128
 
@@ -94,8 +95,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="3 timed steps instead of 8")
     p.add_argument("--degrees", default="1,2,4")
-    p.add_argument("--worker", type=int, help=argparse.SUPPRESS)
-    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--worker", type=NON_NEGATIVE, help=argparse.SUPPRESS)
+    p.add_argument("--steps", type=POSITIVE, default=8)
     p.add_argument("--out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     steps = 3 if args.quick else args.steps

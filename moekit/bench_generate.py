@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 import moekit
+from moekit.argtypes import POSITIVE
 
 
 def build_checkpoint(directory: Path, layers: int, d: int, experts: int, top_k: int, vocab: int) -> None:
@@ -107,7 +108,7 @@ def run_generate_benchmark(prompt_len: int = 128, new: int = 64, repeats: int = 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="prompt 32, 16 new tokens, 2 repeats")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=POSITIVE, default=3)
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="both libraries' weights (default fp32)")
     p.add_argument("--load-probe", help=argparse.SUPPRESS)
     args = p.parse_args(argv)

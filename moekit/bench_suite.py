@@ -28,6 +28,7 @@ import torch
 
 from moekit import bench, bench_generate, bench_train
 from moekit.nn import gemm
+from moekit.argtypes import NON_NEGATIVE
 
 
 def layer_matrix(tokens_list, dtypes, repeats: int, seed: int) -> dict[str, list[dict]]:
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="moekit bench suite", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="1024 tokens, fp32 only, short generation: a few minutes")
     p.add_argument("--markdown", metavar="FILE", help="also write the summary tables as markdown")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=NON_NEGATIVE, default=0)
     gemm.add_argument(p)
     args = p.parse_args(argv)
     gemm.choose(args.gemm)

@@ -31,6 +31,7 @@ import moekit
 from moekit import MoEConfig, MoELayer
 from moekit.bench import fresh_interpreter_json
 from moekit.nn import gemm
+from moekit.argtypes import NON_NEGATIVE, POSITIVE
 
 D, LAYERS, VOCAB = 512, 4, 4096
 SHAPES = ((8, 2, 1408), (64, 8, 176))  # Mixtral-like and fine-grained (half E8's active expert FLOPs)
@@ -183,9 +184,9 @@ def scaling(repeats: int, seed: int, quick: bool) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="moekit bench train", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="batch 2 x 256, 2 repeats")
-    p.add_argument("--repeats", type=int, default=TRAIN_REPEATS, help=f"timed steps a side (default {TRAIN_REPEATS})")
+    p.add_argument("--repeats", type=POSITIVE, default=TRAIN_REPEATS, help=f"timed steps a side (default {TRAIN_REPEATS})")
     p.add_argument("--scaling", action="store_true", help="also the layer's scaling in tokens and experts")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=NON_NEGATIVE, default=0)
     gemm.add_argument(p)
     p.add_argument("--one-shape", metavar="E,K,F", help=argparse.SUPPRESS)  # a fresh process's share
     p.add_argument("--layer-case", metavar="E,T", help=argparse.SUPPRESS)  # one scaling case, likewise

@@ -22,6 +22,8 @@ import os
 import sys
 from pathlib import Path
 
+from moekit.argtypes import NON_NEGATIVE, POSITIVE, number
+
 
 def _fmt(n: int) -> str:
     for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
@@ -73,23 +75,37 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _train_config(args: argparse.Namespace):
+    from moekit.config import parse_overrides
     from moekit.train import TrainConfig
+    from moekit.train.loop import RESUMABLE
 
-    if args.resume:
-        saved = Path(args.out) / "train_config.json"
-        if not saved.is_file():
-            raise FileNotFoundError(f"--resume: {saved} not found; is {args.out} a moekit run directory?")
-        data = json.loads(saved.read_text())
-        for key in ("steps", "ep", "skip_nonfinite"):  # the options a resumed run may change
-            if getattr(args, key) is not None:
-                data[key] = getattr(args, key)
-        return TrainConfig(**{**data, "out": args.out})
-    fields = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__ and v is not None}
+    given = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__ and v is not None}
     if args.set:
-        from moekit.config import parse_overrides
-
-        fields["model_overrides"] = parse_overrides(args.set)
-    return TrainConfig(**fields)
+        given["model_overrides"] = parse_overrides(args.set)
+    if not args.resume:
+        return TrainConfig(**given)
+    saved_path = Path(args.out) / "train_config.json"
+    if not saved_path.is_file():
+        raise FileNotFoundError(f"--resume: {saved_path} not found; is {args.out} a moekit run directory?")
+    try:
+        saved = TrainConfig(**{**json.loads(saved_path.read_text()), "out": args.out})
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"--resume: {saved_path} does not hold a valid training config: {err}") from None
+    # Every flag given must either be one a resumed run may change, or agree with the saved run:
+    # a flag that silently did nothing (--lr 5 on resume) misleads more than an error.
+    wanted = TrainConfig(**{**saved.to_dict(), **given})
+    flag = {"model_overrides": "--set"}
+    conflicts = [f"{flag.get(k, '--' + k.replace('_', '-'))} {getattr(wanted, k)!r} (the run has {getattr(saved, k)!r})"
+                 for k in given if k not in RESUMABLE and getattr(wanted, k) != getattr(saved, k)]
+    if conflicts:
+        may = ", ".join("--" + k.replace("_", "-") for k in RESUMABLE if k != "out")
+        raise ValueError(f"--resume continues {args.out} as it was saved, but {'; '.join(conflicts)}; on resume only "
+                         f"{may} may change (start a new run in another --out to change the rest)")
+    changed = [f"--{k.replace('_', '-')} {getattr(saved, k)!r} -> {getattr(wanted, k)!r}"
+               for k in given if k in RESUMABLE and k != "out" and getattr(wanted, k) != getattr(saved, k)]
+    if changed and int(os.environ.get("RANK", "0")) == 0:
+        print(f"moekit: resuming {args.out} with {', '.join(changed)}", file=sys.stderr)
+    return wanted
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -103,13 +119,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     finally:
         shutdown()
     summary = {"run_dir": str(result.run_dir), "step": result.step, "loss": result.final_loss,
-               "val_loss": result.val_loss, "interrupted": result.interrupted}
+               "val_loss": result.val_loss, "val_step": result.val_step, "interrupted": result.interrupted}
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(summary))
-    return 0
+    return result.exit_code  # 130 after Ctrl-C: `moekit train && moekit eval` stops there
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
     from moekit.checkpoint import load_model
     from moekit.train import evaluate
     from moekit.train.data import load_tokens, open_corpus
@@ -119,12 +137,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.model} has no tokenizer (tokenizer.json or tokenizer_config.json)")
     train_cfg = config.get("train") or {}
     data = args.data if args.data is not None else train_cfg.get("data")
+    # The run's own settings by default, so a fresh eval of a run reproduces its logged val_loss.
     seq_len = args.seq_len or train_cfg.get("seq_len", 256)
+    batch_size = args.batch_size or train_cfg.get("batch_size", 8)
+    max_tokens = args.max_tokens or train_cfg.get("eval_tokens", 262144)
+    autocast_dtype = torch.bfloat16 if train_cfg.get("dtype") == "bf16" else None
     if seq_len > model.cfg.max_seq_len:
         raise ValueError(f"--seq-len={seq_len} exceeds the model's max_seq_len={model.cfg.max_seq_len}")
     tokens = load_tokens(open_corpus(data, train_cfg.get("val_fraction", 0.02)), tokenizer, splits=("val",))
-    result = evaluate(model, tokens.val, args.batch_size, seq_len, args.max_tokens)
-    print(json.dumps(result))
+    result = evaluate(model, tokens.val, batch_size, seq_len, max_tokens, autocast_dtype)
+    print(json.dumps({**result, "batch_size": batch_size, "seq_len": seq_len}))
     return 0
 
 
@@ -156,7 +178,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     def stream(step_tokens: list[int]) -> None:
         nonlocal shown
-        if step_tokens[0] < 0:
+        if step_tokens[0] < 0 or step_tokens[0] in stop:  # a finished row; the stop token is not text
             return
         ids.append(step_tokens[0])
         text = tokenizer.decode(ids)
@@ -169,18 +191,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
                    top_p=args.top_p, seed=args.seed, stop_tokens=stop, on_token=None if args.json else stream,
                    compile=args.compile)
     if args.json:
-        print(json.dumps({"prompt_ids": prompt, "ids": res.tokens[0], "text": tokenizer.decode(res.tokens[0])}))
+        text_ids = res.tokens[0][:-1] if res.finished[0] else res.tokens[0]
+        print(json.dumps({"prompt_ids": prompt, "ids": res.tokens[0], "text": tokenizer.decode(text_ids),
+                          "stopped": res.finished[0]}))
     else:
         sys.stdout.write(tokenizer.decode(ids)[len(shown):] + "\n")
     return 0
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    import shutil
-
     from moekit.checkpoint import load_model, save_checkpoint
-    from moekit.interop import from_pretrained, to_hf
-    from moekit.tokenizer import HFTokenizer
+    from moekit.interop import from_pretrained, load_hf_tokenizer, to_hf
 
     if bool(args.from_hf) == bool(args.to_hf):
         raise ValueError("convert takes exactly one of --from-hf DIR or --to-hf DIR (a non-empty path)")
@@ -190,18 +211,16 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if args.from_hf:
         src = Path(args.from_hf)
         model = from_pretrained(src)
-        tok = HFTokenizer.from_file(src / "tokenizer.json") if (src / "tokenizer.json").is_file() else None
+        tok = load_hf_tokenizer(src)  # moekit's byte tokenizer comes back as itself
+        if tok is None:
+            print(f"moekit: note: {src} has no tokenizer.json; the checkpoint has none (eval and generate need one)",
+                  file=sys.stderr)
         path = save_checkpoint(out, 0, model, model.cfg, tok)
         print(json.dumps({"checkpoint": str(path), "architecture": "moekit"}))
     else:
         src = Path(args.to_hf)
         model, tok, _ = load_model(src)
-        arch = to_hf(model, out, args.architecture)
-        if tok is not None and tok.kind == "hf":
-            tok.save(out)
-        elif tok is not None:
-            print(f"moekit: note: the byte tokenizer has no tokenizer.json; {out} has weights and config only",
-                  file=sys.stderr)
+        arch = to_hf(model, out, args.architecture, tok)  # the byte tokenizer as an equivalent tokenizer.json
         print(json.dumps({"out": str(out), "architecture": arch}))
     return 0
 
@@ -237,27 +256,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a CPU-sized sibling of the preset, same architecture")
     p.add_argument("--data", help="text file, directory of text files, or JSONL with a 'text' field")
     p.add_argument("--out", default="runs/train", help="run directory (never overwritten without --overwrite)")
-    p.add_argument("--steps", type=int)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--batch-size", dest="batch_size", type=int,
+    p.add_argument("--steps", type=POSITIVE)
+    p.add_argument("--seed", type=NON_NEGATIVE)
+    p.add_argument("--batch-size", dest="batch_size", type=POSITIVE,
                    help="sequences per micro-batch, over all processes (each takes an equal share)")
-    p.add_argument("--ep", type=int, help="expert-parallel degree under torchrun (divides the process count "
+    p.add_argument("--ep", type=POSITIVE, help="expert-parallel degree under torchrun (divides the process count "
                    "and the expert count); default 1")
-    p.add_argument("--seq-len", dest="seq_len", type=int)
-    p.add_argument("--grad-accum", dest="grad_accum", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--warmup", type=int)
-    p.add_argument("--weight-decay", dest="weight_decay", type=float)
-    p.add_argument("--grad-clip", dest="grad_clip", type=float)
+    p.add_argument("--seq-len", dest="seq_len", type=POSITIVE)
+    p.add_argument("--grad-accum", dest="grad_accum", type=POSITIVE)
+    p.add_argument("--lr", type=number(0, above=True))
+    p.add_argument("--warmup", type=NON_NEGATIVE, help="linear warmup steps (default min(50, steps // 10)); "
+                   "fewer than --steps")
+    p.add_argument("--weight-decay", dest="weight_decay", type=number(0))
+    p.add_argument("--grad-clip", dest="grad_clip", type=number(0), help="gradient norm clip; 0 = off")
     p.add_argument("--dtype", choices=["fp32", "bf16"])
     p.add_argument("--compile", action="store_true", default=None)
     p.add_argument("--tokenizer", help="'byte' (default), 'bpe', or a path to a tokenizer.json")
-    p.add_argument("--vocab-size", dest="vocab_size", type=int, help="BPE vocabulary size")
-    p.add_argument("--eval-every", dest="eval_every", type=int)
-    p.add_argument("--eval-tokens", dest="eval_tokens", type=int)
-    p.add_argument("--log-every", dest="log_every", type=int)
-    p.add_argument("--save-every", dest="save_every", type=int)
-    p.add_argument("--keep-last", dest="keep_last", type=int)
+    p.add_argument("--vocab-size", dest="vocab_size", type=POSITIVE, help="BPE vocabulary size")
+    p.add_argument("--eval-every", dest="eval_every", type=POSITIVE)
+    p.add_argument("--eval-tokens", dest="eval_tokens", type=POSITIVE)
+    p.add_argument("--log-every", dest="log_every", type=POSITIVE)
+    p.add_argument("--save-every", dest="save_every", type=POSITIVE)
+    p.add_argument("--keep-last", dest="keep_last", type=POSITIVE)
     p.add_argument("--set", action="append", metavar="FIELD=VALUE",
                    help="override a model field of the preset, e.g. --set n_layers=6 --set moe.top_k=4 (repeatable)")
     p.add_argument("--init-from", dest="init_from", metavar="CKPT",
@@ -273,19 +293,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="validation loss of a checkpoint (JSON: loss, ppl, tokens)")
     p.add_argument("--model", required=True, help="a checkpoint or run directory")
     p.add_argument("--data", help="default: the data the model was trained on")
-    p.add_argument("--seq-len", dest="seq_len", type=int)
-    p.add_argument("--batch-size", dest="batch_size", type=int, default=8)
-    p.add_argument("--max-tokens", dest="max_tokens", type=int, default=262144)
+    p.add_argument("--seq-len", dest="seq_len", type=POSITIVE, help="default: the run's training sequence length")
+    p.add_argument("--batch-size", dest="batch_size", type=POSITIVE,
+                   help="default: the run's batch size (with a capacity factor the loss depends on it)")
+    p.add_argument("--max-tokens", dest="max_tokens", type=POSITIVE,
+                   help="validation tokens (default: the run's --eval-tokens, so the figure equals its val_loss)")
     p.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("generate", help="continue a prompt with a trained model (streams text)")
     p.add_argument("--model", required=True, help="a checkpoint or run directory")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", dest="top_k", type=int)
-    p.add_argument("--top-p", dest="top_p", type=float)
-    p.add_argument("--seed", type=int)
+    p.add_argument("--max-new-tokens", dest="max_new_tokens", type=POSITIVE, default=128)
+    p.add_argument("--temperature", type=number(0), default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", dest="top_k", type=POSITIVE)
+    p.add_argument("--top-p", dest="top_p", type=number(0, 1, above=True))
+    p.add_argument("--seed", type=NON_NEGATIVE)
     p.add_argument("--json", action="store_true", help="print the token ids and the text as JSON")
     p.add_argument("--compile", action="store_true",
                    help="decode through torch.compile with a static KV cache: 2-2.9x tokens/s in fp32 on a "

@@ -23,7 +23,7 @@ def tiny_cfg(out, data, **kw):
     from moekit.train import TrainConfig
 
     base = dict(preset="tiny", data=str(data), out=str(out), steps=24, batch_size=4, seq_len=32, eval_every=8,
-                eval_tokens=512, save_every=6, log_every=4, warmup=4, val_fraction=0.2)
+                eval_tokens=512, save_every=6, log_every=4, warmup=min(4, kw.get("steps", 24)), val_fraction=0.2)
     return TrainConfig(**{**base, **kw})
 
 

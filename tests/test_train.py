@@ -225,7 +225,8 @@ def test_cli_bad_inputs(tmp_path, corpus_dir):
     (latin / "b.txt").write_bytes("café ".encode("latin-1") * 200)
     assert "not valid UTF-8" in _err(_cli(*base, "--data", str(latin), "--out", out, "--tokenizer", "bpe",
                                           "--vocab-size", "300"))
-    assert "--batch-size=0" in _err(_cli("train", "--preset", "tiny", "--batch-size", "0", "--out", out))
+    assert "argument --batch-size: expected an integer >= 1, got '0'" in _err(_cli("train", "--preset", "tiny",
+                                                                                  "--batch-size", "0", "--out", out))
     assert "unknown preset 'gpt9'" in _err(_cli("train", "--preset", "gpt9", "--out", out))
     assert "not a moekit checkpoint" in _err(_cli("eval", "--model", str(corpus_dir)))
     assert "max_seq_len" in _err(_cli("train", "--preset", "tiny", "--seq-len", "100000", "--steps", "1",
@@ -245,7 +246,11 @@ def test_cli_train_then_eval(tmp_path, corpus_dir):
     ev = _cli("eval", "--model", str(out))
     assert ev.returncode == 0, ev.stderr
     result = json.loads(ev.stdout)
-    assert set(result) == {"loss", "ppl", "tokens"} and result["tokens"] > 0
+    assert set(result) == {"loss", "ppl", "tokens", "batch_size", "seq_len"} and result["tokens"] > 0
+    # by default the run's own batch size, sequence length and eval tokens: the run's last val_loss
+    assert (result["batch_size"], result["seq_len"]) == (2, 32)
+    last_val = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]["val_loss"]
+    assert result["loss"] == pytest.approx(last_val, rel=1e-6)
 
 
 # ---- the demo -----------------------------------------------------------------------------------

@@ -12,6 +12,8 @@ import argparse
 import json
 from pathlib import Path
 
+from moekit.argtypes import NON_NEGATIVE, POSITIVE, number
+
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from moekit.insight.report import InspectConfig, inspect
@@ -78,10 +80,10 @@ def add_parsers(sub) -> None:
     p.add_argument("--model", required=True, help="a checkpoint or run directory, or a Hugging Face model directory")
     p.add_argument("--data", help="text to route (its validation split); default: the run's own data")
     p.add_argument("--out", help="report directory (default runs/inspect-<model dir name>)")
-    p.add_argument("--max-tokens", dest="max_tokens", type=int, default=65536)
-    p.add_argument("--batch-size", dest="batch_size", type=int, default=8)
-    p.add_argument("--seq-len", dest="seq_len", type=int, help="default: the run's training sequence length")
-    p.add_argument("--top-tokens", dest="top_tokens", type=int, default=10, help="tokens listed per expert")
+    p.add_argument("--max-tokens", dest="max_tokens", type=POSITIVE, default=65536)
+    p.add_argument("--batch-size", dest="batch_size", type=POSITIVE, default=8)
+    p.add_argument("--seq-len", dest="seq_len", type=POSITIVE, help="default: the run's training sequence length")
+    p.add_argument("--top-tokens", dest="top_tokens", type=POSITIVE, default=10, help="tokens listed per expert")
     p.add_argument("--categories", choices=["auto", "on", "off"], default="auto",
                    help="lexical classes of the tokens (auto: for Python text)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing report directory")
@@ -96,15 +98,15 @@ def add_parsers(sub) -> None:
 
     p = sub.add_parser("upcycle", help="sparse upcycling: a dense checkpoint -> an MoE whose experts copy its FFN")
     p.add_argument("--from", dest="src", required=True, metavar="DENSE_RUN_OR_CKPT")
-    p.add_argument("--experts", type=int, required=True, help="experts per MoE layer")
-    p.add_argument("--top-k", dest="top_k", type=int, required=True)
-    p.add_argument("--noise", type=float, default=0.0, help="relative std of the noise that tells experts apart")
+    p.add_argument("--experts", type=POSITIVE, required=True, help="experts per MoE layer")
+    p.add_argument("--top-k", dest="top_k", type=POSITIVE, required=True)
+    p.add_argument("--noise", type=number(0), default=0.0, help="relative std of the noise that tells experts apart")
     p.add_argument("--noise-kind", dest="noise_kind", choices=["multiplicative", "additive"], default="multiplicative")
-    p.add_argument("--seed", type=int, default=0, help="router initialisation and noise")
-    p.add_argument("--router-init-std", dest="router_init_std", type=float,
+    p.add_argument("--seed", type=NON_NEGATIVE, default=0, help="router initialisation and noise")
+    p.add_argument("--router-init-std", dest="router_init_std", type=number(0),
                    help="router weights N(0, std^2); default the model's init_std; 0 = zero router")
-    p.add_argument("--moe-every", dest="moe_every", type=int, default=1, help="every n-th FFN becomes an MoE")
-    p.add_argument("--first-k-dense", dest="first_k_dense", type=int, default=0, help="first k FFNs stay dense")
+    p.add_argument("--moe-every", dest="moe_every", type=POSITIVE, default=1, help="every n-th FFN becomes an MoE")
+    p.add_argument("--first-k-dense", dest="first_k_dense", type=NON_NEGATIVE, default=0, help="first k FFNs stay dense")
     p.add_argument("--set", action="append", metavar="moe.FIELD=VALUE",
                    help="another field of the new MoE layers, e.g. --set moe.aux_loss_coef=0.02 (repeatable)")
     p.add_argument("--out", required=True, help="a new directory for the upcycled checkpoint")
@@ -113,19 +115,19 @@ def add_parsers(sub) -> None:
 
     p = sub.add_parser("prune", help="fewer experts: drop the least used or merge similar ones; val loss before/after")
     p.add_argument("--model", required=True, help="a checkpoint or run directory (or a Hugging Face directory)")
-    p.add_argument("--experts", type=int, required=True, help="experts per MoE layer after pruning")
+    p.add_argument("--experts", type=POSITIVE, required=True, help="experts per MoE layer after pruning")
     p.add_argument("--method", choices=["drop", "merge"], required=True)
-    p.add_argument("--top-k", dest="top_k", type=int, help="top_k of the pruned model (default: unchanged)")
+    p.add_argument("--top-k", dest="top_k", type=POSITIVE, help="top_k of the pruned model (default: unchanged)")
     p.add_argument("--similarity", choices=["router-logits", "router-rows", "weights"], default="router-logits",
                    help="merge: how experts are grouped (MC-SMoE: router logits)")
     p.add_argument("--no-align", dest="no_align", action="store_true",
                    help="merge: average weights without matching hidden units first")
     p.add_argument("--data", help="default: the run's own data")
     p.add_argument("--calib-split", dest="calib_split", choices=["train", "val"], default="train")
-    p.add_argument("--calib-tokens", dest="calib_tokens", type=int, default=32768)
-    p.add_argument("--eval-tokens", dest="eval_tokens", type=int, default=65536)
-    p.add_argument("--batch-size", dest="batch_size", type=int, default=8)
-    p.add_argument("--seq-len", dest="seq_len", type=int, help="default: the run's training sequence length")
+    p.add_argument("--calib-tokens", dest="calib_tokens", type=POSITIVE, default=32768)
+    p.add_argument("--eval-tokens", dest="eval_tokens", type=POSITIVE, default=65536)
+    p.add_argument("--batch-size", dest="batch_size", type=POSITIVE, default=8)
+    p.add_argument("--seq-len", dest="seq_len", type=POSITIVE, help="default: the run's training sequence length")
     p.add_argument("--out", help="output directory (default runs/<model dir name>-<method><experts>)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.set_defaults(fn=cmd_prune)

@@ -59,7 +59,7 @@ class TrainConfig:
     grad_accum: int = 1
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
-    warmup: int = 50
+    warmup: int | None = None  # linear warmup steps; None: min(50, steps // 10)
     weight_decay: float = 0.1
     decay_embeddings: bool = False
     beta1: float = 0.9
@@ -87,15 +87,23 @@ class TrainConfig:
             v = getattr(self, f)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise bad(f, "expected an integer >= 1")
-        if not isinstance(self.warmup, int) or self.warmup < 0:
+        if self.warmup is None:
+            object.__setattr__(self, "warmup", min(50, self.steps // 10))
+        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
             raise bad("warmup", "expected an integer >= 0")
+        if self.warmup > self.steps:
+            raise bad("warmup", f"expected at most --steps={self.steps} (the learning rate would never reach --lr)")
         for f in ("lr", "beta1", "beta2"):
-            if not 0 < getattr(self, f) < (1 if f != "lr" else math.inf):
+            if not 0 < getattr(self, f) < (1 if f != "lr" else math.inf):  # NaN fails too
                 raise bad(f, "expected a number > 0" + (" and < 1" if f != "lr" else ""))
         if not 0 <= self.min_lr_ratio <= 1:
             raise bad("min_lr_ratio", "expected 0 <= value <= 1")
-        if self.weight_decay < 0 or self.grad_clip < 0:
-            raise bad("weight_decay" if self.weight_decay < 0 else "grad_clip", "expected a number >= 0")
+        for f in ("weight_decay", "grad_clip"):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise bad(f, "expected a finite number >= 0")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise bad("seed", "expected an integer >= 0")
         if self.dtype not in ("fp32", "bf16"):
             raise bad("dtype", "allowed: 'fp32', 'bf16'")
         for f in self.PATH_FIELDS:
@@ -171,6 +179,43 @@ def _build_tokenizer(cfg: TrainConfig, corpus):
     return HFTokenizer.from_file(cfg.tokenizer)
 
 
+TRAIN_BYTES_PER_PARAMETER = 16  # fp32 weight and gradient, AdamW's two moments (bf16 autocast keeps them fp32)
+
+
+def available_memory() -> int | None:
+    """Bytes this process can still allocate: MemAvailable, capped by a cgroup v2 limit; None if unknown."""
+    avail = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                avail = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+        if limit != "max":
+            avail = min(avail if avail is not None else 1 << 62, int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return avail
+
+
+def check_memory(mcfg: ModelConfig, cfg: TrainConfig) -> None:
+    """Refuses, with the figures, a model whose weights, gradients and optimizer state alone exceed
+    the memory available (counted on the meta device: nothing is allocated to find out)."""
+    from moekit.model import count_parameters
+
+    n = count_parameters(mcfg).total
+    need, avail = n * TRAIN_BYTES_PER_PARAMETER, available_memory()
+    if avail is not None and need > avail:
+        hint = "" if cfg.miniature else "; --miniature trains a CPU-sized sibling of the same architecture"
+        raise ValueError(f"preset {cfg.preset!r} has {n:,} parameters: training needs at least "
+                         f"{need / 2**30:,.1f} GiB for weights, gradients and AdamW state "
+                         f"({TRAIN_BYTES_PER_PARAMETER} bytes a parameter), and {avail / 2**30:,.1f} GiB is "
+                         f"available{hint}")
+
+
 def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> bool:
     """True when resuming from a checkpoint. Never deletes a run without ``overwrite``."""
     if resume and overwrite:
@@ -180,7 +225,13 @@ def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> bool:
     has_content = out.is_dir() and any(out.iterdir())
     if resume:
         if ckpt_io.latest_checkpoint(out) is None:
-            raise ValueError(f"--resume: no checkpoint in {out} to resume from")
+            if not (out / "train_config.json").is_file():
+                raise ValueError(f"--resume: no checkpoint in {out} to resume from")
+            # stopped before its first checkpoint: the run starts again, with its saved options
+            print(f"moekit: {out} has no checkpoint yet; starting it again from step 0", file=sys.stderr)
+            shutil.rmtree(out)
+            out.mkdir(parents=True)
+            return False
         ckpt_io.clean_partial(out)
         return True
     if has_content:
@@ -196,7 +247,8 @@ def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> bool:
     return False
 
 
-RESUMABLE = ("out", "steps", "ep", "skip_nonfinite")  # options a resumed run may change
+# Options a resumed run may change: none of them changes the weights' trajectory up to the old end.
+RESUMABLE = ("out", "steps", "ep", "skip_nonfinite", "eval_every", "log_every", "save_every", "keep_last")
 
 
 def _has_nonfinite(obj) -> bool:
@@ -241,9 +293,11 @@ def first_nonfinite(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, au
 class TrainResult:
     run_dir: Path
     step: int
-    final_loss: float | None
-    val_loss: float | None
+    final_loss: float | None  # the cross-entropy of the last step run
+    val_loss: float | None  # the last validation loss, measured after step ``val_step``
     interrupted: bool
+    val_step: int | None = None
+    exit_code: int = 0  # 128 + the signal that stopped the run (130: SIGINT), else 0
 
 
 @torch.no_grad()
@@ -280,6 +334,11 @@ def evaluate(model: MoETransformer, tokens, batch_size: int, seq_len: int, max_t
 class _StopFlag:
     """SIGINT/SIGTERM ask for a clean stop: the loop saves a checkpoint after the current step.
 
+    The first signal is acknowledged at once on stderr. A second one outside a save stops at once
+    without saving (KeyboardInterrupt; the checkpoints on disk are whole: each is written aside and
+    renamed into place). Inside :meth:`saving` every further signal waits for the save to finish, so
+    pressing Ctrl-C again never costs the checkpoint being written, the run's first one included.
+
     Not under torch.distributed: there torchrun signals every worker when one fails, and a worker
     blocked in a collective must die at once rather than try to save (the last periodic checkpoint
     stays)."""
@@ -288,6 +347,7 @@ class _StopFlag:
         self.signal: int | None = None
         self._old: dict[int, Any] = {}
         self.enabled = enabled
+        self._saving = False
 
     def __enter__(self):
         for sig in (signal.SIGINT, signal.SIGTERM) if self.enabled else ():
@@ -298,9 +358,28 @@ class _StopFlag:
         return self
 
     def _handle(self, signum, frame):
+        if self._saving:
+            print("\nmoekit: still saving the checkpoint; stopping right after it", file=sys.stderr, flush=True)
+            self.signal = self.signal or signum
+            return
         if self.signal is not None:  # a second signal: stop now
             raise KeyboardInterrupt
         self.signal = signum
+        print(f"\nmoekit: {signal.Signals(signum).name} received: stopping after this step and saving a "
+              f"checkpoint (press Ctrl-C again to stop at once without saving)", file=sys.stderr, flush=True)
+
+    @contextlib.contextmanager
+    def saving(self):
+        self._saving = True
+        try:
+            yield
+        finally:
+            self._saving = False
+
+    @property
+    def exit_code(self) -> int:
+        """The shell's code for a process ended by this signal (130 for SIGINT), 0 when none came."""
+        return 128 + self.signal if self.signal is not None else 0
 
     def __exit__(self, *exc):
         for sig, old in self._old.items():
@@ -343,60 +422,66 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progr
     init_ckpt = None
     if cfg.init_from is not None and not resume:  # so does an --init-from checkpoint that does not fit
         init_ckpt = check_init_checkpoint(cfg.init_from, lambda vocab: model_config_for(cfg, vocab))
+    corpus = open_corpus(cfg.data, cfg.val_fraction)  # so does bad --data
+    check_memory(model_config_for(cfg, vocab_size=256), cfg)  # and a model this machine cannot train
     resuming = _on_main(dims, lambda: prepare_run_dir(out, resume, overwrite))
-    corpus = open_corpus(cfg.data, cfg.val_fraction)
-    if resuming:
-        latest = ckpt_io.resolve(out)
-        saved = ckpt_io.verify(latest)
-        saved_train = saved.get("train") or {}
-        mine = cfg.to_dict()
-        differ = sorted(k for k in mine if k not in RESUMABLE and saved_train.get(k, mine[k]) != mine[k])
-        if differ:
-            raise ValueError(f"--resume: option(s) {differ} differ from the run saved in {latest}; "
-                             f"resume with the run's own options (only {', '.join(RESUMABLE[1:])} may change)")
-        tokenizer = load_tokenizer(latest)
-    else:
-        def make_tokenizer():
-            tok = _build_tokenizer(cfg, corpus)
-            tok.save(out)
-            return tok
+    try:
+        if resuming:
+            latest = ckpt_io.resolve(out)
+            saved = ckpt_io.verify(latest)
+            saved_train = saved.get("train") or {}
+            mine = cfg.to_dict()
+            differ = sorted(k for k in mine if k not in RESUMABLE and saved_train.get(k, mine[k]) != mine[k])
+            if differ:
+                raise ValueError(f"--resume: option(s) {differ} differ from the run saved in {latest}; "
+                                 f"resume with the run's own options (only {', '.join(RESUMABLE[1:])} may change)")
+            tokenizer = load_tokenizer(latest)
+        else:
+            def make_tokenizer():
+                tok = _build_tokenizer(cfg, corpus)
+                tok.save(out)
+                return tok
 
-        tokenizer = _on_main(dims, make_tokenizer, share=False)
+            tokenizer = _on_main(dims, make_tokenizer, share=False)
+            if not main:
+                tokenizer = load_tokenizer(out)
+        data = _on_main(dims, lambda: load_tokens(corpus, tokenizer), share=False)  # rank 0 fills the token cache
         if not main:
-            tokenizer = load_tokenizer(out)
-    data = _on_main(dims, lambda: load_tokens(corpus, tokenizer), share=False)  # rank 0 fills the token cache
-    if not main:
-        data = load_tokens(corpus, tokenizer)
+            data = load_tokens(corpus, tokenizer)
 
-    mcfg = model_config_for(cfg, tokenizer.vocab_size)
-    torch.manual_seed(cfg.seed)
-    model = MoETransformer(mcfg)  # whole and identical on every rank; then each keeps its experts
-    if resuming:
-        ckpt_io.load_weights(latest, model)
-    elif init_ckpt is not None:
-        ckpt_io.load_weights(init_ckpt, model)
-    if dims.ep > 1:
-        shard_experts(model, dims)
-    # The fused kernel (CPU and CUDA) updates all of a parameter's state in one pass: on 2 CPU cores
-    # 6x faster than the per-tensor loop for a 60M-parameter model (31 vs 181 ms a step, a one-off
-    # timing of opt.step(); `moekit bench train` shows the effect on a whole step).
-    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in model.parameters())
-    optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8,
-                                  fused=fused)
-    start_step, tokens_seen, elapsed, skipped = 0, 0, 0.0, 0
-    metrics = MetricsLog(out / "metrics.jsonl") if main else None
-    if resuming:
-        slices = expert_slices(model, optimizer, dims) if dims.ep > 1 else None
-        state = ckpt_io.load_trainer_state(latest, optimizer, slices)
-        for group in optimizer.param_groups:  # load_state_dict restores the saved kernel choice: keep ours
-            group["fused"], group["foreach"] = fused, None
-        start_step, tokens_seen, elapsed = state["step"], state["tokens"], state["elapsed"]
-        skipped = state.get("skipped_nonfinite", 0)
-        if metrics is not None:
-            metrics.truncate_after(start_step)
-    elif main:
-        (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-        (out / "model_config.json").write_text(json.dumps(mcfg.to_dict(), indent=2) + "\n")
+        mcfg = model_config_for(cfg, tokenizer.vocab_size)
+        torch.manual_seed(cfg.seed)
+        model = MoETransformer(mcfg)  # whole and identical on every rank; then each keeps its experts
+        if resuming:
+            ckpt_io.load_weights(latest, model)
+        elif init_ckpt is not None:
+            ckpt_io.load_weights(init_ckpt, model)
+        if dims.ep > 1:
+            shard_experts(model, dims)
+        # The fused kernel (CPU and CUDA) updates all of a parameter's state in one pass: on 2 CPU cores
+        # 6x faster than the per-tensor loop for a 60M-parameter model (31 vs 181 ms a step, a one-off
+        # timing of opt.step(); `moekit bench train` shows the effect on a whole step).
+        fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in model.parameters())
+        optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8,
+                                      fused=fused)
+        start_step, tokens_seen, elapsed, skipped = 0, 0, 0.0, 0
+        metrics = MetricsLog(out / "metrics.jsonl") if main else None
+        if resuming:
+            slices = expert_slices(model, optimizer, dims) if dims.ep > 1 else None
+            state = ckpt_io.load_trainer_state(latest, optimizer, slices)
+            for group in optimizer.param_groups:  # load_state_dict restores the saved kernel choice: keep ours
+                group["fused"], group["foreach"] = fused, None
+            start_step, tokens_seen, elapsed = state["step"], state["tokens"], state["elapsed"]
+            skipped = state.get("skipped_nonfinite", 0)
+            if metrics is not None:
+                metrics.truncate_after(start_step)
+        elif main:
+            (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+            (out / "model_config.json").write_text(json.dumps(mcfg.to_dict(), indent=2) + "\n")
+    except BaseException:
+        if main and not resuming:  # a failed start leaves nothing in the user's way (the directory was ours)
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     model.train()
     step_fn = model
     if dims.distributed:  # DDP averages everything but the experts, which sync_expert_grads handles
@@ -423,7 +508,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progr
         from tqdm.auto import tqdm
 
         bar = tqdm(total=cfg.steps, initial=start_step, unit="step", dynamic_ncols=True)
-    last_loss = last_val = None
+    last_loss = last_val = last_val_step = None
     interrupted = False
     done = start_step
     def closing(obj):  # closed however the loop ends, an exception included
@@ -482,14 +567,15 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progr
             last_loss = ce_sum
 
             record = None
-            evaluating = done % cfg.eval_every == 0 or done == cfg.steps
+            # a requested stop skips the evaluation: the step's checkpoint is what matters then
+            evaluating = (done % cfg.eval_every == 0 or done == cfg.steps) and stop.signal is None
             if evaluating or done % cfg.log_every == 0:
                 record = {"step": done, "loss": loss_sum, "ce_loss": ce_sum, "lr": lr, "tokens": tokens_seen,
                           "flops": fpt * tokens_seen, "tokens_per_s": cfg.tokens_per_step / dt, "elapsed_s": elapsed,
                           "grad_norm": grad_norm.item(), "skipped_nonfinite": skipped, **layer_metrics(outs)}
             if evaluating:
                 ev = evaluate(model, data.val, cfg.batch_size, cfg.seq_len, cfg.eval_tokens, autocast_dtype, dims)
-                last_val = ev["loss"]
+                last_val, last_val_step = ev["loss"], done
                 record["val_loss"] = ev["loss"]
                 if on_eval and main:
                     on_eval(record)
@@ -511,8 +597,9 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progr
                     postfix["val"] = f"{last_val:.3f}"
                 bar.set_postfix(postfix)
             if done % cfg.save_every == 0 or done == cfg.steps or stop.signal is not None:
-                save(done)
+                with stop.saving():
+                    save(done)
             if stop.signal is not None:
                 interrupted = True
                 break
-    return TrainResult(out, done, last_loss, last_val, interrupted)
+    return TrainResult(out, done, last_loss, last_val, interrupted, last_val_step, stop.exit_code)
