@@ -37,7 +37,7 @@ from moekit.model import MoETransformer, flops_per_token
 from moekit.moe.layer import update_expert_biases
 from moekit.presets import get_preset, miniature
 from moekit.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer, train_bpe
-from moekit.train.data import eval_batches, get_batch, iter_texts, load_tokens, open_corpus
+from moekit.train.data import eval_batches, get_batch, load_tokens, open_corpus, tokenizer_texts
 from moekit.train.metrics import MetricsLog, collapsed_experts, layer_metrics
 from moekit.train.warmstart import check_init_checkpoint
 
@@ -175,7 +175,7 @@ def _build_tokenizer(cfg: TrainConfig, corpus):
     if cfg.tokenizer == "byte":
         return ByteTokenizer()
     if cfg.tokenizer == "bpe":
-        return train_bpe(iter_texts(corpus.train_docs), cfg.vocab_size)
+        return train_bpe(tokenizer_texts(corpus), cfg.vocab_size)
     return HFTokenizer.from_file(cfg.tokenizer)
 
 
@@ -422,14 +422,14 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progr
     init_ckpt = None
     if cfg.init_from is not None and not resume:  # so does an --init-from checkpoint that does not fit
         init_ckpt = check_init_checkpoint(cfg.init_from, lambda vocab: model_config_for(cfg, vocab))
-    corpus = open_corpus(cfg.data, cfg.val_fraction)  # so does bad --data
+    corpus = open_corpus(cfg.data, cfg.val_fraction, seq_len=cfg.seq_len)  # so does bad --data
     check_memory(model_config_for(cfg, vocab_size=256), cfg)  # and a model this machine cannot train
     resuming = _on_main(dims, lambda: prepare_run_dir(out, resume, overwrite))
     try:
         if resuming:
             latest = ckpt_io.resolve(out)
             saved = ckpt_io.verify(latest)
-            saved_train = saved.get("train") or {}
+            saved_train = TrainConfig.absolute_paths(saved.get("train") or {})
             mine = cfg.to_dict()
             differ = sorted(k for k in mine if k not in RESUMABLE and saved_train.get(k, mine[k]) != mine[k])
             if differ:
