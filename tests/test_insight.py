@@ -4,6 +4,7 @@
 import json
 import math
 import re
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -467,3 +468,22 @@ def test_inspect_reads_a_hugging_face_directory(runs, tmp_path, capsys, monkeypa
     s = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert s["checkpoint"] is None and s["tokens"] == 512 and s["layers"]["0"]["top_tokens"][0]
     assert all(len(t["text"]) == 1 for rows in s["layers"]["1"]["top_tokens"] for t in rows)
+
+
+def test_plot_names_the_loss_unit_and_flags_runs_that_differ(runs, tmp_path, capsys, monkeypatch):
+    """A byte run's loss is nats/byte, a BPE run's nats/token of its tokenizer: never one unlabelled axis."""
+    from moekit.tokenizer import train_bpe
+
+    bpe_run = tmp_path / "bpe"
+    shutil.copytree(runs["moe"], bpe_run)
+    (bpe_run / "tokenizer_config.json").unlink()
+    train_bpe([TEXT * 20], 300).save(bpe_run)
+    code, _, err = _run(capsys, "plot", runs["moe"], runs["dense"], "--out", tmp_path / "same")
+    assert code == 0 and "different units" not in err
+    s = json.loads((tmp_path / "same" / "summary.json").read_text())
+    assert {r["loss_unit"] for r in s["runs"].values()} == {"nats/byte"} and "loss" not in s["notes"]
+    code, _, err = _run(capsys, "plot", runs["moe"], bpe_run, "--out", tmp_path / "mixed")
+    assert code == 0 and "different units" in err
+    s = json.loads((tmp_path / "mixed" / "summary.json").read_text())
+    assert s["runs"]["bpe"]["loss_unit"].startswith("nats/token (tokenizer ")
+    assert "not comparable" in s["notes"]["loss"] and "not comparable" in (tmp_path / "mixed" / "index.html").read_text()

@@ -127,18 +127,21 @@ def render_comparison(s: dict) -> str:
     """The page of ``moekit plot`` from its summary."""
     body = [f"<h1>Run comparison ({len(s['runs'])} runs)</h1>", "<table><tr><th class='l'>run</th><th>steps</th>"
             "<th>tokens</th><th>final train loss</th><th>final val loss</th><th>best val loss</th>"
-            "<th>final max load / mean</th></tr>"]
+            "<th>final max load / mean</th><th>loss unit</th></tr>"]
     for name, r in s["runs"].items():
         def num(v, fmt):
             return format(v, fmt) if v is not None else "-"
         body.append(f"<tr><td class='l'>{escape(name)}<br><span class=muted>{escape(r['path'])}</span></td>"
                     f"<td>{num(r['steps'], ',')}</td><td>{num(r['tokens'], ',')}</td>"
                     f"<td>{num(r['final_train_loss'], '.4f')}</td><td>{num(r['final_val_loss'], '.4f')}</td>"
-                    f"<td>{num(r['best_val_loss'], '.4f')}</td><td>{num(r['final_max_load_ratio'], '.2f')}</td></tr>")
+                    f"<td>{num(r['best_val_loss'], '.4f')}</td><td>{num(r['final_max_load_ratio'], '.2f')}</td>"
+                    f"<td>{escape(r.get('loss_unit', '-'))}</td></tr>")
     body.append("</table>")
     for key, title in (("loss", "Loss"), ("balance", "Load balance")):
         if key in s["plots"]:
-            body += [f"<h2>{title}</h2>", _img(s["plots"][key], title)]
+            note = s["notes"].get(key)  # e.g. runs whose losses are in different units
+            body += [f"<h2>{title}</h2>", *([f"<p><b>{escape(note)}</b></p>"] if note else []),
+                     _img(s["plots"][key], title)]
         else:
             body.append(f'<h2>{title}</h2><p class="muted">{escape(s["notes"].get(key, ""))}</p>')
     return _page("moekit run comparison", body)

@@ -9,6 +9,7 @@ MoE runs only), ``summary.json`` with every curve and the final figures, and ``i
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,22 @@ def run_curves(run_dir: Path) -> dict:
     return c
 
 
+def loss_unit(run_dir: Path) -> str:
+    """What one unit of the run's loss is: nats per byte for the byte tokenizer, else nats per token
+    of that run's own tokenizer (two runs are comparable only when these strings are equal)."""
+    from moekit.tokenizer import load_tokenizer
+
+    try:
+        tok = load_tokenizer(Path(run_dir))
+    except (OSError, ValueError):
+        return "unknown unit (no tokenizer in the run)"
+    if tok is None:
+        return "unknown unit (no tokenizer in the run)"
+    if tok.kind == "byte":
+        return "nats/byte"
+    return f"nats/token (tokenizer {tok.fingerprint()[:8]}, vocabulary {tok.vocab_size:,})"
+
+
 def _labels(run_dirs: list[Path]) -> list[str]:
     """Directory names, with the parent's name prepended where two runs share a name."""
     names = [p.resolve().name for p in run_dirs]
@@ -74,16 +91,24 @@ def compare_runs(run_dirs: list[str | Path], out: str | Path | None = None, x: s
     curves = {name: run_curves(p) for name, p in zip(_labels(paths), paths)}  # reads every run before writing
     out = prepare_out_dir(Path(out) if out else Path("runs") / time.strftime("compare-%Y%m%d-%H%M%S"),
                           overwrite, "plot")
+    units = {name: loss_unit(p) for name, p in zip(curves, paths)}
     runs = {}
     for (name, c), p in zip(curves.items(), paths):
         vals = [v for v in c["val_loss"] if v is not None]
-        runs[name] = {"path": str(p), "steps": c["step"][-1], "tokens": c["tokens"][-1],
+        runs[name] = {"path": str(p), "loss_unit": units[name], "steps": c["step"][-1], "tokens": c["tokens"][-1],
                       "final_train_loss": c["train_loss"][-1], "final_val_loss": vals[-1] if vals else None,
                       "best_val_loss": min(vals) if vals else None,
                       "final_max_load_ratio": c["max_load_ratio"][-1], "curves": c}
     plot_files, notes = {}, {}
-    plots.run_curves(curves, x, [("train_loss", "training loss (cross-entropy)"), ("val_loss", "validation loss")],
-                     "loss", out / "loss.png")
+    if len(set(units.values())) == 1:
+        loss_curves, unit = curves, next(iter(units.values()))
+    else:  # a token of one tokenizer is not a byte nor another's token: say so on the figure itself
+        loss_curves, unit = {f"{name} [{units[name]}]": c for name, c in curves.items()}, "units differ: see legend"
+        notes["loss"] = ("these runs measure loss in different units (" + "; ".join(
+            f"{n}: {u}" for n, u in units.items()) + "): their loss curves are not comparable with each other")
+        print(f"moekit: note: {notes['loss']}", file=sys.stderr)
+    plots.run_curves(loss_curves, x, [("train_loss", f"training loss ({unit})"), ("val_loss", f"validation loss ({unit})")],
+                     "loss (cross-entropy)", out / "loss.png")
     plot_files["loss"] = "loss.png"
     moe_curves = {n: c for n, c in curves.items() if any(v is not None for v in c["max_load_ratio"])}
     if moe_curves:
