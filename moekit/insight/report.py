@@ -106,7 +106,6 @@ def layer_summary(lr: LayerRouting, data: RoutingData, pieces: list[bytes], top_
     """The numbers of one MoE layer (see the module docstring)."""
     E = lr.num_experts
     load_E = lr.load_E
-    routed_total = int(lr.routed_E.sum())
     coact = None
     if (lr.coact_EE.sum() - lr.coact_EE.diagonal().sum()) > 0 or lr.top_k > 1:
         diag = lr.coact_EE.diagonal().double()
@@ -132,7 +131,7 @@ def layer_summary(lr: LayerRouting, data: RoutingData, pieces: list[bytes], top_
         "load": load_E.tolist(), "load_ratio": ratio_E,
         "routed_assignments": lr.routed_E.tolist(), "kept_assignments": lr.kept_E.tolist(),
         "dropped_assignments": lr.dropped_assignments, "dropped_tokens": lr.dropped_tokens,
-        "dropped_fraction": lr.dropped_assignments / routed_total if routed_total else 0.0,
+        "dropped_fraction": lr.dropped_fraction,
         "max_load_ratio": max(ratio_E), "min_load_ratio": min(ratio_E),
         "router_entropy": lr.router_entropy, "router_entropy_uniform": math.log(E),
         "load_entropy_normalized": _entropy(load_E) / math.log(E) if E > 1 else 1.0,

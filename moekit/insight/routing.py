@@ -102,6 +102,7 @@ class LayerRouting:
     num_experts: int
     top_k: int
     vocab_size: int
+    expert_choice: bool = False  # the layer's router is expert choice (drops are counted in tokens)
     tokens: int = 0
     routed_E: torch.Tensor = None  # assignments routed to each expert (before capacity)
     kept_E: torch.Tensor = None  # assignments each expert ran (after capacity)
@@ -128,6 +129,15 @@ class LayerRouting:
         """Fraction of the routed assignments each expert got (sums to 1)."""
         total = self.routed_E.sum()
         return self.routed_E.double() / total if total > 0 else torch.zeros(self.num_experts, dtype=torch.float64)
+
+    @property
+    def dropped_fraction(self) -> float:
+        """As :class:`~moekit.moe.layer.RoutingStats` defines it, pooled over the passes: dropped
+        assignments / routed assignments, or for expert choice tokens no expert picked / tokens."""
+        if self.expert_choice:
+            return self.dropped_tokens / self.tokens if self.tokens else 0.0
+        routed = int(self.routed_E.sum())
+        return self.dropped_assignments / routed if routed else 0.0
 
     @property
     def router_entropy(self) -> float:
@@ -198,7 +208,8 @@ def collect_routing(model: MoETransformer, batches: Iterable[torch.Tensor], piec
     layers: dict[int, LayerRouting] = {}
     recorder = RoutingRecorder(model)
     for idx, layer in recorder.layers.items():
-        layers[idx] = LayerRouting(idx, layer.cfg.num_experts, layer.cfg.top_k, V)
+        layers[idx] = LayerRouting(idx, layer.cfg.num_experts, layer.cfg.top_k, V,
+                                   expert_choice=layer.cfg.router == "expert_choice")
         if pieces is not None:
             layers[idx].classes_EQ = torch.zeros(layer.cfg.num_experts, Q, dtype=torch.long)
     token_counts_V = torch.zeros(V, dtype=torch.long)
