@@ -58,13 +58,15 @@ def static_forward(model: MoETransformer, ids_BS: torch.Tensor, positions_BS: to
     throughout (the whole cache length is attended under a mask), so the decode step compiles once.
 
     ``positions_BS`` are the rotary positions (counted from each row's first real token), ``valid_BL``
-    marks the cache slots holding real tokens (False for left padding).
+    marks the cache slots holding real tokens (False for left padding): padding is attended by no
+    token and routed to no expert.
     """
     x = model.embed_tokens(ids_BS)
     cos, sin = model.rope(positions_BS, x.dtype)
     allowed_BSL = padded_causal_mask(cache.slots_S, torch.arange(cache.max_len, device=ids_BS.device), valid_BL)
+    real_BS = valid_BL[:, cache.slots_S]
     for blk, layer_cache in zip(model.layers, cache.layers):
-        x, _ = blk(x, cos[:, None], sin[:, None], layer_cache, allowed_BSL[:, None])
+        x, _ = blk(x, cos[:, None], sin[:, None], layer_cache, allowed_BSL[:, None], real_BS)
     return model.head(x[:, -1])
 
 
@@ -174,7 +176,11 @@ def generate(model: MoETransformer, prompts: Sequence[Sequence[int]] | torch.Ten
     """Continues each prompt by up to ``max_new_tokens`` tokens.
 
     Prompts of different lengths are left-padded into one batch; padding never influences the
-    result. ``on_token`` receives each step's new token per row (for streaming).
+    result (it is attended by no token and routed to no expert). NOTE: with a capacity factor or
+    expert-choice routing a token's routing depends on the other tokens of its forward pass (the
+    capacity is per batch): prompts batched together can then continue differently than alone, and
+    cached decoding (the prompt at once, then one token per row and step) differs from recomputing
+    the whole sequence each step. ``on_token`` receives each step's new token per row (for streaming).
 
     ``compile=True`` runs each decode step through ``torch.compile`` with a static KV cache (the
     experts of dropless token-choice layers then read their weights in place, see

@@ -61,7 +61,10 @@ class Block(nn.Module):
             self.residual_norm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
             self.residual_mlp = MLP(cfg.d_model, cfg.ffn_hidden, cfg.activation)
 
-    def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None, mask=None):
+    def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None, mask=None,
+                token_mask: torch.Tensor | None = None):
+        """``mask``: the attention mask; ``token_mask`` [B, S] (bool, True = real token): the MoE layer
+        routes the real tokens only, so padding takes no expert capacity (see :meth:`MoELayer.forward`)."""
         cfg = self.cfg
         h = self.attn(self.attn_norm(x_BSD), cos, sin, cache, mask)
         if cfg.sandwich_norm:
@@ -69,11 +72,11 @@ class Block(nn.Module):
         if cfg.parallel_residual_mlp and self.is_moe:
             # Arctic: the MoE reads the block input, the residual MLP the post-attention stream.
             attended = x_BSD + h
-            res = self.ffn(self.ffn_norm(x_BSD))
+            res = self.ffn(self.ffn_norm(x_BSD), token_mask)
             return attended + self.residual_mlp(self.residual_norm(attended)) + res.output, res
         x_BSD = x_BSD + h
         ffn_in = self.ffn_norm(x_BSD)
-        res = self.ffn(ffn_in) if self.is_moe else None
+        res = self.ffn(ffn_in, token_mask) if self.is_moe else None
         y = res.output if res is not None else self.ffn(ffn_in)
         if cfg.sandwich_norm:
             y = self.post_ffn_norm(y)
@@ -196,7 +199,9 @@ class MoETransformer(nn.Module):
 
         Decoding: ``cache`` holds the keys and values of the positions before these ones (its ``pos``
         advances by S); ``attention_mask`` [B, pos + S] marks real tokens (1) and left padding (0):
-        padded rows get positions counted from their first real token and never attend to padding.
+        padded rows get positions counted from their first real token and never attend to padding,
+        and the MoE layers route no padding (it takes no capacity and counts in no aux loss or
+        statistic), so padding never changes a real token's result.
         """
         cfg = self.cfg
         if input_ids.dim() == 1:
@@ -213,11 +218,14 @@ class MoETransformer(nn.Module):
         x = self.embed_tokens(input_ids)
         cos, sin, mask = self._positions(B, S, start, cache is not None, attention_mask, x.dtype, input_ids.device)
         layer_caches = cache.layers if cache is not None else [None] * len(self.layers)
+        # the new tokens' padding is routed to no expert (it would take capacity from real tokens)
+        token_mask = attention_mask[:, start:].to(device=input_ids.device, dtype=torch.bool) \
+            if attention_mask is not None else None
         aux = x.new_zeros((), dtype=torch.float32)
         routing: dict[int, RoutingStats] = {}
         terms: dict[str, torch.Tensor] = {}
         for blk, layer_cache in zip(self.layers, layer_caches):
-            x, res = blk(x, cos, sin, layer_cache, mask)
+            x, res = blk(x, cos, sin, layer_cache, mask, token_mask)
             if res is not None:
                 aux = aux + res.aux_loss
                 routing[blk.index] = res.stats

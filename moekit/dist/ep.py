@@ -128,8 +128,8 @@ def _kept_mask(layer, r: RouterOutput, T: int) -> torch.Tensor:
     cfg, ep = layer.cfg, layer.ep
     sizes = _all_gather_rows(torch.tensor([T], device=r.expert_ids_TK.device), ep.group)
     if bool((sizes != T).any()):
-        raise ValueError(f"capacity_factor under expert parallelism needs the same number of tokens on every rank; "
-                         f"got {sizes.tolist()}")
+        raise ValueError(f"capacity_factor under expert parallelism needs the same number of tokens on every rank "
+                         f"(real tokens, when a token mask leaves out padding); got {sizes.tolist()}")
     capacity = cfg.capacity(T * ep.size, layer.training)
     ids = _all_gather_rows(r.expert_ids_TK, ep.group)
     prio = _all_gather_rows(r.priority_TK.detach(), ep.group) if cfg.drop_policy == "score" else None

@@ -67,7 +67,7 @@ class MoEOutput:
     aux_loss: torch.Tensor  # () weighted sum of the enabled auxiliary terms (0 when none)
     stats: RoutingStats | None  # None from the compiled decoding path (no plan is built)
     aux_terms: dict[str, torch.Tensor] = field(default_factory=dict)  # unweighted enabled terms
-    router_logits: torch.Tensor | None = None  # [T, E] fp32
+    router_logits: torch.Tensor | None = None  # [T, E] fp32 (rows of masked-out tokens: zero)
 
 
 class MoELayer(nn.Module):
@@ -75,7 +75,8 @@ class MoELayer(nn.Module):
 
     ``forward(x)`` takes ``x`` of shape [..., d_model] (float; for the sequence-wise loss dim -2 of an
     input with 3 or more dims is the sequence, and a 1-D or 2-D input is one sequence) and returns a
-    :class:`MoEOutput`. An empty batch returns an empty output, zero aux loss and zero stats.
+    :class:`MoEOutput`. ``forward(x, mask)`` leaves out the tokens the mask marks False (padding):
+    they are not routed at all. An empty batch returns an empty output, zero aux loss and zero stats.
     """
 
     def __init__(self, cfg: MoEConfig):
@@ -118,7 +119,12 @@ class MoELayer(nn.Module):
             self.router.record_load(r.expert_ids_TK)
         return r, plan
 
-    def forward(self, x: torch.Tensor) -> MoEOutput:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> MoEOutput:
+        """``mask`` (bool, shape ``x.shape[:-1]``, True = a real token): the other rows (padding) are
+        not routed at all. They take no capacity slot, no expert-choice router sees them, they count in
+        no aux loss, statistic or balancing load, and their routed-expert output is zero (the shared and
+        dense experts still run on them); capacity comes from the number of real tokens. So padding
+        never changes a real token's result."""
         cfg = self.cfg
         if not torch.is_tensor(x) or not x.is_floating_point():
             raise TypeError(f"MoELayer input must be a floating-point tensor, got "
@@ -126,6 +132,11 @@ class MoELayer(nn.Module):
         if x.dim() < 1 or x.shape[-1] != cfg.d_model:
             raise ValueError(f"MoELayer input has shape {tuple(x.shape)}; its last dimension must be "
                              f"d_model={cfg.d_model}")
+        if mask is not None and (not torch.is_tensor(mask) or mask.dtype != torch.bool
+                                 or mask.shape != x.shape[:-1]):
+            got = f"{mask.dtype} {tuple(mask.shape)}" if torch.is_tensor(mask) else type(mask).__name__
+            raise ValueError(f"MoELayer mask must be a bool tensor of shape {tuple(x.shape[:-1])} (the input's "
+                             f"shape without d_model), got {got}")
         x_TD = x.reshape(-1, cfg.d_model)
         if x_TD.shape[0] == 0:
             return self._empty(x)
@@ -134,13 +145,41 @@ class MoELayer(nn.Module):
             r = self.router(x_TD)
             x_cast, params = self.experts.cast(x_TD)
             out_TD = gather_experts(x_cast, r.expert_ids_TK, r.weights_TK, *params, cfg.activation)
+            if mask is not None:  # dropless token choice: a token's routing is its own, padding only zeroed
+                out_TD = torch.where(mask.reshape(-1, 1), out_TD, out_TD.new_zeros(()))
             return MoEOutput(self._residual_experts(x_TD, out_TD).view(x.shape).to(x.dtype),
                              r.logits_TE.new_zeros(()), None, {}, r.logits_TE)
-        r, plan = self.route(x_TD)
-        out_TD = self.experts(x_TD, plan) if self.ep is None else ep_experts(self, x_TD, plan)
-        out_TD = self._residual_experts(x_TD, out_TD)
-        aux_loss, terms = self._aux_losses(x, r, plan)
-        return MoEOutput(out_TD.view(x.shape).to(x.dtype), aux_loss, self._stats(r, plan), terms, r.logits_TE)
+        if mask is not None and bool(mask.all()):
+            mask = None  # no padding: the plain path
+        rows_R = None if mask is None else mask.reshape(-1).nonzero().squeeze(1)  # only real tokens are routed
+        if rows_R is not None and rows_R.numel() == 0:
+            if self.ep is not None:  # NOTE: the other ranks then wait in the exchange until its timeout
+                raise ValueError("MoELayer mask: every token of this rank is padding; under expert parallelism "
+                                 "each rank needs at least one real token to take part in the exchange")
+            return self._all_padding(x, x_TD)
+        res = self._run(x, x_TD if rows_R is None else x_TD.index_select(0, rows_R), mask, rows_R)
+        out_TD = res.output
+        if rows_R is not None:  # scatter the real rows back among the padding (zero routed output)
+            T, E = x_TD.shape[0], cfg.num_experts
+            out_TD = out_TD.new_zeros(T, cfg.d_model).index_copy(0, rows_R, out_TD)
+            res.router_logits = res.router_logits.new_zeros(T, E).index_copy(0, rows_R, res.router_logits)
+        res.output = self._residual_experts(x_TD, out_TD).view(x.shape).to(x.dtype)
+        return res
+
+    def _run(self, x: torch.Tensor, x_RD: torch.Tensor, mask: torch.Tensor | None,
+             rows_R: torch.Tensor | None) -> MoEOutput:
+        """Routes the rows ``x_RD`` (all of ``x``, or its real tokens ``rows_R`` of the flattened
+        input) and runs their experts; the output is the routed experts' alone, [R, D]."""
+        r, plan = self.route(x_RD)
+        out_RD = self.experts(x_RD, plan) if self.ep is None else ep_experts(self, x_RD, plan)
+        aux_loss, terms = self._aux_losses(x, r, plan, mask, rows_R)
+        return MoEOutput(out_RD, aux_loss, self._stats(r, plan), terms, r.logits_TE)
+
+    def _all_padding(self, x: torch.Tensor, x_TD: torch.Tensor) -> MoEOutput:
+        res = self._empty(x)
+        res.output = self._residual_experts(x_TD, torch.zeros_like(x_TD)).view(x.shape).to(x.dtype)
+        res.router_logits = x_TD.new_zeros(x_TD.shape[0], self.cfg.num_experts, dtype=torch.float32)
+        return res
 
     def _decoding(self, x_TD: torch.Tensor) -> bool:
         """Inside the compiled decode step (see :func:`gather_decoding`) the loop path's host sync
@@ -161,7 +200,8 @@ class MoELayer(nn.Module):
         return out_TD
 
     # ---- losses and statistics ---------------------------------------------------------------
-    def _aux_losses(self, x: torch.Tensor, r: RouterOutput, plan: DispatchPlan):
+    def _aux_losses(self, x: torch.Tensor, r: RouterOutput, plan: DispatchPlan, seq_mask: torch.Tensor | None = None,
+                    rows_R: torch.Tensor | None = None):
         cfg = self.cfg
         terms: dict[str, torch.Tensor] = {}
         total = r.logits_TE.new_zeros(())
@@ -175,7 +215,14 @@ class MoELayer(nn.Module):
         if cfg.seq_aux_loss_coef > 0:
             S = x.shape[-2] if x.dim() >= 3 else x.numel() // cfg.d_model
             E, K = cfg.num_experts, cfg.top_k
-            terms["seq_balance"] = sequence_balance_loss(r.probs_TE.view(-1, S, E), r.expert_ids_TK.view(-1, S, K))
+            probs_TE, expert_ids_TK, mask_BS = r.probs_TE, r.expert_ids_TK, None
+            if rows_R is not None:  # back to [B, S] sequences, the padding masked out
+                T = seq_mask.numel()
+                probs_TE = probs_TE.new_zeros(T, E).index_copy(0, rows_R, probs_TE)
+                expert_ids_TK = expert_ids_TK.new_zeros(T, K).index_copy(0, rows_R, expert_ids_TK)
+                mask_BS = seq_mask.reshape(-1, S)
+            terms["seq_balance"] = sequence_balance_loss(probs_TE.view(-1, S, E), expert_ids_TK.view(-1, S, K),
+                                                         mask_BS)
             total = total + cfg.seq_aux_loss_coef * terms["seq_balance"]
         return total, terms
 

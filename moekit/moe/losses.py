@@ -42,15 +42,26 @@ def router_z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(_fp32(logits_TE), dim=-1).square().mean()
 
 
-def sequence_balance_loss(probs_BSE: torch.Tensor, expert_ids_BSK: torch.Tensor) -> torch.Tensor:
+def sequence_balance_loss(probs_BSE: torch.Tensor, expert_ids_BSK: torch.Tensor,
+                          mask_BS: torch.Tensor | None = None) -> torch.Tensor:
     """DeepSeek-V3 complementary sequence-wise balance loss (DeepSeek-AI 2024 eq. 17-20), unweighted.
 
     Per sequence: f_i = E/(K·S) · Σ_t 1[i ∈ TopK(t)], P_i = (1/S) Σ_t s'_{t,i} with s' the
     normalised scores s/Σ_j s_j; L = Σ_i f_i P_i. Averaged over the B sequences.
     Balance gives 1, as with :func:`load_balancing_loss`.
+    ``mask_BS`` (bool, True = real token): a sequence counts its real tokens only (S = their number),
+    and one without any is left out of the average.
     """
     B, S, E = probs_BSE.shape
     K = expert_ids_BSK.shape[-1]
+    if mask_BS is not None:
+        m_BS = mask_BS.to(_fp32(probs_BSE).dtype)
+        len_B1 = m_BS.sum(dim=1, keepdim=True)
+        P_BE = (_fp32(probs_BSE) * m_BS[..., None]).sum(dim=1) / len_B1.clamp_min(1)
+        counts_BE = torch.zeros(B, E, device=P_BE.device, dtype=P_BE.dtype)
+        counts_BE.scatter_add_(1, expert_ids_BSK.reshape(B, S * K), m_BS[..., None].expand(B, S, K).reshape(B, S * K))
+        f_BE = counts_BE * (E / K) / len_B1.clamp_min(1)
+        return (f_BE * P_BE).sum(dim=-1)[len_B1[:, 0] > 0].mean()
     P_BE = _fp32(probs_BSE).mean(dim=1)
     counts_BE = torch.zeros(B, E, device=P_BE.device, dtype=P_BE.dtype)
     counts_BE.scatter_add_(1, expert_ids_BSK.reshape(B, S * K), torch.ones(B, S * K, device=P_BE.device,

@@ -5,7 +5,9 @@ the layer's parameters (so gradients can be compared) and the config's capacity 
 its routing, dispatch, expert or loss code: selection is a Python sort per token, capacity a per-expert queue, every expert
 a matrix-vector product per assignment, and each loss is written out from its paper's formula.
 Random draws (Switch jitter, noisy-gating noise) are made with the same calls in the same order as
-the fast path, so a test that seeds both gets the same noise.
+the fast path, so a test that seeds both gets the same noise. A token mask leaves the masked-out
+tokens (padding) out of everything but the shared and dense experts: the rest is computed over the
+list of real tokens, as if the padding had never been there.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ class ReferenceOutput:
     routed_per_expert: list[int]
     dropped_assignments: int
     dropped_tokens: int
-    assignments: list[tuple[int, int]]  # kept (token, expert) pairs
+    assignments: list[tuple[int, int]]  # kept (token, expert) pairs (token: index into the flattened input)
 
 
 def _act(name: str, h: torch.Tensor) -> torch.Tensor:
@@ -70,13 +72,17 @@ def _choose(cfg: MoEConfig, sel: list[float]) -> list[int]:
     return _top(masked, cfg.top_k)
 
 
-def reference_forward(layer, x: torch.Tensor) -> ReferenceOutput:
-    """The MoE layer's output, aux loss and drop counts, computed the slow way."""
+def reference_forward(layer, x: torch.Tensor, mask: torch.Tensor | None = None) -> ReferenceOutput:
+    """The MoE layer's output, aux loss and drop counts, computed the slow way; ``mask`` (bool, shape
+    ``x.shape[:-1]``): only the tokens it marks True are routed."""
     cfg: MoEConfig = layer.cfg
     router, experts = layer.router, layer.experts
     E, K, D = cfg.num_experts, cfg.top_k, cfg.d_model
-    x_TD = x.reshape(-1, D)
-    T = x_TD.shape[0]
+    x_all = x.reshape(-1, D)
+    # The routed tokens: every one, or the real ones. Below, t indexes them; rows[t] is the input row.
+    rows = list(range(x_all.shape[0])) if mask is None else mask.reshape(-1).nonzero().flatten().tolist()
+    x_TD = x_all[rows]
+    T = len(rows)
 
     # Router logits in fp32, with the same random draws as the fast path.
     rdt = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -148,40 +154,43 @@ def reference_forward(layer, x: torch.Tensor) -> ReferenceOutput:
             kept.extend((t, e, w) for t, e, w, _ in (q if capacity is None else q[:capacity]))
 
     # Experts, one assignment at a time.
-    out = [x.new_zeros(D) for _ in range(T)]
+    out = [x.new_zeros(D) for _ in range(x_all.shape[0])]  # every input row; padding gets no routed expert
     b_in = experts.b_in
     b_out = experts.b_out
     for t, e, w in kept:
         y = _mlp(x_TD[t], experts.w_in[e], experts.w_out[e], None if b_in is None else b_in[e],
                  None if b_out is None else b_out[e], cfg.activation)
-        out[t] = out[t] + w.to(x.dtype) * y
-    for t in range(T):
+        out[rows[t]] = out[rows[t]] + w.to(x.dtype) * y
+    for i, x_D in enumerate(x_all):  # shared and dense experts: every row, padding included
         if layer.shared is not None:
             sh = layer.shared
-            y = _mlp(x_TD[t], sh.in_proj.weight, sh.down_proj.weight, sh.in_proj.bias, sh.down_proj.bias,
+            y = _mlp(x_D, sh.in_proj.weight, sh.down_proj.weight, sh.in_proj.bias, sh.down_proj.bias,
                      cfg.activation)
             if layer.shared_gate is not None:
-                y = y * torch.sigmoid(layer.shared_gate.weight[0] @ x_TD[t])
-            out[t] = out[t] + y
+                y = y * torch.sigmoid(layer.shared_gate.weight[0] @ x_D)
+            out[i] = out[i] + y
         if layer.dense is not None:
             dn = layer.dense
-            out[t] = out[t] + _mlp(x_TD[t], dn.in_proj.weight, dn.down_proj.weight, dn.in_proj.bias,
+            out[i] = out[i] + _mlp(x_D, dn.in_proj.weight, dn.down_proj.weight, dn.in_proj.bias,
                                    dn.down_proj.bias, cfg.activation)
     output = torch.stack(out).reshape(x.shape)
 
     # Auxiliary losses, from their formulas.
-    terms: dict[str, torch.Tensor] = {}
-    if cfg.aux_loss_coef > 0:
+    terms: dict[str, torch.Tensor] = {}  # none when no token is routed (the fast path's empty result)
+    if T and cfg.aux_loss_coef > 0:
         denom = T if cfg.lb_convention == "hf_compat" else T * K
         P = [sum(probs[t][e] for t in range(T)) / T for e in range(E)]
         terms["load_balancing"] = E * sum((routed[e] / denom) * P[e] for e in range(E))
-    if cfg.z_loss_coef > 0:
+    if T and cfg.z_loss_coef > 0:
         terms["z_loss"] = sum(torch.log(torch.exp(logits[t]).sum()) ** 2 for t in range(T)) / T
-    if cfg.seq_aux_loss_coef > 0:
-        S = x.shape[-2] if x.dim() >= 3 else T
+    if T and cfg.seq_aux_loss_coef > 0:
+        S_in = x.shape[-2] if x.dim() >= 3 else x_all.shape[0]
         per_seq = []
-        for b in range(T // S):
-            toks = range(b * S, (b + 1) * S)
+        for b in range(x_all.shape[0] // S_in):
+            toks = [t for t in range(T) if rows[t] // S_in == b]  # the sequence's real tokens
+            S = len(toks)
+            if S == 0:
+                continue
             loss_b = 0
             for e in range(E):
                 hits = sum(1 for t in toks for ee, _, _ in routes[t] if ee == e)
@@ -197,4 +206,4 @@ def reference_forward(layer, x: torch.Tensor) -> ReferenceOutput:
     kept_tokens = {t for t, _, _ in kept}
     return ReferenceOutput(output, aux, terms, kept_counts, routed, sum(routed) - len(kept)
                            if cfg.router != "expert_choice" else 0, T - len(kept_tokens),
-                           [(t, e) for t, e, _ in kept])
+                           [(rows[t], e) for t, e, _ in kept])

@@ -306,7 +306,12 @@ def evaluate(model: MoETransformer, tokens, batch_size: int, seq_len: int, max_t
     """Mean cross-entropy over fixed validation windows (eval mode: no noise, eval capacity).
 
     Under torch.distributed (``dims``) every rank takes an equal share of each window batch (the
-    whole batch when it does not divide) and the sums are all-reduced: the same figure as one process."""
+    whole batch when it does not divide) and the sums are all-reduced: the same figure as one process.
+
+    Every window is full (no padding; the last batch may hold fewer windows). NOTE: with a capacity
+    factor or expert-choice routing a token's routing depends on the other tokens of its forward pass
+    (the capacity is per batch), so the figure then depends on ``batch_size`` (and, under
+    torch.distributed without expert parallelism, on the share each rank runs)."""
     was_training = model.training
     model.eval()
     world, rank = (dims.world, dims.rank) if dims is not None and dims.distributed else (1, 0)
