@@ -34,6 +34,29 @@ class ByteTokenizer:
     def save(self, directory: Path) -> None:
         (Path(directory) / "tokenizer_config.json").write_text(json.dumps({"type": "byte"}) + "\n")
 
+    def to_hf(self) -> "HFTokenizer":
+        """The same tokenizer as a ``tokenizers`` tokenizer.json, for transformers users: a byte-level
+        BPE whose vocabulary is the 256 bytes (id = byte value, GPT-2's printable stand-in characters)
+        with no merges, so it encodes and decodes exactly as this class does (invalid UTF-8 decodes
+        to U+FFFD in both)."""
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+        tok = Tokenizer(models.BPE(vocab={c: b for b, c in enumerate(_byte_chars())}, merges=[]))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        tok.decoder = decoders.ByteLevel()
+        return HFTokenizer(tok)
+
+
+def _byte_chars() -> list[str]:
+    """GPT-2's printable character for each byte (the alphabet of ``tokenizers``' ByteLevel)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+                 *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    chars, extra = {b: chr(b) for b in printable}, 0
+    for b in range(256):
+        if b not in chars:
+            chars[b], extra = chr(256 + extra), extra + 1
+    return [chars[b] for b in range(256)]
+
 
 class HFTokenizer:
     """A ``tokenizers.Tokenizer`` (BPE trained here, or any ``tokenizer.json``)."""
@@ -68,6 +91,10 @@ class HFTokenizer:
 
     def fingerprint(self) -> str:
         return hashlib.sha256(self.tok.to_str().encode()).hexdigest()[:16]
+
+    def is_byte_tokenizer(self) -> bool:
+        """Whether this is exactly :meth:`ByteTokenizer.to_hf` (as ``moekit convert --to-hf`` writes it)."""
+        return json.loads(self.tok.to_str()) == json.loads(ByteTokenizer().to_hf().tok.to_str())
 
     def save(self, directory: Path) -> None:
         self.tok.save(str(Path(directory) / "tokenizer.json"))

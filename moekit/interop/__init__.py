@@ -1,4 +1,4 @@
-"""Hugging Face checkpoints in: ``moekit.from_pretrained(path)``.
+"""Hugging Face checkpoints in: ``moekit.from_pretrained(path)``; out: ``to_hf`` (moekit.interop.export).
 
     model = moekit.from_pretrained("path/to/Mixtral-8x7B")     # config.json + *.safetensors
     model = moekit.from_pretrained("runs/small")               # or a moekit checkpoint / run
@@ -15,10 +15,12 @@ from pathlib import Path
 import torch
 
 from moekit.interop import dbrx, deepseek, mixtral, mlp_experts
-from moekit.interop.keymap import InteropError, SafetensorsDir, export_with_keymap, load_with_keymap
+from moekit.interop.export import restore_config, to_hf
+from moekit.interop.keymap import InteropError, SafetensorsDir, load_with_keymap
 from moekit.model import MoETransformer
 
-FAMILIES = {mixtral.ARCHITECTURE: mixtral, dbrx.ARCHITECTURE: dbrx, **{a: mlp_experts for a in mlp_experts.ARCHITECTURES},
+FAMILIES = {mixtral.ARCHITECTURE: mixtral, dbrx.ARCHITECTURE: dbrx,
+            **{a: mlp_experts for a in mlp_experts.ARCHITECTURES},
             **{a: deepseek for a in deepseek.ARCHITECTURES}}
 
 
@@ -56,7 +58,7 @@ def from_pretrained(path: str | Path, dtype: torch.dtype | None = None) -> MoETr
         raise InteropError(f"{path / 'config.json'}: architecture {archs} is not supported; supported: "
                            f"{', '.join(FAMILIES)}")
     try:
-        cfg = family.model_config(hf)
+        cfg = restore_config(family.model_config(hf), hf, next(a for a in archs if a in FAMILIES))
     except KeyError as err:
         raise InteropError(f"{path / 'config.json'}: missing field {err}") from None
     except (TypeError, ValueError) as err:
@@ -73,41 +75,16 @@ def from_pretrained(path: str | Path, dtype: torch.dtype | None = None) -> MoETr
     return model.eval()
 
 
-# architecture -> (moekit config -> HF config dict, key map)
-EXPORTERS = {mixtral.ARCHITECTURE: (mixtral.hf_config, mixtral.KEYMAP), dbrx.ARCHITECTURE: (dbrx.hf_config, dbrx.KEYMAP),
-             **{a: (fn, mlp_experts.KEYMAP) for a, fn in mlp_experts.EXPORT.items()},
-             **{a: (fn, deepseek.KEYMAP) for a, fn in deepseek.EXPORT.items()}}
+def load_hf_tokenizer(path: str | Path):
+    """The tokenizer of a Hugging Face directory as moekit uses it, or None when it has none:
+    tokenizer.json, recognised as moekit's byte tokenizer when it is exactly the one ``to_hf`` writes."""
+    from moekit.tokenizer import ByteTokenizer, HFTokenizer
+
+    path = Path(path) / "tokenizer.json"
+    if not path.is_file():
+        return None
+    tok = HFTokenizer.from_file(path)
+    return ByteTokenizer() if tok.is_byte_tokenizer() else tok
 
 
-def to_hf(model: MoETransformer, out: str | Path, architecture: str | None = None) -> str:
-    """Writes a Hugging Face directory (config.json + model.safetensors) that transformers loads with
-    the same logits; returns the architecture used (the first that can express the model when
-    ``architecture`` is None). Refuses to write into a non-empty directory."""
-    from safetensors.torch import save_file
-
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise ValueError(f"--out {out} exists and is not empty; choose an empty or new directory")
-    reasons = {}
-    for arch, (hf_config, keymap) in EXPORTERS.items():
-        if architecture not in (None, arch):
-            continue
-        try:
-            hf = hf_config(model.cfg)
-        except ValueError as err:
-            reasons[arch] = str(err)
-            continue
-        tensors = export_with_keymap(model, keymap, model.cfg.moe.num_experts if model.cfg.moe else 0)
-        if model.cfg.tie_embeddings:
-            tensors.pop("lm_head.weight", None)
-        out.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-        (out / "config.json").write_text(json.dumps({**hf, "torch_dtype": "float32"}, indent=2) + "\n")
-        return arch
-    if architecture is not None and architecture not in EXPORTERS:
-        raise ValueError(f"--architecture {architecture!r} cannot be exported; exportable: {', '.join(EXPORTERS)}")
-    raise ValueError(f"this model fits no exportable architecture: " +
-                     "; ".join(f"{a}: {r}" for a, r in reasons.items()))
-
-
-__all__ = ["FAMILIES", "InteropError", "from_pretrained", "to_hf"]
+__all__ = ["FAMILIES", "InteropError", "from_pretrained", "load_hf_tokenizer", "to_hf"]

@@ -12,7 +12,7 @@ import warnings
 
 from moekit.config import MoEConfig, ModelConfig
 from moekit.interop.keymap import KeyMap, Rule, Split
-from moekit.interop.mixtral import _require
+from moekit.interop.expressible import aux_loss_coef_hf
 from moekit.interop.rope import hf_rope_parameters, rope_settings
 
 ARCHITECTURE = "DbrxForCausalLM"
@@ -28,7 +28,8 @@ def model_config(hf: dict) -> ModelConfig:
                       "not reproduced; logits are unaffected", stacklevel=3)
     p = ffn.get("moe_normalize_expert_weights", 1.0)
     d = hf["d_model"]
-    moe = MoEConfig(d_model=d, expert_hidden=ffn.get("ffn_hidden_size", 3584), num_experts=ffn.get("moe_num_experts", 4),
+    moe = MoEConfig(d_model=d, expert_hidden=ffn.get("ffn_hidden_size", 3584),
+                    num_experts=ffn.get("moe_num_experts", 4),
                     top_k=ffn.get("moe_top_k", 1), normalize_weights=p is not None,
                     normalize_p=float(p) if p is not None else 1.0,
                     aux_loss_coef=ffn.get("moe_loss_weight", 0.01), lb_convention="hf_compat")
@@ -36,8 +37,9 @@ def model_config(hf: dict) -> ModelConfig:
         hf = {**hf, "rope_theta": attn["rope_theta"]}
     return ModelConfig(vocab_size=hf.get("vocab_size", 32000), d_model=d, n_layers=hf.get("n_layers", 24),
                        n_heads=hf.get("n_heads", 16), n_kv_heads=attn.get("kv_n_heads", 1),
-                       max_seq_len=hf.get("max_seq_len", 2048), **rope_settings(hf, hf.get("max_seq_len", 2048)), norm="layernorm",
-                       norm_eps=1e-5, clip_qkv=attn.get("clip_qkv"), tie_embeddings=False, moe=moe)
+                       max_seq_len=hf.get("max_seq_len", 2048), **rope_settings(hf, hf.get("max_seq_len", 2048)),
+                       norm="layernorm", norm_eps=1e-5, clip_qkv=attn.get("clip_qkv") or 0.0, tie_embeddings=False,
+                       moe=moe)
 
 
 B = "transformer.blocks.{layer}"
@@ -61,26 +63,21 @@ KEYMAP = KeyMap(
 
 
 def hf_config(cfg: ModelConfig) -> dict:
-    """transformers' DbrxConfig fields for a moekit model DBRX can express (ValueError otherwise)."""
+    """transformers' DbrxConfig fields for a moekit MoE model with GQA attention (a plain mapping;
+    :mod:`moekit.interop.expressible` refuses what does not read back through :func:`model_config`)."""
     m = cfg.moe
-    _require(m is not None and cfg.attention == "gqa" and cfg.norm == "layernorm", "needs GQA, LayerNorm and MoE")
-    _require(all(cfg.is_moe_layer(i) for i in range(cfg.n_layers)), "every layer must be MoE")
-    _require(cfg.head_dim == cfg.d_model // cfg.n_heads and cfg.norm_eps == 1e-5, "head_dim = d_model / n_heads, "
-             "norm_eps 1e-5")
-    _require(not (cfg.qkv_bias or cfg.qk_norm or cfg.sandwich_norm or cfg.parallel_residual_mlp or cfg.tie_embeddings
-                  or cfg.attn_logit_softcap or cfg.rope_interleave), "plain attention and blocks, untied")
-    _require(cfg.embedding_multiplier == 1 and cfg.logit_multiplier == 1, "no embedding/logit multipliers")
-    _require(m.router == "softmax_topk" and m.softmax_order == "before" and m.n_group == 1
-             and m.routed_scaling_factor == 1 and m.activation == "swiglu" and not m.mlp_bias
-             and not m.shared_hidden and not m.dense_hidden,
-             "softmax top-k, SwiGLU experts without bias, no shared or dense experts")
+    if not cfg.clip_qkv:
+        # NOTE: DBRX without a clamp is clip_qkv=null, and transformers' DbrxAttention then calls
+        # clamp(min=None, max=None), which raises; 0 would clamp q, k and v to zero.
+        raise ValueError(f"ModelConfig.clip_qkv={cfg.clip_qkv!r} (transformers' DBRX attention runs only with "
+                         "a clamp: clip_qkv > 0)")
     return {
         "architectures": [ARCHITECTURE], "model_type": "dbrx", "vocab_size": cfg.vocab_size, "d_model": cfg.d_model,
         "n_heads": cfg.n_heads, "n_layers": cfg.n_layers, "max_seq_len": cfg.max_seq_len, "tie_word_embeddings": False,
         "rope_parameters": hf_rope_parameters(cfg),
         "attn_config": {"kv_n_heads": cfg.n_kv_heads, "clip_qkv": cfg.clip_qkv, "attn_pdrop": 0.0,
-                        "rope_theta": cfg.rope_theta},  # transformers reads it here too,
+                        "rope_theta": cfg.rope_theta},  # transformers reads it here too
         "ffn_config": {"ffn_hidden_size": m.expert_hidden, "moe_num_experts": m.num_experts, "moe_top_k": m.top_k,
                        "moe_normalize_expert_weights": m.normalize_p if m.normalize_weights else None,
-                       "moe_loss_weight": m.aux_loss_coef, "ffn_act_fn": {"name": "silu"}},
+                       "moe_loss_weight": aux_loss_coef_hf(m), "ffn_act_fn": {"name": "silu"}},
     }

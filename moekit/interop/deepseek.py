@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from moekit.config import MoEConfig, ModelConfig
 from moekit.interop.keymap import HF_LAYER, LLAMA_GLOBAL, LLAMA_NORMS, KeyMap, Rule, swiglu_rules
-from moekit.interop.mixtral import _require
 from moekit.interop.rope import hf_rope_parameters, rope_settings
 
 ARCHITECTURES = ("DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM")
+LATENT_NORM_EPS = 1e-6  # transformers' q_a_layernorm / kv_a_layernorm ignore rms_norm_eps
 
 
 def model_config(hf: dict) -> ModelConfig:
@@ -15,6 +15,10 @@ def model_config(hf: dict) -> ModelConfig:
     if hf.get("hidden_act", "silu") != "silu":
         raise ValueError(f"hidden_act={hf['hidden_act']!r} is not supported (only 'silu')")
     d = hf["hidden_size"]
+    if hf.get("rms_norm_eps", LATENT_NORM_EPS) != LATENT_NORM_EPS:
+        raise ValueError(f"rms_norm_eps={hf['rms_norm_eps']!r} is not supported (only {LATENT_NORM_EPS}: "
+                         f"transformers normalises the MLA latents with eps {LATENT_NORM_EPS} whatever it says, moekit "
+                         "uses one eps for every norm)")
     if arch == "DeepseekV3ForCausalLM":
         if hf.get("scoring_func", "sigmoid") != "sigmoid":
             raise ValueError(f"scoring_func={hf['scoring_func']!r} is not supported for DeepSeek-V3 (only 'sigmoid')")
@@ -39,8 +43,9 @@ def model_config(hf: dict) -> ModelConfig:
         vocab_size=hf["vocab_size"], d_model=d, n_layers=hf["num_hidden_layers"], n_heads=hf["num_attention_heads"],
         max_seq_len=hf.get("max_position_embeddings", 4096), attention="mla", q_lora_rank=hf.get("q_lora_rank") or 0,
         kv_lora_rank=hf["kv_lora_rank"], qk_nope_head_dim=hf["qk_nope_head_dim"],
-        qk_rope_head_dim=hf["qk_rope_head_dim"], v_head_dim=hf["v_head_dim"], **rope_settings(hf, hf.get("max_position_embeddings", 4096)),
-        rope_interleave=bool(hf.get("rope_interleave", True)), norm_eps=hf.get("rms_norm_eps", 1e-6),
+        qk_rope_head_dim=hf["qk_rope_head_dim"], v_head_dim=hf["v_head_dim"],
+        **rope_settings(hf, hf.get("max_position_embeddings", 4096)),
+        rope_interleave=bool(hf.get("rope_interleave", True)), norm_eps=LATENT_NORM_EPS,
         tie_embeddings=hf.get("tie_word_embeddings", False), ffn_hidden=hf["intermediate_size"],
         first_k_dense=hf.get("first_k_dense_replace", 0), moe_every=moe_every, moe=moe)
 
@@ -65,15 +70,13 @@ KEYMAP = KeyMap(
 
 
 def v3_config(cfg: ModelConfig) -> dict:
-    """transformers' DeepseekV3Config for a moekit model it can express (ValueError otherwise)."""
+    """transformers' DeepseekV3Config for a moekit MoE model with MLA (a plain mapping:
+    :mod:`moekit.interop.expressible` refuses what does not read back through :func:`model_config`)."""
     m = cfg.moe
-    _require(cfg.attention == "mla" and cfg.norm == "rmsnorm" and m is not None and m.router == "sigmoid"
-             and m.activation == "swiglu" and not m.mlp_bias and not m.dense_hidden and not m.shared_expert_gate
-             and cfg.moe_every == 1 and cfg.rope_interleave and not cfg.sandwich_norm
-             and cfg.embedding_multiplier == 1 and cfg.logit_multiplier == 1 and not cfg.attn_logit_softcap,
-             "DeepSeek-V3: MLA, sigmoid routing, SwiGLU experts, interleaved rope")
-    _require(not m.shared_hidden or m.shared_hidden == m.num_shared_experts * m.expert_hidden,
-             "shared experts must have the routed experts' width")
+    if cfg.norm_eps != LATENT_NORM_EPS:
+        raise ValueError(f"ModelConfig.norm_eps={cfg.norm_eps!r} (transformers' DeepSeek-V3 normalises the MLA "
+                         f"latents with eps {LATENT_NORM_EPS} whatever rms_norm_eps says; moekit uses norm_eps for "
+                         "every norm)")
     return {
         "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.d_model, "intermediate_size": cfg.ffn_hidden or m.expert_hidden,

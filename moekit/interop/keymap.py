@@ -169,7 +169,8 @@ def swiglu_rules(target: str, source: str, experts: bool = False) -> list[Rule]:
     if experts:
         return [Rule(f"{target}.w_in", gate_up, experts=True),
                 Rule(f"{target}.w_out", [f"{source}.down_proj.weight"], experts=True)]
-    return [Rule(f"{target}.in_proj.weight", gate_up), Rule(f"{target}.down_proj.weight", [f"{source}.down_proj.weight"])]
+    return [Rule(f"{target}.in_proj.weight", gate_up),
+            Rule(f"{target}.down_proj.weight", [f"{source}.down_proj.weight"])]
 
 
 def load_with_keymap(model: torch.nn.Module, ckpt: SafetensorsDir, keymap: KeyMap, layer_is_moe: list[bool],
@@ -315,3 +316,21 @@ def export_with_keymap(model: torch.nn.Module, keymap: KeyMap, num_experts: int)
     if left:
         raise InteropError(f"these moekit tensors have no place in the target format: {left[:8]}")
     return out
+
+
+def unmapped_selection_bias(model: torch.nn.Module, keymap: KeyMap) -> str | None:
+    """Why an export would change the logits by dropping a router's aux-loss-free selection bias
+    (the family has no tensor for it and it is not zero); None when nothing is lost.
+
+    NOTE: the bias picks the experts, so dropping a non-zero one changes the routing. The load
+    counted since the last bias update (``load_since_update``) is training state and may go."""
+    n_layers = len(getattr(model, "layers", []))
+    mapped = {r.target.format(layer=i) for r in keymap.per_layer if isinstance(r, Rule) for i in range(n_layers)}
+    biased = {k: v for k, v in model.state_dict().items()
+              if k.endswith("router.expert_bias") and k not in mapped and v.any()}
+    if not biased:
+        return None
+    worst = max(v.abs().max().item() for v in biased.values())
+    return (f"expert_bias: {len(biased)} router(s) hold a non-zero aux-loss-free selection bias ({next(iter(biased))}, "
+            f"max |b| = {worst:.3g}) with no tensor for it in the target format (only DeepSeek-V3 has one, "
+            "e_score_correction_bias); it changes which experts are chosen")

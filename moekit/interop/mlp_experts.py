@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from moekit.config import MoEConfig, ModelConfig
 from moekit.interop.keymap import HF_LAYER, LLAMA_GLOBAL, LLAMA_NORMS, KeyMap, Rule, swiglu_rules
-from moekit.interop.mixtral import _require
+from moekit.interop.expressible import aux_loss_coef_hf
 from moekit.interop.rope import hf_rope_parameters, rope_settings
 
 ARCHITECTURES = ("Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "OlmoeForCausalLM")
@@ -27,6 +27,11 @@ def model_config(hf: dict) -> ModelConfig:
         raise ValueError("use_sliding_window=true is not supported")
     d = hf["hidden_size"]
     qwen = arch != "OlmoeForCausalLM"
+    head_dim = hf.get("head_dim")
+    if not qwen and head_dim not in (None, d // hf["num_attention_heads"]):
+        # transformers' OLMoE sizes its q/k norms by hidden_size whatever head_dim says
+        raise ValueError(f"head_dim={head_dim!r} is not supported for {arch} (only hidden_size / "
+                         f"num_attention_heads = {d // hf['num_attention_heads']})")
     shared = hf.get("shared_expert_intermediate_size", 0) if arch == "Qwen2MoeForCausalLM" else 0
     num_experts = hf["num_experts"] if "num_experts" in hf else hf["num_local_experts"]  # v4 / v5 config name
     moe = MoEConfig(d_model=d, num_experts=num_experts, top_k=hf["num_experts_per_tok"],
@@ -37,8 +42,9 @@ def model_config(hf: dict) -> ModelConfig:
                     shared_expert_gate=bool(shared))
     return ModelConfig(
         vocab_size=hf["vocab_size"], d_model=d, n_layers=hf["num_hidden_layers"], n_heads=hf["num_attention_heads"],
-        n_kv_heads=hf.get("num_key_value_heads"), head_dim=hf.get("head_dim"),
-        max_seq_len=hf.get("max_position_embeddings", 4096), **rope_settings(hf, hf.get("max_position_embeddings", 4096)),
+        n_kv_heads=hf.get("num_key_value_heads"), head_dim=head_dim,
+        max_seq_len=hf.get("max_position_embeddings", 4096),
+        **rope_settings(hf, hf.get("max_position_embeddings", 4096)),
         norm_eps=hf.get("rms_norm_eps", 1e-6), tie_embeddings=hf.get("tie_word_embeddings", False),
         qkv_bias=arch == "Qwen2MoeForCausalLM" or bool(hf.get("attention_bias", False)),
         qk_norm={"Qwen3MoeForCausalLM": "head", "OlmoeForCausalLM": "full"}.get(arch),
@@ -72,13 +78,9 @@ KEYMAP = KeyMap(
 
 
 def _common(cfg: ModelConfig, arch: str, model_type: str) -> dict:
+    """The fields the three families share (a plain mapping: :mod:`moekit.interop.expressible` refuses
+    what does not read back through :func:`model_config`)."""
     m = cfg.moe
-    _require(m is not None and cfg.attention == "gqa" and cfg.norm == "rmsnorm", "needs GQA, RMSNorm and MoE")
-    _require(not (cfg.clip_qkv or cfg.sandwich_norm or cfg.parallel_residual_mlp or cfg.attn_logit_softcap
-                  or cfg.rope_interleave or cfg.embedding_multiplier != 1 or cfg.logit_multiplier != 1),
-             "plain blocks only")
-    _require(m.router == "softmax_topk" and m.n_group == 1 and m.routed_scaling_factor == 1 and m.activation == "swiglu"
-             and not m.mlp_bias and not m.dense_hidden and m.softmax_order == "before", "softmax top-k, SwiGLU experts")
     return {
         "architectures": [arch], "model_type": model_type, "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
         "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads,
@@ -86,35 +88,34 @@ def _common(cfg: ModelConfig, arch: str, model_type: str) -> dict:
         "rope_parameters": hf_rope_parameters(cfg), "hidden_act": "silu",
         "tie_word_embeddings": cfg.tie_embeddings, "num_experts": m.num_experts, "num_local_experts": m.num_experts,
         "num_experts_per_tok": m.top_k, "norm_topk_prob": m.normalize_weights,
-        "router_aux_loss_coef": m.aux_loss_coef,
+        "router_aux_loss_coef": aux_loss_coef_hf(m),
     }
 
 
 def _qwen_layers(cfg: ModelConfig) -> dict:
-    return {"moe_intermediate_size": cfg.moe.expert_hidden, "intermediate_size": cfg.ffn_hidden or cfg.moe.expert_hidden,
+    return {"moe_intermediate_size": cfg.moe.expert_hidden,
+            "intermediate_size": cfg.ffn_hidden or cfg.moe.expert_hidden,
             "decoder_sparse_step": cfg.moe_every, "mlp_only_layers": list(range(cfg.first_k_dense)),
             "use_sliding_window": False}
 
 
 def qwen3_config(cfg: ModelConfig) -> dict:
-    _require(cfg.qk_norm == "head" and not cfg.qkv_bias and not (cfg.moe and cfg.moe.shared_hidden),
-             "Qwen3-MoE: per-head QK norm, no qkv bias, no shared experts")
     return {**_common(cfg, "Qwen3MoeForCausalLM", "qwen3_moe"), **_qwen_layers(cfg), "attention_bias": False}
 
 
 def qwen2_config(cfg: ModelConfig) -> dict:
-    m = cfg.moe
-    _require(cfg.qk_norm is None and cfg.qkv_bias and m is not None and m.num_shared_experts == 1
-             and m.shared_expert_gate, "Qwen2-MoE: qkv bias, one gated shared expert")
+    if not cfg.moe.shared_hidden:
+        raise ValueError(f"MoEConfig.num_shared_experts={cfg.moe.num_shared_experts} (Qwen2-MoE always runs a gated "
+                         "shared expert; Qwen3-MoE and OLMoE have none)")
     return {**_common(cfg, "Qwen2MoeForCausalLM", "qwen2_moe"), **_qwen_layers(cfg),
-            "shared_expert_intermediate_size": m.shared_hidden, "qkv_bias": True}
+            "shared_expert_intermediate_size": cfg.moe.shared_hidden, "qkv_bias": True}
 
 
 def olmoe_config(cfg: ModelConfig) -> dict:
-    _require(cfg.qk_norm == "full" and not cfg.qkv_bias and cfg.first_k_dense == 0 and cfg.moe_every == 1
-             and not (cfg.moe and cfg.moe.shared_hidden), "OLMoE: full-width QK norm, every layer MoE, no shared")
-    return {**_common(cfg, "OlmoeForCausalLM", "olmoe"), "intermediate_size": cfg.moe.expert_hidden,
-            "clip_qkv": None, "attention_bias": False}
+    hf = {**_common(cfg, "OlmoeForCausalLM", "olmoe"), "intermediate_size": cfg.moe.expert_hidden,
+          "clip_qkv": None, "attention_bias": False}
+    del hf["head_dim"]  # OLMoE's q/k norms span hidden_size: its head_dim is hidden_size / heads
+    return hf
 
 
 EXPORT = {"Qwen3MoeForCausalLM": qwen3_config, "Qwen2MoeForCausalLM": qwen2_config, "OlmoeForCausalLM": olmoe_config}

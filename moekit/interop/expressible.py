@@ -1,0 +1,175 @@
+"""What a Hugging Face family can express, checked field by field.
+
+An export must reproduce the model's logits in transformers or be refused by name. The check is
+one walk over every field of :class:`ModelConfig` and :class:`MoEConfig`: the family's exporter
+writes its config, the family's own importer reads it back, and each field must come back equal,
+or be one of the fields listed in ``MODEL_FIELDS`` / ``MOE_FIELDS`` under a condition that says why
+a different value leaves the eval forward unchanged (training-only settings, equivalent spellings).
+A field nobody listed is compared strictly, so a new field that a family cannot carry is refused
+rather than dropped. The parity tests in tests/test_export.py check that whatever passes matches
+transformers.
+
+The fields that differ but are harmless form the *delta*, written under config.json's ``"moekit"``
+key (transformers keeps unknown keys and ignores them) and applied again by ``from_pretrained``, so
+moekit -> HF -> moekit restores the same ModelConfig exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+from moekit.config import MoEConfig, ModelConfig
+
+Harmless = Callable[[ModelConfig, ModelConfig], bool]
+
+
+def _always(a: ModelConfig, b: ModelConfig) -> bool:
+    """Does not enter the eval forward (a training setting or an initialisation)."""
+    return True
+
+
+def _has_dense(cfg: ModelConfig) -> bool:
+    return cfg.moe is None or cfg.parallel_residual_mlp or any(not cfg.is_moe_layer(i) for i in range(cfg.n_layers))
+
+
+def _no_dense_ffn(a: ModelConfig, b: ModelConfig) -> bool:
+    """The dense FFN's width and activation matter only where a layer has a dense FFN."""
+    return not _has_dense(a) and not _has_dense(b)
+
+
+def _same_moe_layers(a: ModelConfig, b: ModelConfig) -> bool:
+    """moe_every and first_k_dense only decide which layers are MoE."""
+    return a.n_layers == b.n_layers and all(a.is_moe_layer(i) == b.is_moe_layer(i) for i in range(a.n_layers))
+
+
+def _both(attention: str) -> Harmless:
+    def unused(a: ModelConfig, b: ModelConfig) -> bool:
+        return a.attention == b.attention == attention
+    unused.__doc__ = f"unused by attention={attention!r}"
+    return unused
+
+
+def _dropless_in_eval(a: ModelConfig, b: ModelConfig) -> bool:
+    """Capacity settings act in eval only when they give a capacity there (then they are refused)."""
+    return a.moe.capacity(1, training=False) is None and b.moe.capacity(1, training=False) is None
+
+
+def _renormalised_by_sum(a: ModelConfig, b: ModelConfig) -> bool:
+    """A softmax over the chosen logits equals the softmax over all, renormalised over the chosen."""
+    return all(m.normalize_weights and m.normalize_p == 1 and m.router == "softmax_topk" for m in (a.moe, b.moe))
+
+
+def _same_shared_width(a: ModelConfig, b: ModelConfig) -> bool:
+    """The shared experts run as one MLP of width shared_hidden: only the total matters."""
+    return a.moe.shared_hidden == b.moe.shared_hidden
+
+
+def _no_groups(a: ModelConfig, b: ModelConfig) -> bool:
+    return a.moe.n_group == b.moe.n_group == 1
+
+
+# Fields whose value may differ from what the family reads back, and when that is harmless. Every
+# other field is part of the forward and must read back equal.
+MODEL_FIELDS: dict[str, Harmless] = {
+    "init_std": _always,
+    "ffn_hidden": _no_dense_ffn,
+    "activation": _no_dense_ffn,
+    "moe_every": _same_moe_layers,
+    "first_k_dense": _same_moe_layers,
+    **{f: _both("mla") for f in ("n_kv_heads", "head_dim", "qkv_bias")},
+    **{f: _both("gqa") for f in ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")},
+}
+MOE_FIELDS: dict[str, Harmless] = {
+    **{f: _always for f in ("aux_loss_coef", "lb_convention", "z_loss_coef", "seq_aux_loss_coef", "bias_update_rate",
+                            "router_jitter", "expert_impl", "init_std")},
+    **{f: _dropless_in_eval for f in ("capacity_factor", "eval_capacity_factor", "drop_policy")},
+    "softmax_order": _renormalised_by_sum,
+    "num_shared_experts": _same_shared_width,
+    "shared_expert_hidden": _same_shared_width,
+    "group_score": _no_groups,
+    "topk_group": _no_groups,
+}
+
+# Why a value cannot be expressed, where "it reads back as X" is not explanation enough.
+_REASONS = {
+    "capacity_factor": "transformers' MoE layers are dropless, and eval_capacity_factor={ecf!r} keeps this capacity "
+                       "in eval, where it drops assignments; eval_capacity_factor=None keeps it for training only",
+    "eval_capacity_factor": "transformers' MoE layers are dropless; a capacity in eval drops assignments",
+    "normalize_p": "only DBRX renormalises by a p-norm other than 1 (moe_normalize_expert_weights); {arch} "
+                   "divides by the sum",
+    "routed_scaling_factor": "{arch} does not scale the routed weights (only DeepSeek-V3 has routed_scaling_factor)",
+    "router": "{arch} routes with router={back!r}",
+    "moe": "{arch} is a Mixture-of-Experts family",
+}
+
+
+def aux_loss_coef_hf(m: MoEConfig) -> float:
+    """The balance coefficient for transformers, whose loss is moekit's ``hf_compat`` term (balance
+    gives K): the ``standard`` term (balance gives 1) is that divided by top_k, so coefficient a
+    on it is a / K on transformers' term, the same loss value."""
+    return m.aux_loss_coef if m.lb_convention == "hf_compat" else m.aux_loss_coef / m.top_k
+
+
+def _reason(field: str, cfg: ModelConfig, arch: str, back: Any) -> str:
+    text = _REASONS.get(field)
+    if text is None:
+        return f"{arch} has no such setting: written and read back it is {back!r}"
+    return text.format(arch=arch, back=back, ecf=cfg.moe.eval_capacity_factor if cfg.moe else None)
+
+
+def compare(cfg: ModelConfig, back: ModelConfig, arch: str) -> tuple[dict[str, Any], list[str]]:
+    """(delta, refusals) between a model's config and what ``arch`` reads back after exporting it.
+
+    delta: the fields that differ harmlessly ({"moe": {...}} for MoEConfig's); refusals: one
+    "Owner.field=value (why)" for every field that changes the forward."""
+    delta: dict[str, Any] = {}
+    refused: list[str] = []
+    for f in dataclasses.fields(ModelConfig):
+        if f.name == "moe":
+            continue
+        mine, theirs = getattr(cfg, f.name), getattr(back, f.name)
+        if mine == theirs:
+            continue
+        if f.name in MODEL_FIELDS and MODEL_FIELDS[f.name](cfg, back):
+            delta[f.name] = mine
+        else:
+            refused.append(f"ModelConfig.{f.name}={mine!r} ({_reason(f.name, cfg, arch, theirs)})")
+    if cfg.moe is None or back.moe is None:
+        if cfg.moe is not back.moe:
+            refused.append(f"ModelConfig.moe={None if cfg.moe is None else 'MoEConfig(...)'} "
+                           f"({_reason('moe', cfg, arch, back.moe)})")
+        return delta, refused
+    moe_delta = {}
+    for f in dataclasses.fields(MoEConfig):
+        mine, theirs = getattr(cfg.moe, f.name), getattr(back.moe, f.name)
+        if mine == theirs:
+            continue
+        if f.name in MOE_FIELDS and MOE_FIELDS[f.name](cfg, back):
+            moe_delta[f.name] = mine
+        else:
+            refused.append(f"MoEConfig.{f.name}={mine!r} ({_reason(f.name, cfg, arch, theirs)})")
+    if moe_delta:
+        delta["moe"] = moe_delta
+    return delta, refused
+
+
+def apply_delta(cfg: ModelConfig, delta: dict[str, Any]) -> ModelConfig:
+    """``cfg`` with the fields of a delta from :func:`compare` (as read from JSON) put back.
+
+    Raises ValueError naming an unknown field or a value the config rejects."""
+    if not isinstance(delta, dict):
+        raise ValueError(f"expected a mapping of ModelConfig fields, got {type(delta).__name__}")
+    delta = dict(delta)
+    moe = delta.pop("moe", None)
+    if moe is not None:
+        if cfg.moe is None or not isinstance(moe, dict):
+            raise ValueError(f"'moe': {moe!r} does not apply to a model without MoE layers")
+        known = {f.name for f in dataclasses.fields(MoEConfig)}
+        if set(moe) - known:
+            raise ValueError(f"unknown MoEConfig field(s) {sorted(set(moe) - known)}")
+        delta["moe"] = cfg.moe.replace(**moe)
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    if set(delta) - known:
+        raise ValueError(f"unknown ModelConfig field(s) {sorted(set(delta) - known)}")
+    return cfg.replace(**delta)
