@@ -6,6 +6,7 @@ preallocated KV cache.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -44,12 +45,35 @@ def sample(logits_BV: torch.Tensor, temperature: float, top_k: int | None, top_p
 def _check(max_new_tokens, temperature, top_k, top_p):
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens={max_new_tokens!r} is invalid: expected an int >= 0")
-    if temperature < 0:
-        raise ValueError(f"temperature={temperature!r} is invalid: expected >= 0 (0 = greedy)")
-    if top_k is not None and top_k < 1:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0 \
+            or not math.isfinite(temperature):
+        raise ValueError(f"temperature={temperature!r} is invalid: expected a finite number >= 0 (0 = greedy)")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k={top_k!r} is invalid: expected an int >= 1")
-    if top_p is not None and not 0 < top_p <= 1:
+    if top_p is not None and not 0 < top_p <= 1:  # NaN fails too
         raise ValueError(f"top_p={top_p!r} is invalid: expected 0 < top_p <= 1")
+
+
+def _prompt_rows(prompts) -> list[list[int]]:
+    """Prompts as lists of ids: a batch (a list of lists, or a [B, L] tensor), or one prompt (a flat
+    list of ids as a tokenizer returns it, or a 1-D tensor)."""
+    if torch.is_tensor(prompts):
+        if prompts.dim() not in (1, 2) or prompts.is_floating_point():
+            raise ValueError(f"prompts as a tensor must hold integer ids of shape [L] or [B, L], got "
+                             f"{prompts.dtype} {tuple(prompts.shape)}")
+        prompts = prompts.tolist()
+    if isinstance(prompts, (str, bytes)):
+        raise TypeError("prompts are token ids: encode the text with the model's tokenizer first")
+    prompts = list(prompts)
+    if prompts and all(isinstance(t, int) or (torch.is_tensor(t) and t.dim() == 0) for t in prompts):
+        prompts = [prompts]  # one prompt
+    rows = []
+    for p in prompts:
+        if isinstance(p, (str, bytes)) or not hasattr(p, "__iter__"):
+            raise TypeError(f"prompts must be a list of token-id lists (or one list of ids), got an element "
+                            f"{p!r}")
+        rows.append([int(t) for t in p])
+    return rows
 
 
 def static_forward(model: MoETransformer, ids_BS: torch.Tensor, positions_BS: torch.Tensor, valid_BL: torch.Tensor,
@@ -191,7 +215,7 @@ def generate(model: MoETransformer, prompts: Sequence[Sequence[int]] | torch.Ten
     compiler inductor uses on a CPU.
     """
     _check(max_new_tokens, temperature, top_k, top_p)
-    rows = [list(map(int, p)) for p in (prompts.tolist() if torch.is_tensor(prompts) else prompts)]
+    rows = _prompt_rows(prompts)
     if not rows or any(len(r) == 0 for r in rows):
         raise ValueError("every prompt needs at least one token")
     B, L = len(rows), max(len(r) for r in rows)

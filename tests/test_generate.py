@@ -163,3 +163,47 @@ def test_row_product_decomposition_matches_mm():
     bias = torch.randn(24, dtype=torch.float64)
     torch.testing.assert_close(addmm(bias, a, w.t()), torch.addmm(bias, a, w.t()))
     assert addmm(bias, a, w.t(), beta=2) is NotImplemented
+
+
+def test_cli_prints_no_stop_token(tmp_path, monkeypatch, capsys):
+    """The stop token ends the text; it is not printed (streamed or in --json's text)."""
+    import json
+
+    from moekit import checkpoint as ckpt_io
+    import sys
+
+    from moekit.cli import main
+    from moekit.tokenizer import train_bpe
+
+    tok = train_bpe(["hello world " * 50], 300)
+    model = MoETransformer(miniature("tiny").replace(vocab_size=tok.vocab_size))
+    ckpt_io.save_checkpoint(tmp_path / "run", 1, model, model.cfg, tok)
+    ids = tok.encode("hi") + [tok.eot_id]
+    gen_module = sys.modules["moekit.generate"]  # the module (moekit.generate is also the function)
+
+    def fake_generate(model, prompts, max_new_tokens, on_token=None, stop_tokens=(), **kw):
+        assert list(stop_tokens) == [tok.eot_id]
+        for t in ids:
+            if on_token is not None:
+                on_token([t])
+        return gen_module.GenerateResult([ids], [True])
+
+    monkeypatch.setattr(gen_module, "generate", fake_generate)
+    assert main(["generate", "--model", str(tmp_path / "run"), "--prompt", "x"]) == 0
+    assert capsys.readouterr().out == "hi\n"
+    assert main(["generate", "--model", str(tmp_path / "run"), "--prompt", "x", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["text"] == "hi" and out["stopped"] is True and out["ids"] == ids
+
+
+def test_one_flat_prompt_and_bad_sampling_arguments():
+    model = _model("tiny")
+    prompt = [1, 2, 3]
+    assert generate(model, prompt, 3).tokens == generate(model, [prompt], 3).tokens
+    assert generate(model, torch.tensor(prompt), 3).tokens == generate(model, [prompt], 3).tokens
+    for kw, named in ((dict(temperature=float("nan")), "temperature"), (dict(temperature=float("inf")), "temperature"),
+                      (dict(top_p=float("nan")), "top_p"), (dict(top_k=1.5), "top_k")):
+        with pytest.raises(ValueError, match=named):
+            generate(model, prompt, 2, **kw)
+    with pytest.raises(TypeError, match="token ids"):
+        generate(model, "hello", 2)
