@@ -117,3 +117,26 @@ def test_resume_of_a_run_stopped_before_its_first_checkpoint_starts_it_again(tmp
     assert res.returncode == 0, res.stderr
     assert "no checkpoint yet; starting it again from step 0" in res.stderr
     assert json.loads(res.stdout)["step"] == 3
+
+
+def test_ctrl_c_during_an_evaluation_ends_it_at_the_next_batch(tmp_path, corpus_dir, monkeypatch):
+    """A stop asked in the middle of a long evaluation does not wait for the rest of it."""
+    from moekit.train import loop
+
+    batches = []
+    real_batches = loop.eval_batches
+
+    def counted(*args):
+        for i, batch in enumerate(real_batches(*args)):
+            batches.append(i)
+            if i == 1:
+                os.kill(os.getpid(), signal.SIGINT)
+            yield batch
+
+    monkeypatch.setattr(loop, "eval_batches", counted)
+    cfg = tiny_cfg(tmp_path / "run", corpus_dir, steps=50, eval_every=2, save_every=1000, eval_tokens=4096,
+                   batch_size=2)
+    result = train(cfg, progress=False)
+    assert result.interrupted and result.step == 2 and result.val_step is None and result.exit_code == 130
+    assert batches == [0, 1]  # the stop came as batch 1 was drawn: it never ran, of 64 windows due
+    ckpt_io.verify(ckpt_io.latest_checkpoint(tmp_path / "run"))

@@ -302,8 +302,10 @@ class TrainResult:
 
 @torch.no_grad()
 def evaluate(model: MoETransformer, tokens, batch_size: int, seq_len: int, max_tokens: int,
-             autocast_dtype: torch.dtype | None = None, dims: ParallelDims | None = None) -> dict[str, float]:
-    """Mean cross-entropy over fixed validation windows (eval mode: no noise, eval capacity).
+             autocast_dtype: torch.dtype | None = None, dims: ParallelDims | None = None,
+             should_stop: Callable[[], bool] | None = None) -> dict[str, float] | None:
+    """Mean cross-entropy over fixed validation windows (eval mode: no noise, eval capacity); None
+    when ``should_stop()`` turns true between two batches (a Ctrl-C: the run's stop need not wait).
 
     Under torch.distributed (``dims``) every rank takes an equal share of each window batch (the
     whole batch when it does not divide) and the sums are all-reduced: the same figure as one process.
@@ -317,6 +319,9 @@ def evaluate(model: MoETransformer, tokens, batch_size: int, seq_len: int, max_t
     world, rank = (dims.world, dims.rank) if dims is not None and dims.distributed else (1, 0)
     total, count = 0.0, 0
     for x, y in eval_batches(tokens, batch_size, seq_len, max_tokens):
+        if should_stop is not None and should_stop():
+            model.train(was_training)
+            return None
         share = x.shape[0] % world == 0
         if share:
             rows = slice(rank * x.shape[0] // world, (rank + 1) * x.shape[0] // world)
@@ -579,11 +584,13 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progr
                           "flops": fpt * tokens_seen, "tokens_per_s": cfg.tokens_per_step / dt, "elapsed_s": elapsed,
                           "grad_norm": grad_norm.item(), "skipped_nonfinite": skipped, **layer_metrics(outs)}
             if evaluating:
-                ev = evaluate(model, data.val, cfg.batch_size, cfg.seq_len, cfg.eval_tokens, autocast_dtype, dims)
-                last_val, last_val_step = ev["loss"], done
-                record["val_loss"] = ev["loss"]
-                if on_eval and main:
-                    on_eval(record)
+                ev = evaluate(model, data.val, cfg.batch_size, cfg.seq_len, cfg.eval_tokens, autocast_dtype, dims,
+                              should_stop=lambda: stop.signal is not None)
+                if ev is not None:
+                    last_val, last_val_step = ev["loss"], done
+                    record["val_loss"] = ev["loss"]
+                    if on_eval and main:
+                        on_eval(record)
             if record is not None and metrics is not None:
                 metrics.append(record)
             if bar is not None:
