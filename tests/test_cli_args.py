@@ -80,3 +80,22 @@ def test_number_bounds():
         with pytest.raises(argparse.ArgumentTypeError, match=r"expected a finite number > 0 and <= 1"):
             unit(bad)
     assert argtypes.number(0)("0") == 0.0
+
+
+@pytest.mark.parametrize("field,value,named", [
+    ("weight_decay", float("nan"), "--weight-decay=nan is invalid: expected a finite number >= 0"),
+    ("grad_clip", float("inf"), "--grad-clip=inf is invalid"), ("seed", -1, "--seed=-1 is invalid"),
+    ("warmup", 11, "--warmup=11 is invalid: expected at most --steps=10"), ("lr", float("nan"), "--lr=nan")])
+def test_train_config_names_the_flag(field, value, named):
+    """The Python API refuses what the command line refuses, naming the same flag."""
+    from moekit.train import TrainConfig
+
+    with pytest.raises(ValueError, match=re.escape(named)):
+        TrainConfig(preset="tiny", steps=10, **{field: value})
+
+
+def test_default_warmup_fits_the_run():
+    from moekit.train import TrainConfig
+
+    assert [TrainConfig(preset="tiny", steps=s).warmup for s in (1, 10, 200, 600, 5000)] == [0, 1, 20, 50, 50]
+    assert TrainConfig(preset="tiny", steps=10, warmup=10).warmup == 10
