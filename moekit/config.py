@@ -13,6 +13,7 @@ import math
 import re
 import types
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
@@ -67,7 +68,17 @@ def _type_members(hint: Any) -> tuple:
     return (hint,)
 
 
+def _item_type(kind: Any) -> Any:
+    """``tuple[int, ...]`` -> int; None for any other type."""
+    args = typing.get_args(kind)
+    if typing.get_origin(kind) is tuple and len(args) == 2 and args[1] is Ellipsis:
+        return args[0]
+    return None
+
+
 def _matches(value: Any, kind: type) -> bool:
+    if _item_type(kind) is not None:
+        return isinstance(value, tuple) and all(_matches(v, _item_type(kind)) for v in value)
     if kind is type(None):
         return value is None
     if kind is bool:
@@ -82,7 +93,20 @@ def _matches(value: Any, kind: type) -> bool:
 def _type_name(hint: Any) -> str:
     names = {bool: "a bool (true/false)", int: "an int", float: "a number", str: "a string", dict: "a mapping",
              type(None): "None"}
-    return " or ".join(names.get(k, k.__name__) for k in _type_members(hint))
+    def name(kind: Any) -> str:
+        if _item_type(kind) is not None:  # a tuple field is written as a JSON array
+            return f"a list of {names[_item_type(kind)].removeprefix('an ').removeprefix('a ')}s"
+        return names.get(kind, kind.__name__)
+    return " or ".join(name(k) for k in _type_members(hint))
+
+
+def tuples_from_lists(obj: Any) -> None:
+    """A list given for a ``tuple[...]`` field (JSON has no tuples) becomes a tuple, so a config read
+    back from JSON equals the one written."""
+    for name, hint in _field_hints(type(obj)).items():
+        value = getattr(obj, name)
+        if isinstance(value, list) and any(_item_type(k) is not None for k in _type_members(hint)):
+            object.__setattr__(obj, name, tuple(value))
 
 
 def check_field_types(obj: Any) -> None:
@@ -105,8 +129,10 @@ def parse_field(cls: type, name: str, raw: str) -> Any:
 
     None / null (any case) for an optional field; true/false/yes/no/on/off/1/0 for a bool; an int;
     a number (``1e-3``, ``inf`` and ``nan`` too: the config's own validation judges them); a JSON
-    object for a mapping or a nested config; anything else of a string field as it is (JSON quotes
-    stripped). Text that fits none of the field's types raises ValueError naming the field."""
+    object for a mapping or a nested config; a JSON array for a tuple field, returned as a list (as
+    JSON reads it back from a saved run: the config makes it a tuple); anything else of a string
+    field as it is (JSON quotes stripped). Text that fits none of the field's types raises
+    ValueError naming the field."""
     hints = _field_hints(cls)
     if name not in hints:
         raise ValueError(f"{cls.__name__} has no field {name!r}; known fields: {sorted(hints)}")
@@ -130,6 +156,13 @@ def parse_field(cls: type, name: str, raw: str) -> Any:
             except json.JSONDecodeError:
                 continue
             if isinstance(value, dict):
+                return value
+        if _item_type(kind) is not None:
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(value, list) and _matches(tuple(value), kind):
                 return value
     if str in members:
         if len(text) >= 2 and text[0] == text[-1] == '"':
@@ -380,6 +413,28 @@ def _check_choice_m(field: str, value: Any, allowed: tuple) -> None:
     _check_choice(field, value, allowed, "ModelConfig")
 
 
+def moe_layer_indices(n_layers: int, *, start: int = 0, stop: int | None = None, every: int = 1,
+                      dense: Iterable[int] = ()) -> tuple[int, ...]:
+    """The MoE layers of a layout rule, for ``ModelConfig.moe_layers``: layer i is MoE when
+    ``start <= i < stop`` (None: n_layers), ``(i + 1) % every == 0`` and i is not in ``dense``.
+
+    The open checkpoints' rules in these terms:
+        DeepSeek ``first_k_dense_replace=k``                          start=k
+        Llama 4 ``interleave_moe_layer_step=n``, GLaM, Switch (n=2)   every=n
+        Qwen2/3-MoE ``decoder_sparse_step=n``, ``mlp_only_layers=L``  every=n, dense=L
+        ERNIE 4.5 ``moe_layer_start_index=s``, ``moe_layer_end_index=e`` (inclusive),
+        ``moe_layer_interval=n``                                      start=s, stop=e + 1 (None for
+                                                                      e = -1, the last layer), every=n
+    """
+    for name, value, minimum in (("n_layers", n_layers, 1), ("start", start, 0), ("every", every, 1)):
+        _check_int(name, value, minimum, "moe_layer_indices")
+    if stop is not None:
+        _check_int("stop", stop, 0, "moe_layer_indices")
+    dense = set(dense)
+    return tuple(i for i in range(start, n_layers if stop is None else min(stop, n_layers))
+                 if (i + 1) % every == 0 and i not in dense)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """A decoder-only language model whose FFNs are MoE or dense layer by layer.
@@ -388,9 +443,12 @@ class ModelConfig:
     (DeepSeek-V2 Multi-head Latent Attention: queries through a ``q_lora_rank`` bottleneck (0 = none),
     keys and values from a shared ``kv_lora_rank`` latent, ``qk_rope_head_dim`` decoupled rotary dims
     carried by one shared key head).
-    FFNs: layer i is MoE when ``moe`` is set, i >= ``first_k_dense`` and (i + 1) % ``moe_every`` == 0
-    (GLaM and Switch: every other layer; DeepSeek: the first k layers dense); every other layer is a
-    dense FFN of width ``ffn_hidden``. With ``moe=None`` the model is a plain dense transformer.
+    FFNs: with ``moe`` set, the layers listed in ``moe_layers`` are MoE, any layout (a JSON list in
+    a saved config; :func:`moe_layer_indices` builds it from ranges and strides); with
+    ``moe_layers=None`` (the default) layer i is MoE when i >= ``first_k_dense`` and
+    (i + 1) % ``moe_every`` == 0 (GLaM and Switch: every other layer; DeepSeek: the first k layers
+    dense). Every other layer is a dense FFN of width ``ffn_hidden``. With ``moe=None`` the model is
+    a plain dense transformer.
     ``parallel_residual_mlp`` (Arctic): the MoE reads the layer input in parallel with attention and
     a dense residual MLP of width ``ffn_hidden`` reads the post-attention stream; the two are summed.
     ``clip_qkv`` (DBRX): q, k and v projections clamped to [-c, c].
@@ -431,6 +489,7 @@ class ModelConfig:
     moe: MoEConfig | None = None
     moe_every: int = 1
     first_k_dense: int = 0
+    moe_layers: tuple[int, ...] | None = None
     parallel_residual_mlp: bool = False
     sandwich_norm: bool = False
     # embeddings and output
@@ -441,6 +500,7 @@ class ModelConfig:
     init_std: float = 0.02
 
     def __post_init__(self) -> None:
+        tuples_from_lists(self)
         check_field_types(self)
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
             _mcheck_int(name, getattr(self, name), 1)
@@ -478,6 +538,7 @@ class ModelConfig:
         _mcheck_int("first_k_dense", self.first_k_dense, 0)
         if self.first_k_dense > self.n_layers:
             raise _mbad("first_k_dense", self.first_k_dense, f"expected <= n_layers={self.n_layers}")
+        self._check_moe_layers()
         if self.moe is not None:
             if not isinstance(self.moe, MoEConfig):
                 raise _mbad("moe", type(self.moe).__name__, "expected a MoEConfig or None")
@@ -506,6 +567,26 @@ class ModelConfig:
             raise _mbad("attn_logit_softcap", cap, "expected 0 (off) or a finite number >= 1.2e-38 (fp32's smallest "
                         "normal number)")
 
+    def _check_moe_layers(self) -> None:
+        layers = self.moe_layers
+        if layers is None:
+            return
+        if self.moe is None:
+            raise _mbad("moe_layers", layers, "a dense model (moe=None) has no MoE layers; expected None")
+        if not layers:
+            raise _mbad("moe_layers", layers, "expected at least one MoE layer (moe=None makes every FFN dense)")
+        outside = [i for i in layers if not 0 <= i < self.n_layers]
+        if outside:
+            raise _mbad("moe_layers", layers, f"layer indices lie in 0 .. n_layers - 1 = {self.n_layers - 1}; "
+                        f"{outside} do not")
+        twice = sorted({i for i in layers if layers.count(i) > 1})
+        if twice:
+            raise _mbad("moe_layers", layers, f"lists layer(s) {twice} more than once")
+        if self.first_k_dense != 0 or self.moe_every != 1:
+            raise _mbad("moe_layers", layers, f"it lists the MoE layers itself, so first_k_dense={self.first_k_dense} "
+                        f"and moe_every={self.moe_every} must keep their defaults 0 and 1")
+        object.__setattr__(self, "moe_layers", tuple(sorted(layers)))  # a set of layers: one spelling
+
     def _check_rope_scaling(self) -> None:
         from moekit.nn.rope import SCALING_KEYS
 
@@ -529,7 +610,16 @@ class ModelConfig:
 
     # ---- derived -----------------------------------------------------------------------------
     def is_moe_layer(self, i: int) -> bool:
-        return self.moe is not None and i >= self.first_k_dense and (i + 1) % self.moe_every == 0
+        if self.moe is None:
+            return False
+        if self.moe_layers is not None:
+            return i in self.moe_layers
+        return i >= self.first_k_dense and (i + 1) % self.moe_every == 0
+
+    @property
+    def moe_layer_ids(self) -> tuple[int, ...]:
+        """The indices of the MoE layers, whichever fields say so."""
+        return tuple(i for i in range(self.n_layers) if self.is_moe_layer(i))
 
     @property
     def qk_head_dim(self) -> int:
@@ -539,7 +629,9 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)  # the nested MoEConfig becomes a dict too
+        """The fields as JSON holds them: the nested MoEConfig a dict, tuples lists."""
+        out = dataclasses.asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
@@ -590,7 +682,8 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 
 def apply_overrides(base: ModelConfig, overrides: dict[str, Any] | None) -> ModelConfig:
     """``base`` with ModelConfig fields replaced. ``{"moe": {...}}`` replaces fields of the base's
-    MoEConfig (or builds one from them when the base is dense); ``{"moe": None}`` makes every FFN dense."""
+    MoEConfig (or builds one from them when the base is dense); ``{"moe": None}`` makes every FFN dense
+    (and drops the base's ``moe_layers``)."""
     overrides = dict(overrides or {})
     unknown = sorted(set(overrides) - set(ModelConfig.__dataclass_fields__))
     if unknown:
@@ -609,4 +702,6 @@ def apply_overrides(base: ModelConfig, overrides: dict[str, Any] | None) -> Mode
         elif moe is not None and not isinstance(moe, MoEConfig):
             raise _mbad("moe", moe, "expected None (every FFN dense), a MoEConfig or a mapping of its fields")
         overrides["moe"] = moe
+        if moe is None:
+            overrides.setdefault("moe_layers", None)
     return base.replace(**overrides)

@@ -180,7 +180,8 @@ def miniature(cfg: ModelConfig | str, d_model: int = 64, n_heads: int = 4, max_e
 
     Widths shrink to ``d_model``; expert counts are capped at ``max_experts`` (groups shrink with
     them: the group count is kept when it still leaves two experts a group, else routing becomes
-    ungrouped); the layer count keeps the dense prefix and two MoE layers.
+    ungrouped); the layer count keeps the dense prefix and two MoE layers (with ``moe_layers``: the
+    layers up to the second MoE layer).
     """
     cfg = get_preset(cfg) if isinstance(cfg, str) else cfg
     head_dim = d_model // n_heads
@@ -190,6 +191,9 @@ def miniature(cfg: ModelConfig | str, d_model: int = 64, n_heads: int = 4, max_e
         head_dim=head_dim, max_seq_len=min(cfg.max_seq_len, 256), ffn_hidden=4 * d_model if cfg.ffn_hidden else 0,
         n_layers=min(cfg.n_layers, cfg.first_k_dense + 2 * cfg.moe_every),
     )
+    if cfg.moe_layers is not None:  # up to and including the second MoE layer
+        kept = cfg.moe_layers[:2]
+        changes.update(n_layers=kept[-1] + 1, moe_layers=kept)
     if cfg.attention == "mla":
         changes.update(q_lora_rank=d_model // 2 if cfg.q_lora_rank else 0, kv_lora_rank=d_model // 4,
                        qk_nope_head_dim=head_dim // 2, qk_rope_head_dim=head_dim // 2, v_head_dim=head_dim // 2)

@@ -151,6 +151,11 @@ PERTURBATIONS = [
     ("ModelConfig.moe_every", "2", model(moe_every=2, ffn_hidden=24)),
     ("ModelConfig.first_k_dense", "1", model(first_k_dense=1, ffn_hidden=24)),
     ("ModelConfig.first_k_dense", "0", model(first_k_dense=0)),
+    # a layout no shortcut spells (layer 1 dense between MoE layers), and a dense prefix spelt as a list
+    ("ModelConfig.moe_layers", "not-a-prefix", lambda c: model(moe_layers=(0, *range(2, c.n_layers)), first_k_dense=0,
+                                                               moe_every=1, ffn_hidden=c.ffn_hidden or 24)(c)),
+    ("ModelConfig.moe_layers", "prefix", lambda c: model(moe_layers=tuple(range(1, c.n_layers)), first_k_dense=0,
+                                                         moe_every=1, ffn_hidden=c.ffn_hidden or 24)(c)),
     ("ModelConfig.parallel_residual_mlp", "true", lambda c: model(parallel_residual_mlp=True,
                                                                   ffn_hidden=c.ffn_hidden or 24)(c)),
     ("ModelConfig.sandwich_norm", "true", model(sandwich_norm=True)),

@@ -64,6 +64,9 @@ FAMILIES["deepseek-v3-yarn"] = (*FAMILIES["deepseek-v3"][:2], {
     **FAMILIES["deepseek-v3"][2], "rope_scaling": None,
     "rope_parameters": {**YARN, "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 0.8}})
 FAMILIES["qwen3-moe-yarn"] = (*FAMILIES["qwen3-moe"][:2], {**FAMILIES["qwen3-moe"][2], "rope_parameters": YARN})
+# a dense layer between MoE layers (not a prefix): moekit lists the MoE layers (ModelConfig.moe_layers)
+FAMILIES["qwen2-moe-mlp-only-1"] = (*FAMILIES["qwen2-moe"][:2], {**FAMILIES["qwen2-moe"][2], "decoder_sparse_step": 1,
+                                                                 "mlp_only_layers": [1]})
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

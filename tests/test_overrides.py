@@ -15,7 +15,7 @@ from moekit.presets import get_preset
 TINY = get_preset("tiny")
 MOE_EXAMPLE = TINY.moe.replace(capacity_factor=1.25, eval_capacity_factor=2.0, shared_expert_hidden=32,
                                num_shared_experts=1, shared_expert_gate=True, group_score="top2_sum")
-MODEL_EXAMPLE = TINY.replace(qk_norm="head", rope_scaling={"type": "linear", "factor": 2.0})
+MODEL_EXAMPLE = TINY.replace(qk_norm="head", rope_scaling={"type": "linear", "factor": 2.0}, moe_layers=(1,))
 
 
 def _as_user_types(value):
@@ -26,6 +26,8 @@ def _as_user_types(value):
         return [str(value), str(value).lower()]
     if isinstance(value, (dict, MoEConfig)):
         return [json.dumps(value if isinstance(value, dict) else value.to_dict())]
+    if isinstance(value, tuple):
+        return [json.dumps(list(value)), str(list(value))]
     return [str(value)]
 
 
@@ -36,12 +38,15 @@ def _fields(cls, example):
 CASES = _fields(MoEConfig, MOE_EXAMPLE) + _fields(ModelConfig, MODEL_EXAMPLE) + [
     (MoEConfig, "eval_capacity_factor", "same"), (MoEConfig, "eval_capacity_factor", None),
     (MoEConfig, "capacity_factor", None), (MoEConfig, "group_score", None), (ModelConfig, "qk_norm", None),
-    (ModelConfig, "moe", None), (ModelConfig, "rope_scaling", None), (ModelConfig, "n_kv_heads", None)]
+    (ModelConfig, "moe", None), (ModelConfig, "rope_scaling", None), (ModelConfig, "n_kv_heads", None),
+    (ModelConfig, "moe_layers", None), (ModelConfig, "moe_layers", (0, 1))]
 
 
 @pytest.mark.parametrize("cls,name,value", CASES, ids=[f"{c.__name__}.{n}={v!r}"[:60] for c, n, v in CASES])
 def test_every_field_parses_to_its_declared_type(cls, name, value):
-    expected = value.to_dict() if isinstance(value, MoEConfig) else value
+    """A tuple field parses to a list: what JSON gives back from a saved run's overrides (so --resume
+    compares equal); the config makes it a tuple."""
+    expected = value.to_dict() if isinstance(value, MoEConfig) else list(value) if isinstance(value, tuple) else value
     for text in _as_user_types(value):
         parsed = parse_field(cls, name, text)
         assert parsed == expected and type(parsed) is type(expected), (text, parsed)
@@ -58,7 +63,9 @@ def test_text_a_typed_field_cannot_take_is_refused_by_name(cls, name):
 
 @pytest.mark.parametrize("cls,name,value", [(MoEConfig, "mlp_bias", "False"), (MoEConfig, "top_k", 2.0),
                                             (MoEConfig, "capacity_factor", True), (ModelConfig, "tie_embeddings", 0),
-                                            (ModelConfig, "rope_scaling", "linear"), (ModelConfig, "moe", 1)])
+                                            (ModelConfig, "rope_scaling", "linear"), (ModelConfig, "moe", 1),
+                                            (ModelConfig, "moe_layers", "1"), (ModelConfig, "moe_layers", (1.0,)),
+                                            (ModelConfig, "moe_layers", (True,))])
 def test_a_config_refuses_a_value_of_the_wrong_type(cls, name, value):
     base = MOE_EXAMPLE if cls is MoEConfig else TINY
     with pytest.raises(ValueError, match=rf"{cls.__name__}\.{name}=.* is invalid: expected"):
@@ -81,10 +88,22 @@ def test_the_reported_overrides_reach_the_model_config():
     assert upgraded.moe.expert_hidden == 32 and upgraded.moe.d_model == upgraded.d_model
 
 
+def test_a_layer_list_override_survives_json_and_reaches_the_config():
+    """``--set moe_layers=[1]`` is stored in train_config.json; read back it must equal what was parsed
+    (a tuple would read back as a list and make --resume see a changed --set)."""
+    overrides = parse_overrides(["moe_layers=[1]"])
+    assert json.loads(json.dumps(overrides)) == overrides
+    cfg = apply_overrides(TINY, overrides)
+    assert cfg.moe_layers == (1,) and [cfg.is_moe_layer(i) for i in range(2)] == [False, True]
+    assert ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    assert apply_overrides(cfg, parse_overrides(["moe=null"])).moe_layers is None  # dense: no MoE layers to list
+
+
 @pytest.mark.parametrize("item,named", [("moe=1", "ModelConfig.moe='1'"), ("moe.mlp_bias=maybe", "mlp_bias"),
                                         ("moe.topk=3", "'topk'"), ("n_layers=2.5", "n_layers"),
                                         ("rope_theta=fast", "rope_theta"), ("x.y=1", "only model fields"),
-                                        ("novalue", "FIELD=VALUE"), ("moe.capacity_factor=nan", "capacity_factor")])
+                                        ("novalue", "FIELD=VALUE"), ("moe.capacity_factor=nan", "capacity_factor"),
+                                        ("moe_layers=[1,2.5]", "ModelConfig.moe_layers='[1,2.5]'")])
 def test_bad_overrides_name_the_item(item, named):
     with pytest.raises(ValueError, match="--set|capacity_factor") as err:
         apply_overrides(TINY, parse_overrides([item]))

@@ -38,7 +38,11 @@ def model_config(hf: dict) -> ModelConfig:
         routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
         num_shared_experts=hf.get("n_shared_experts") or 0, shared_expert_hidden=hf["moe_intermediate_size"],
         aux_loss_coef=hf.get("aux_loss_alpha", 0.0) if arch == "DeepseekV2ForCausalLM" else 0.0)
-    moe_every = hf.get("moe_layer_freq", 1)
+    if hf.get("moe_layer_freq", 1) != 1:
+        # NOTE: transformers ignores it (every layer from first_k_dense_replace on is MoE), DeepSeek's
+        # own modeling code makes layer i MoE when i % moe_layer_freq == 0; the two agree only at 1.
+        raise ValueError(f"moe_layer_freq={hf['moe_layer_freq']!r} is not supported (only 1: transformers "
+                         "ignores it, DeepSeek's own code reads it as layer % moe_layer_freq == 0)")
     return ModelConfig(
         vocab_size=hf["vocab_size"], d_model=d, n_layers=hf["num_hidden_layers"], n_heads=hf["num_attention_heads"],
         max_seq_len=hf.get("max_position_embeddings", 4096), attention="mla", q_lora_rank=hf.get("q_lora_rank") or 0,
@@ -47,7 +51,7 @@ def model_config(hf: dict) -> ModelConfig:
         **rope_settings(hf, hf.get("max_position_embeddings", 4096)),
         rope_interleave=bool(hf.get("rope_interleave", True)), norm_eps=LATENT_NORM_EPS,
         tie_embeddings=hf.get("tie_word_embeddings", False), ffn_hidden=hf["intermediate_size"],
-        first_k_dense=hf.get("first_k_dense_replace", 0), moe_every=moe_every, moe=moe)
+        first_k_dense=hf.get("first_k_dense_replace", 0), moe=moe)
 
 
 L = HF_LAYER
@@ -86,7 +90,9 @@ def v3_config(cfg: ModelConfig) -> dict:
         "qk_nope_head_dim": cfg.qk_nope_head_dim, "qk_rope_head_dim": cfg.qk_rope_head_dim,
         "v_head_dim": cfg.v_head_dim, "head_dim": cfg.qk_rope_head_dim, "n_routed_experts": m.num_experts,
         "num_experts_per_tok": m.top_k, "n_group": m.n_group, "topk_group": m.topk_group,
-        "n_shared_experts": m.num_shared_experts, "first_k_dense_replace": cfg.first_k_dense,
+        "n_shared_experts": m.num_shared_experts,
+        # the first MoE layer: a layout other than a dense prefix reads back differently and is refused
+        "first_k_dense_replace": cfg.moe_layer_ids[0],
         "routed_scaling_factor": m.routed_scaling_factor, "norm_topk_prob": m.normalize_weights,
         "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps, "rope_interleave": True,
         "rope_parameters": hf_rope_parameters(cfg), "rope_scaling": None,

@@ -39,7 +39,7 @@ def _no_dense_ffn(a: ModelConfig, b: ModelConfig) -> bool:
 
 
 def _same_moe_layers(a: ModelConfig, b: ModelConfig) -> bool:
-    """moe_every and first_k_dense only decide which layers are MoE."""
+    """moe_every, first_k_dense and moe_layers only decide which layers are MoE."""
     return a.n_layers == b.n_layers and all(a.is_moe_layer(i) == b.is_moe_layer(i) for i in range(a.n_layers))
 
 
@@ -77,6 +77,7 @@ MODEL_FIELDS: dict[str, Harmless] = {
     "activation": _no_dense_ffn,
     "moe_every": _same_moe_layers,
     "first_k_dense": _same_moe_layers,
+    "moe_layers": _same_moe_layers,
     **{f: _both("mla") for f in ("n_kv_heads", "head_dim", "qkv_bias")},
     **{f: _both("gqa") for f in ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")},
 }
@@ -101,6 +102,8 @@ _REASONS = {
     "routed_scaling_factor": "{arch} does not scale the routed weights (only DeepSeek-V3 has routed_scaling_factor)",
     "router": "{arch} routes with router={back!r}",
     "moe": "{arch} is a Mixture-of-Experts family",
+    **{f: "written and read back, the MoE layers are {back_layers}, not {mine_layers}: {arch} cannot spell this "
+          "layout" for f in ("moe_layers", "moe_every", "first_k_dense")},
 }
 
 
@@ -111,11 +114,12 @@ def aux_loss_coef_hf(m: MoEConfig) -> float:
     return m.aux_loss_coef if m.lb_convention == "hf_compat" else m.aux_loss_coef / m.top_k
 
 
-def _reason(field: str, cfg: ModelConfig, arch: str, back: Any) -> str:
+def _reason(field: str, cfg: ModelConfig, arch: str, back: Any, back_cfg: ModelConfig) -> str:
     text = _REASONS.get(field)
     if text is None:
         return f"{arch} has no such setting: written and read back it is {back!r}"
-    return text.format(arch=arch, back=back, ecf=cfg.moe.eval_capacity_factor if cfg.moe else None)
+    return text.format(arch=arch, back=back, ecf=cfg.moe.eval_capacity_factor if cfg.moe else None,
+                       mine_layers=list(cfg.moe_layer_ids), back_layers=list(back_cfg.moe_layer_ids))
 
 
 def compare(cfg: ModelConfig, back: ModelConfig, arch: str) -> tuple[dict[str, Any], list[str]]:
@@ -134,11 +138,11 @@ def compare(cfg: ModelConfig, back: ModelConfig, arch: str) -> tuple[dict[str, A
         if f.name in MODEL_FIELDS and MODEL_FIELDS[f.name](cfg, back):
             delta[f.name] = mine
         else:
-            refused.append(f"ModelConfig.{f.name}={mine!r} ({_reason(f.name, cfg, arch, theirs)})")
+            refused.append(f"ModelConfig.{f.name}={mine!r} ({_reason(f.name, cfg, arch, theirs, back)})")
     if cfg.moe is None or back.moe is None:
         if cfg.moe is not back.moe:
             refused.append(f"ModelConfig.moe={None if cfg.moe is None else 'MoEConfig(...)'} "
-                           f"({_reason('moe', cfg, arch, back.moe)})")
+                           f"({_reason('moe', cfg, arch, back.moe, back)})")
         return delta, refused
     moe_delta = {}
     for f in dataclasses.fields(MoEConfig):
@@ -148,7 +152,7 @@ def compare(cfg: ModelConfig, back: ModelConfig, arch: str) -> tuple[dict[str, A
         if f.name in MOE_FIELDS and MOE_FIELDS[f.name](cfg, back):
             moe_delta[f.name] = mine
         else:
-            refused.append(f"MoEConfig.{f.name}={mine!r} ({_reason(f.name, cfg, arch, theirs)})")
+            refused.append(f"MoEConfig.{f.name}={mine!r} ({_reason(f.name, cfg, arch, theirs, back)})")
     if moe_delta:
         delta["moe"] = moe_delta
     return delta, refused

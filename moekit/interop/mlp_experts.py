@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from moekit.config import MoEConfig, ModelConfig
+from moekit.config import MoEConfig, ModelConfig, moe_layer_indices
 from moekit.interop.keymap import HF_LAYER, LLAMA_GLOBAL, LLAMA_NORMS, KeyMap, Rule, swiglu_rules
 from moekit.interop.expressible import aux_loss_coef_hf
 from moekit.interop.rope import hf_rope_parameters, rope_settings
@@ -10,11 +10,22 @@ from moekit.interop.rope import hf_rope_parameters, rope_settings
 ARCHITECTURES = ("Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "OlmoeForCausalLM")
 
 
-def _first_k_dense(hf: dict) -> int:
-    only = sorted(hf.get("mlp_only_layers") or [])
-    if only != list(range(len(only))):
-        raise ValueError(f"mlp_only_layers={only} is not supported: only a prefix of dense layers (0, 1, …, k-1)")
-    return len(only)
+def _qwen_layout(hf: dict) -> dict:
+    """ModelConfig's layout fields for Qwen2/3-MoE. transformers makes layer i MoE when i is not in
+    ``mlp_only_layers`` and (i + 1) % ``decoder_sparse_step`` == 0 (modeling_qwen2_moe.py,
+    modeling_qwen3_moe.py); the other layers are dense MLPs of width ``intermediate_size``."""
+    step = hf.get("decoder_sparse_step") or 1
+    only = hf.get("mlp_only_layers") or []
+    if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+        raise ValueError(f"decoder_sparse_step={step!r} is not supported (expected an int >= 1)")
+    if not isinstance(only, list) or any(isinstance(i, bool) or not isinstance(i, int) for i in only):
+        raise ValueError(f"mlp_only_layers={only!r} is not supported (expected a list of layer indices)")
+    if sorted(only) == list(range(len(only))):  # a dense prefix: the shortcut fields
+        return {"first_k_dense": len(only), "moe_every": step}
+    layers = moe_layer_indices(hf["num_hidden_layers"], every=step, dense=only)
+    if not layers:
+        raise ValueError(f"mlp_only_layers={only} with decoder_sparse_step={step} leaves no MoE layer")
+    return {"moe_layers": layers}
 
 
 def model_config(hf: dict) -> ModelConfig:
@@ -48,9 +59,7 @@ def model_config(hf: dict) -> ModelConfig:
         norm_eps=hf.get("rms_norm_eps", 1e-6), tie_embeddings=hf.get("tie_word_embeddings", False),
         qkv_bias=arch == "Qwen2MoeForCausalLM" or bool(hf.get("attention_bias", False)),
         qk_norm={"Qwen3MoeForCausalLM": "head", "OlmoeForCausalLM": "full"}.get(arch),
-        ffn_hidden=hf.get("intermediate_size", 0) if qwen else 0,
-        moe_every=(hf.get("decoder_sparse_step") or 1) if qwen else 1,
-        first_k_dense=_first_k_dense(hf) if qwen else 0, moe=moe)
+        ffn_hidden=hf.get("intermediate_size", 0) if qwen else 0, **(_qwen_layout(hf) if qwen else {}), moe=moe)
 
 
 def _proj(src: str, dst: str, bias: bool = False) -> list[Rule]:
@@ -93,10 +102,13 @@ def _common(cfg: ModelConfig, arch: str, model_type: str) -> dict:
 
 
 def _qwen_layers(cfg: ModelConfig) -> dict:
+    if cfg.moe_layers is None:  # the shortcut fields, which transformers spells the same way
+        step, dense = cfg.moe_every, list(range(cfg.first_k_dense))
+    else:
+        step, dense = 1, [i for i in range(cfg.n_layers) if not cfg.is_moe_layer(i)]
     return {"moe_intermediate_size": cfg.moe.expert_hidden,
             "intermediate_size": cfg.ffn_hidden or cfg.moe.expert_hidden,
-            "decoder_sparse_step": cfg.moe_every, "mlp_only_layers": list(range(cfg.first_k_dense)),
-            "use_sliding_window": False}
+            "decoder_sparse_step": step, "mlp_only_layers": dense, "use_sliding_window": False}
 
 
 def qwen3_config(cfg: ModelConfig) -> dict:
