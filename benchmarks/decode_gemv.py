@@ -9,18 +9,18 @@ the kernel that decoding at batch 1 is bound by, not moekit's generate itself.
 """
 
 import argparse
-import json
-import statistics
 import sys
-import time
 
 import torch
 
+import harness
+from moekit.argtypes import POSITIVE
+
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--threads", type=int, default=torch.get_num_threads())
-    p.add_argument("--rounds", type=int, default=7)
+    p = argparse.ArgumentParser(prog="python benchmarks/decode_gemv.py", description=__doc__.splitlines()[0])
+    p.add_argument("--threads", type=POSITIVE, default=torch.get_num_threads())
+    p.add_argument("--rounds", type=POSITIVE, default=7, help="timed rounds over all weights (default 7)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     n, rows, cols = 32, 3584, 512
@@ -33,22 +33,19 @@ def main(argv=None) -> int:
         return (w * x).sum(-1)[None]
 
     kernels = {"mkl_mm": lambda x, w: torch.nn.functional.linear(x, w), "compiled_reduction": reduction}
-    report = {"torch": torch.__version__, "threads": args.threads, "weights_gb": round(gigabytes, 3), "gb_per_s": {}}
+
+    def visit(fn):  # one round: every weight once, as one decoding step visits the experts
+        return lambda _: harness.timed(lambda: [fn(x, w) for w in weights])[0]
+
     with torch.no_grad():
         for w in weights[:2]:
             torch.testing.assert_close(reduction(x, w), kernels["mkl_mm"](x, w), rtol=1e-4, atol=1e-3)
-        for name, fn in kernels.items():
-            for w in weights:  # warm-up (and compilation)
-                fn(x, w)
-            times = []
-            for _ in range(args.rounds):
-                t = time.perf_counter()
-                for w in weights:
-                    fn(x, w)
-                times.append(time.perf_counter() - t)
-            report["gb_per_s"][name] = round(gigabytes / statistics.median(times), 1)
-    print(json.dumps(report, indent=2))
-    return 0
+        seconds = harness.medians(harness.interleaved({name: visit(fn) for name, fn in kernels.items()}, 1,
+                                                      args.rounds))  # the warm-up round compiles
+    report = {"benchmark": "one-row products streaming expert weights", **harness.environment(),
+              "threads": args.threads, "weights_gb": round(gigabytes, 3),
+              "gb_per_s": {name: round(gigabytes / s, 1) for name, s in seconds.items()}}
+    return harness.print_json(report)
 
 
 if __name__ == "__main__":

@@ -25,15 +25,14 @@ would reach against dense if everything but its GEMMs were free):
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+import harness
+from moekit.argtypes import POSITIVE
 from moekit.moe import native
 from moekit.nn import gemm
 
@@ -52,20 +51,20 @@ def six_products(rows: int, hidden: int, g_: torch.Generator) -> dict[str, tuple
 
 def time_pair(a: torch.Tensor, b: torch.Tensor, repeats: int) -> dict:
     out = torch.empty(a.shape[0], b.shape[1])
-    runs = {"blas": [], "onednn": []}
-    for i in range(repeats + 2):  # two warm-up rounds (oneDNN builds its kernel on first use)
-        for name in runs:
+
+    def product(name):
+        def run(_):
             with gemm.use_backend(name):
-                start = time.perf_counter()
-                gemm.mm(a, b, out=out)
-                if i >= 2:
-                    runs[name].append(time.perf_counter() - start)
+                return harness.timed(gemm.mm, a, b, out)[0]
+        return run
+
+    # two warm-up rounds (oneDNN builds its kernel on first use)
+    t = harness.medians(harness.interleaved({name: product(name) for name in ("blas", "onednn")}, 2, repeats))
     with gemm.use_backend("blas"):
         want = gemm.mm(a, b)
     with gemm.use_backend("onednn"):
         got = gemm.mm(a, b)
     flop = 2 * a.shape[0] * a.shape[1] * b.shape[1]
-    t = {name: statistics.median(v) for name, v in runs.items()}
     return {"shape": [a.shape[0], a.shape[1], b.shape[1]],
             "blas_gflops": round(flop / t["blas"] / 1e9, 1), "onednn_gflops": round(flop / t["onednn"] / 1e9, 1),
             "speedup": round(t["blas"] / t["onednn"], 2),
@@ -78,21 +77,17 @@ def single_thread_pair(a: torch.Tensor, b: torch.Tensor, repeats: int) -> dict:
     expert groups run them."""
     module, threads = native.load(), torch.get_num_threads()
     out = torch.empty(a.shape[0], b.shape[1])
-    runs = {"onednn": [], "own": []}
+    kernels = {"onednn": lambda _: harness.timed(gemm.mm, a, b, out)[0],
+               "own": lambda _: harness.timed(lambda: module.own_mm(a, b, out=out))[0]}
     torch.set_num_threads(1)
     try:
         with gemm.use_backend("onednn"):
-            for i in range(repeats + 2):
-                for name in runs:
-                    start = time.perf_counter()
-                    module.own_mm(a, b, out=out) if name == "own" else gemm.mm(a, b, out=out)
-                    if i >= 2:
-                        runs[name].append(time.perf_counter() - start)
+            t = harness.medians(harness.interleaved(kernels, 2, repeats))
     finally:
         torch.set_num_threads(threads)
     want = a @ b
     flop = 2 * a.shape[0] * a.shape[1] * b.shape[1]
-    return {**{f"{name}_gflops": round(flop / statistics.median(v) / 1e9, 1) for name, v in runs.items()},
+    return {**{f"{name}_gflops": round(flop / seconds / 1e9, 1) for name, seconds in t.items()},
             "own_max_rel_diff": float((module.own_mm(a, b) - want).abs().max() / want.abs().max())}
 
 
@@ -126,28 +121,24 @@ def grouped_step_s(E: int, rows: int, hidden: int, backend: str, repeats: int, g
             else:
                 gemm.mm(a, b, out=out)
 
-    runs = []
     # each worker sets its own intra-op threads (a thread's count is its own in ATen and OpenMP)
     with (gemm.use_backend("onednn" if backend == "own" else backend),
           ThreadPoolExecutor(threads, initializer=torch.set_num_threads, initargs=(1,)) as pool):
-        for i in range(repeats + 2):
-            start = time.perf_counter()
-            list(pool.map(group, range(threads)))
-            if i >= 2:
-                runs.append(time.perf_counter() - start)
-    return statistics.median(runs)
+        runs = harness.interleaved({"step": lambda _: harness.timed(lambda: list(pool.map(group, range(threads))))[0]},
+                                   2, repeats)
+    return statistics.median(runs["step"])
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--tokens", type=int, default=4096)
-    p.add_argument("--repeats", type=int, default=9)
+    p = argparse.ArgumentParser(prog="python benchmarks/gemm_backends.py", description=__doc__.splitlines()[0])
+    p.add_argument("--tokens", type=POSITIVE, default=4096)
+    p.add_argument("--repeats", type=POSITIVE, default=9)
     args = p.parse_args(argv)
     if gemm.backend() != "onednn":
         with gemm.use_backend("onednn"):
             gemm.backend()  # raises with the reason when oneDNN's matmul is unreachable
     g_ = torch.Generator().manual_seed(0)
-    report = {"torch": torch.__version__, "machine": platform.machine(), "threads": torch.get_num_threads(),
+    report = {"benchmark": "fp32 GEMM: torch.mm (BLAS) against oneDNN as moekit calls it", **harness.environment(),
               "tokens": args.tokens, "repeats": args.repeats, "routings": [], "small_rows": []}
     for E, k, F in ROUTINGS:
         entry = {"routing": f"E{E} k{k} F{F}"}
@@ -177,8 +168,7 @@ def main(argv: list[str] | None = None) -> int:
             r = time_pair(a, b, args.repeats * 5)
             del r["_s"]
             report["small_rows"].append(r)
-    print(json.dumps(report, indent=2))
-    return 0
+    return harness.print_json(report)
 
 
 if __name__ == "__main__":

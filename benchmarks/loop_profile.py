@@ -13,19 +13,16 @@ batch each step. One JSON document on stdout.
 """
 
 import argparse
-import json
 import os
 import statistics
 import sys
-from pathlib import Path
 
 os.environ["MOEKIT_LOOP_PROFILE"] = "1"  # (before moekit loads the extension)
-# Profile this checkout's moekit even where another copy is installed.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-
-from moekit.bench import SUITE_SHAPES, Shape, build_side, cotangents, make_input, train_step  # noqa: E402
+import harness  # noqa: E402
+from layer import SUITE_SHAPES  # noqa: E402
+from moekit.argtypes import NON_NEGATIVE, POSITIVE  # noqa: E402
+from moekit.bench import Shape, build_side, cotangents, make_input, parse_shapes, train_step  # noqa: E402
 from moekit.moe import native  # noqa: E402
 
 WARMUP = 3
@@ -54,22 +51,16 @@ def profile_shape(shape: Shape, tokens: int, steps: int, seed: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--tokens", type=int, default=4096)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--shapes", default=";".join(s.spec for s in SUITE_SHAPES), help="'D,F,E,K;...'")
-    p.add_argument("--seed", type=int, default=0)
+    p = argparse.ArgumentParser(prog="python benchmarks/loop_profile.py", description=__doc__.splitlines()[0])
+    p.add_argument("--tokens", type=POSITIVE, default=4096)
+    p.add_argument("--steps", type=POSITIVE, default=10)
+    p.add_argument("--shapes", type=parse_shapes, default=SUITE_SHAPES,
+                   help="'D,F,E,K;...' (default: the suite's three routings)")
+    p.add_argument("--seed", type=NON_NEGATIVE, default=0)
     args = p.parse_args(argv)
-    if args.tokens < 1 or args.steps < 1:
-        p.error(f"--tokens and --steps must be >= 1, got {args.tokens} and {args.steps}")
-    try:
-        shapes = [Shape(*map(int, spec.split(","))) for spec in args.shapes.split(";")]
-    except (TypeError, ValueError):
-        p.error(f"--shapes {args.shapes!r}: expected 'D,F,E,K;...' (four integers per shape)")
-    report = {"torch": torch.__version__, "threads": torch.get_num_threads(),
-              "results": [profile_shape(s, args.tokens, args.steps, args.seed) for s in shapes]}
-    print(json.dumps(report, indent=2))
-    return 0
+    report = {"benchmark": "time inside the C++ expert loop by kind of work", **harness.environment(),
+              "results": [profile_shape(s, args.tokens, args.steps, args.seed) for s in args.shapes]}
+    return harness.print_json(report)
 
 
 if __name__ == "__main__":

@@ -1,18 +1,22 @@
-"""The layer benchmark: :class:`moekit.MoELayer` against a dense SwiGLU FFN of the same active FLOPs.
+"""``moekit bench layer``: times :class:`moekit.MoELayer` on this machine against a dense SwiGLU FFN of
+the same active FLOPs.
 
-Run it with any of (same options; ``--quick`` for a fast demo, ``--help`` for the rest)::
+    moekit bench layer [--quick] [--tokens N] [--shapes 'D,F,E,K;...'] [--dtype bf16] [--no-memory]
+    python -m moekit.bench [options]        # the same
 
-    moekit bench layer [options]
-    python -m moekit.bench [options]
-    python benchmarks/layer.py [options]
-
-It prints one JSON document. Per shape (d_model, expert_hidden, num_experts, top_k): the median
-forward and forward+backward times of interleaved repeats, tokens/s, ``moe_vs_dense`` = dense time /
-MoE time (> 1: the MoE layer is faster), and the peak memory one training step adds above the
-resident parameters and input, measured in a fresh subprocess per side. The dense side is
+It prints one JSON document: a description of the machine (CPU model, cores, threads, torch, the
+fp32 GEMM backend), then per shape (d_model, expert_hidden, num_experts, top_k) the median forward
+and forward+backward times of interleaved repeats, tokens/s, ``moe_vs_dense`` = dense time / MoE
+time (> 1: the MoE layer is faster), and the peak memory one training step adds above the resident
+parameters and input, measured in a fresh interpreter per side. The dense side is
 ``MLP(d_model, top_k * expert_hidden, "swiglu")``: per token it does the routed experts' GEMMs, so
-the ratio prices routing, dispatch and the per-expert GEMMs. ``--hf`` adds transformers' Mixtral
-block sharing the MoE layer's weights, with its ``eager`` and ``grouped_mm`` expert implementations.
+the ratio prices routing, dispatch and the per-expert GEMMs.
+
+The project's own benchmarks (transformers' blocks on the same weights, a whole training step,
+generation, expert parallelism, the suite) are scripts under ``benchmarks/`` in the repository,
+built on this module; the package imports nothing from there.
+
+Legend: T tokens, D model dim.
 """
 
 from __future__ import annotations
@@ -33,14 +37,12 @@ import torch
 from torch import nn
 
 import moekit
+from moekit.argtypes import NON_NEGATIVE, POSITIVE
 from moekit.config import MoEConfig
 from moekit.moe import MoELayer, native
 from moekit.nn import MLP, gemm
-from moekit.argtypes import NON_NEGATIVE, POSITIVE
 
 WARMUP = 2  # steps per side before timing: the allocator's first steps map fresh pages
-HF_SIDES = ("hf_eager", "hf_grouped_mm")  # transformers' experts_implementation after the prefix
-SIDES = ("moe", "dense", *HF_SIDES)
 MIB = 2**20
 
 
@@ -63,97 +65,113 @@ class Shape(NamedTuple):
                          top_k=self.top_k)
 
 
-DEFAULT_SHAPES = (Shape(512, 1408, 8, 2), Shape(512, 176, 64, 8))
-SUITE_SHAPES = DEFAULT_SHAPES + (Shape(512, 88, 128, 8),)  # the performance suite adds the finest routing
-# (num_experts, top_k) -> the fwd+bwd moe_vs_dense a shape of that routing must reach. What the E
-# per-expert GEMMs alone reach against dense: benchmarks/gemm_backends.py (ceiling_grouped_*: the
-# loop's design for small experts; ceiling_*: one group).
-SPEED_TARGETS = {(8, 2): 1.1, (64, 8): 0.9, (128, 8): 0.75}
-PEAK_RATIO_TARGET = 1.5
+DEFAULT_SHAPES = (Shape(512, 1408, 8, 2), Shape(512, 176, 64, 8))  # Mixtral-like, fine-grained
+
+
+# ---- the machine -----------------------------------------------------------------------------
+def _command_output(argv: list[str]) -> str:
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def cpu_model() -> str | None:
+    """The CPU's model name: /proc/cpuinfo's ``model name`` (Linux x86), else lscpu's ``Model name``
+    (Linux on ARM lists no model name in /proc/cpuinfo), else macOS's brand string; None when none
+    says."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    for line in _command_output(["lscpu"]).splitlines():
+        if line.startswith("Model name:"):
+            return line.split(":", 1)[1].strip()
+    if sys.platform == "darwin":
+        return _command_output(["sysctl", "-n", "machdep.cpu.brand_string"]).strip() or None
+    return None
+
+
+def environment() -> dict:
+    """What a timing depends on besides the code: the CPU, the threads, the software, the GEMM."""
+    return {"cpu_model": cpu_model(), "machine": platform.machine(), "cpu_count": os.cpu_count(),
+            "threads": torch.get_num_threads(), "python": platform.python_version(), "torch": torch.__version__,
+            "moekit": moekit.__version__, "gemm": gemm.backend(), "device": "cpu"}
 
 
 # ---- the sides -------------------------------------------------------------------------------
 @dataclass
 class Side:
-    """A module under test and how to call it on [T, D] tokens, returning [T, D]."""
+    """A module under test and how to call it on [T, D] tokens, returning [T, D]; ``note`` goes into
+    the report (e.g. how the side was checked)."""
 
     module: nn.Module
     forward: Callable[[torch.Tensor], torch.Tensor]
+    note: str | None = None
 
 
 def build_side(name: str, shape: Shape, seed: int) -> Side:
-    """Same seed, same weights: every MoE-shaped side holds the values of one seeded MoELayer."""
+    """``moe`` or ``dense``, seeded."""
     torch.manual_seed(seed)
     if name == "dense":
         mlp = MLP(shape.d_model, shape.top_k * shape.expert_hidden, "swiglu")
         return Side(mlp, mlp)
-    layer = MoELayer(shape.config())
     if name == "moe":
+        layer = MoELayer(shape.config())
         native.load()  # build / load the C++ expert loop now: code, not a step's memory or time
         return Side(layer, lambda x: layer(x).output)
-    block = hf_mixtral_block(layer, name.removeprefix("hf_"))
-    return Side(block, lambda x: block(x.unsqueeze(0)).squeeze(0))
+    raise ValueError(f"side {name!r} is unknown: allowed values are 'moe', 'dense'")
 
 
-def hf_mixtral_block(layer: MoELayer, implementation: str) -> nn.Module:
-    """transformers' MixtralSparseMoeBlock holding ``layer``'s parameters themselves (no copy, so the
-    memory probe sees no freed duplicate). Raises ValueError when the parameter layout differs."""
-    from transformers import MixtralConfig
-    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
-
-    cfg = layer.cfg
-    hf_cfg = MixtralConfig(hidden_size=cfg.d_model, intermediate_size=cfg.expert_hidden,
-                           num_local_experts=cfg.num_experts, num_experts_per_tok=cfg.top_k,
-                           experts_implementation=implementation)
-    with torch.device("meta"):
-        block = MixtralSparseMoeBlock(hf_cfg)
-    # moekit w_in [E, 2F, D] is [gate; up] like HF's gate_up_proj; w_out [E, D, F] is down_proj.
-    weights = {"gate.weight": layer.router.weight_ED, "experts.gate_up_proj": layer.experts.w_in,
-               "experts.down_proj": layer.experts.w_out}
-    try:
-        block.load_state_dict(weights, strict=True, assign=True)
-    except RuntimeError as err:
-        raise ValueError(f"the Mixtral block's parameters do not match moekit's layout: {err}") from None
-    return block
+REQUIRED_SIDES = ("moe", "dense")
 
 
-def hf_mismatch(hf: Side, moe: Side, shape: Shape, seed: int) -> float:
-    """Max |HF - moekit| / max |moekit| over the output and the input gradient of 64 fp32 tokens:
-    a wrong gate/up order or transposition would show as O(1)."""
-    x = torch.randn(64, shape.d_model, generator=torch.Generator().manual_seed(seed + 1))
-    results = []
-    for side in (moe, hf):
-        x_ = x.clone().requires_grad_(True)
-        out = side.forward(x_)
-        out.backward(torch.ones_like(out))
-        side.module.zero_grad(set_to_none=True)
-        results.append((out.detach(), x_.grad))
-    return max(((a - b).abs().max() / a.abs().max()).item() for a, b in zip(*results))
+@dataclass(frozen=True)
+class Sides:
+    """The sides a layer benchmark times, how it builds them, and the command (after the interpreter)
+    that reruns it in a fresh interpreter for a shape's share or a side's memory probe. This module's
+    own: the MoE layer and the dense FFN; ``benchmarks/layer.py --hf`` adds transformers' blocks.
+    ``build`` may refuse a side beyond moe and dense with a ValueError (a note in the report)."""
+
+    names: tuple[str, ...] = REQUIRED_SIDES
+    build: Callable[[str, Shape, int], Side] | None = None  # None: build_side
+    command: tuple[str, ...] = ("-m", "moekit.bench")
+
+    def __post_init__(self):
+        if self.names[:2] != REQUIRED_SIDES:
+            raise ValueError(f"Sides.names={self.names!r}: must start with {REQUIRED_SIDES!r}")
+
+    def side(self, name: str, shape: Shape, seed: int) -> Side:
+        return (self.build or build_side)(name, shape, seed)
 
 
-def build_sides(shape: Shape, hf: bool, seed: int) -> tuple[dict[str, Side], dict[str, str]]:
-    """The sides to time, and a note for each HF side that was skipped (and why)."""
-    sides = {name: build_side(name, shape, seed) for name in ("moe", "dense")}
+MOEKIT_SIDES = Sides()
+
+
+def build_sides(sides: Sides, shape: Shape, seed: int) -> tuple[dict[str, Side], dict[str, str]]:
+    """Every side that builds, and a note per side that was skipped (and why) or carries one."""
+    built: dict[str, Side] = {}
     notes: dict[str, str] = {}
-    for name in HF_SIDES if hf else ():
+    for name in sides.names:
         try:
-            side = build_side(name, shape, seed)
-            mismatch = hf_mismatch(side, sides["moe"], shape, seed)
-        except (ImportError, ValueError, RuntimeError) as err:  # no transformers, other layout or implementation
+            built[name] = sides.side(name, shape, seed)
+        except ValueError as err:
+            if name in REQUIRED_SIDES:
+                raise
             notes[name] = f"skipped: {err}"
             continue
-        if mismatch > 1e-4:
-            notes[name] = f"skipped: output differs from moekit's by {mismatch:.2e} (relative) on the same weights"
-            continue
-        sides[name] = side
-        notes[name] = f"verified against moekit on 64 tokens: relative max difference {mismatch:.1e}"
-    return sides, notes
+        if built[name].note:
+            notes[name] = built[name].note
+    return built, notes
 
 
 # ---- timing ----------------------------------------------------------------------------------
 def make_input(tokens: int, shape: Shape, seed: int) -> torch.Tensor:
-    x = torch.randn(tokens, shape.d_model, generator=torch.Generator().manual_seed(seed))
-    return x.requires_grad_(True)
+    x_TD = torch.randn(tokens, shape.d_model, generator=torch.Generator().manual_seed(seed))
+    return x_TD.requires_grad_(True)
 
 
 def autocast(dtype: str):
@@ -226,44 +244,64 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def probe_memory(name: str, shape: Shape, tokens: int, dtype: str, seed: int) -> dict:
-    """Peak memory one training step adds; meant for a fresh process started by
+class PeakMemory(NamedTuple):
+    added_mb: float  # the peak resident memory while the call ran, less the resident memory before it
+    method: str  # a key of MEMORY_METHODS
+
+
+MEMORY_METHODS = {
+    "clear_refs": "VmHWM - VmRSS from /proc/self/status around the call, after resetting the peak by writing 5 "
+                  "to /proc/self/clear_refs",
+    "ru_maxrss": "ru_maxrss delta around the call (/proc/self/clear_refs not writable): a lower bound, counting "
+                 "only growth above the process's earlier peak",
+}
+
+
+def peak_memory(fn: Callable[[], object]) -> PeakMemory:
+    """Runs ``fn()`` and returns the resident memory its peak added (see MEMORY_METHODS)."""
+    if _reset_peak_rss():
+        before = _status_kb("VmRSS")
+        fn()
+        return PeakMemory((_status_kb("VmHWM") - before) / 1024, "clear_refs")
+    before = _maxrss_kb()
+    fn()
+    return PeakMemory((_maxrss_kb() - before) / 1024, "ru_maxrss")
+
+
+def probe_memory(side: Side, x: torch.Tensor, dtype: str) -> dict:
+    """Peak memory one training step of ``side`` adds; meant for a fresh interpreter started by
     :func:`measure_memory` (glibc's mmap threshold fixed, see there). Also reports the parameter
-    gradients' share of that peak (they outlive the step: E128's are 16x dense's)."""
-    side = build_side(name, shape, seed)
-    x = make_input(tokens, shape, seed)
+    gradients' share of that peak (they outlive the step, and E experts have E times dense's)."""
     grads = cotangents(x)
-    # NOTE: a first step also pays once for the process: lazy imports (torch._dynamo and sympy, ~33 MB),
-    # thread pools, the code pages of the kernels it calls first and oneDNN's kernels, compiled per new
-    # GEMM shape (~0.6 MB each; E128's layer has ~50 of them). Counted in the step, they inflated the
-    # sides unequally. So the same step runs once unmeasured: every kernel the measured one needs exists.
+    # NOTE: a first step also pays once for the process: lazy imports (torch._dynamo, sympy), thread
+    # pools, the code pages of its kernels and oneDNN's kernels, compiled per new GEMM shape (the MoE
+    # layer has many). Counted in the step, they inflated the sides unequally. So the same step runs
+    # once unmeasured: every kernel the measured one needs exists.
     train_step(side, x, grads, dtype)
     # Its parameter gradients go before the baseline: freed inside the measured step instead, their
-    # memory would be reused by it and the peak understated (E128 read 0.66x dense so).
+    # memory would be reused by it and the peak understated.
     side.module.zero_grad(set_to_none=True)
     x.grad = None
     native.empty_cache()  # the C++ loop keeps freed blocks for reuse: none before the baseline
-    if _reset_peak_rss():
-        before = _status_kb("VmRSS")
-        train_step(side, x, grads, dtype)
-        peak, method = _status_kb("VmHWM"), "clear_refs"
-    else:
-        before = _maxrss_kb()
-        train_step(side, x, grads, dtype)
-        peak, method = _maxrss_kb(), "ru_maxrss"
-    grad_mb = sum(p.grad.numel() * p.grad.element_size() for p in side.module.parameters() if p.grad is not None)
-    return {"peak_step_mb": round((peak - before) / 1024, 1), "param_grads_mb": round(grad_mb / 2**20, 1),
-            "memory_method": method}
+    peak = peak_memory(lambda: train_step(side, x, grads, dtype))
+    grad_b = sum(p.grad.numel() * p.grad.element_size() for p in side.module.parameters() if p.grad is not None)
+    return {"peak_step_mb": round(peak.added_mb, 1), "param_grads_mb": round(grad_b / MIB, 1),
+            "memory_method": peak.method}
 
 
-def fresh_interpreter_json(args: list[str], what: str, module: str = "moekit.bench",
-                           env: dict[str, str] | None = None) -> dict:
-    """``python -m MODULE ARGS`` in a fresh interpreter on this same moekit source (``env`` added to
-    this one's environment): its JSON output."""
+def interpreter_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """This environment plus ``extra``, with this moekit's source first on PYTHONPATH: a child
+    interpreter runs the same moekit as this one."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(moekit.__file__)))
-    env = {**os.environ, **(env or {}),
-           "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, env=env,
+    return {**os.environ, **(extra or {}),
+            "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+
+
+def fresh_interpreter_json(argv: Sequence[str], what: str, env: dict[str, str] | None = None) -> dict:
+    """``python ARGV`` (``-m MODULE ...`` or ``SCRIPT ...``) in a fresh interpreter on this same moekit
+    source (``env`` added to this one's environment): its JSON output. RuntimeError naming ``what``
+    with the child's stderr when it fails."""
+    proc = subprocess.run([sys.executable, *argv], capture_output=True, text=True, env=interpreter_env(env),
                           check=False)
     if proc.returncode:
         raise RuntimeError(f"{what} failed:\n{proc.stderr[-2000:]}")
@@ -273,26 +311,16 @@ def fresh_interpreter_json(args: list[str], what: str, module: str = "moekit.ben
 # glibc maps every allocation of at least this many bytes on its own and unmaps it when freed. Its
 # default threshold rises after the first large frees, and from then on freed tensors stay in the heap
 # for later ones to reuse (or not, by size): the warm-up step would then decide how much of the
-# measured step's memory is already resident. Fixed, RSS follows the live tensors. (Checked here with
-# torch.mm on both: a 64-token warm-up and the default threshold read the same peaks within 3%.)
+# measured step's memory is already resident. Fixed, RSS follows the live tensors.
 PROBE_MMAP_THRESHOLD = 128 * 2**10
 
 
-def measure_memory(name: str, shape: Shape, tokens: int, dtype: str, seed: int) -> dict:
-    """Runs :func:`probe_memory` in a fresh interpreter."""
-    return fresh_interpreter_json(["--memory-probe", name, "--shapes", shape.spec, "--tokens", str(tokens),
-                                   "--dtype", dtype, "--seed", str(seed)], f"memory probe {name} {shape.name}",
+def measure_memory(name: str, shape: Shape, tokens: int, dtype: str, seed: int, sides: Sides = MOEKIT_SIDES) -> dict:
+    """Runs :func:`probe_memory` on side ``name`` in a fresh interpreter (``sides.command``)."""
+    return fresh_interpreter_json([*sides.command, "--memory-probe", name, "--shapes", shape.spec,
+                                   "--tokens", str(tokens), "--dtype", dtype, "--seed", str(seed)],
+                                  f"memory probe {name} {shape.name}",
                                   env={"MALLOC_MMAP_THRESHOLD_": str(PROBE_MMAP_THRESHOLD)})
-
-
-MEMORY_METHODS = {
-    "clear_refs": "VmHWM - VmRSS from /proc/self/status around one step, after resetting the peak "
-                  "by writing 5 to /proc/self/clear_refs; fresh subprocess per side and shape (glibc's mmap "
-                  "threshold fixed at 128 KiB), after the same step once unmeasured",
-    "ru_maxrss": "ru_maxrss delta around one step (/proc/self/clear_refs not writable): a lower bound, "
-                 "counting only growth above the process's earlier peak; fresh subprocess per side and shape, "
-                 "after the same step once unmeasured",
-}
 
 
 # ---- the benchmark ---------------------------------------------------------------------------
@@ -301,7 +329,8 @@ def _params_mb(module: nn.Module) -> float:
 
 
 def _ratio(num: float | None, den: float | None) -> float | None:
-    return None if num is None or den is None else round(num / den, 3)
+    """num / den, None where either is missing or den is 0 (a tiny shape's peak rounds to 0.0 MB)."""
+    return None if num is None or den is None or den == 0 else round(num / den, 3)
 
 
 def _side_report(seconds: dict[str, float], tokens: int, module: nn.Module) -> dict:
@@ -311,23 +340,23 @@ def _side_report(seconds: dict[str, float], tokens: int, module: nn.Module) -> d
     return report
 
 
-def bench_shape(shape: Shape, tokens: int, repeats: int, hf: bool, memory: bool, dtype: str,
-                seed: int) -> tuple[dict, set[str]]:
+def bench_shape(shape: Shape, tokens: int, repeats: int, memory: bool, dtype: str, seed: int,
+                sides: Sides = MOEKIT_SIDES) -> tuple[dict, set[str]]:
     """One shape's report, and the memory methods its probes used."""
-    sides, notes = build_sides(shape, hf, seed)
+    built, notes = build_sides(sides, shape, seed)
     xs = [make_input(tokens, shape, seed + i) for i in range(WARMUP + repeats)]
-    seconds = time_sides(sides, xs, repeats, dtype)
+    seconds = time_sides(built, xs, repeats, dtype)
     report: dict = {"shape": shape.name, **shape._asdict(), "dense_hidden": shape.top_k * shape.expert_hidden,
-                    "moe_expert_impl": sides["moe"].module.experts.impl_for(xs[0])}
+                    "moe_expert_impl": built["moe"].module.experts.impl_for(xs[0])}
     methods = set()
-    for name, side in sides.items():
+    for name, side in built.items():
         report[name] = _side_report(seconds[name], tokens, side.module)
         if memory:
-            probe = measure_memory(name, shape, tokens, dtype, seed)
+            probe = measure_memory(name, shape, tokens, dtype, seed, sides)
             report[name]["peak_step_mb"] = probe["peak_step_mb"]
             report[name]["param_grads_mb"] = probe["param_grads_mb"]
             methods.add(probe["memory_method"])
-    for name in [n for n in sides if n != "moe"]:
+    for name in [n for n in built if n != "moe"]:
         report[f"moe_vs_{name}"] = {k: _ratio(seconds[name][k], seconds["moe"][k]) for k in ("fwd", "fwd_bwd")}
         report[f"peak_ratio_moe_over_{name}"] = _ratio(report["moe"].get("peak_step_mb"),
                                                        report[name].get("peak_step_mb"))
@@ -336,44 +365,18 @@ def bench_shape(shape: Shape, tokens: int, repeats: int, hf: bool, memory: bool,
                 report["moe"]["peak_step_mb"] - report["moe"]["param_grads_mb"],
                 report[name]["peak_step_mb"] - report[name]["param_grads_mb"])
     if notes:
-        report["hf_notes"] = notes
+        report["notes"] = notes
     return report, methods
 
 
-def _target(value: float | None, op: str, threshold: float) -> dict:
-    passed = None if value is None else (value >= threshold if op == ">=" else value <= threshold)
-    return {"target": f"{op} {threshold}", "value": value, "pass": passed}
-
-
-def targets(reports: list[dict]) -> dict:
-    """fwd+bwd speed at the routings of SPEED_TARGETS and the peak-memory ratio at every shape;
-    ``pass`` is null where the value was not measured (--no-memory)."""
-    out = {}
-    for r in reports:
-        minimum = SPEED_TARGETS.get((r["num_experts"], r["top_k"]))
-        if minimum is not None:
-            out[f"{r['shape']}.fwd_bwd_moe_vs_dense"] = _target(r["moe_vs_dense"]["fwd_bwd"], ">=", minimum)
-        out[f"{r['shape']}.peak_ratio_moe_over_dense"] = _target(r["peak_ratio_moe_over_dense"], "<=",
-                                                                 PEAK_RATIO_TARGET)
-    return out
-
-
-def _transformers_version() -> str | None:
-    try:
-        import transformers
-    except ImportError:
-        return None
-    return transformers.__version__
-
-
 def run_layer_benchmark(tokens: int = 4096, repeats: int = 5, shapes: Sequence[Sequence[int]] = DEFAULT_SHAPES,
-                        hf: bool = False, memory: bool = True, dtype: str = "fp32", seed: int = 0,
-                        fresh_process: bool = True) -> dict:
+                        memory: bool = True, dtype: str = "fp32", seed: int = 0, fresh_process: bool = True,
+                        sides: Sides = MOEKIT_SIDES) -> dict:
     """Runs the benchmark and returns the JSON-ready report (see the module docstring).
 
     ``fresh_process``: each shape is timed in a fresh interpreter, as a training run would meet it.
-    NOTE: in one process the allocator's state after the earlier shapes' large buffers made E64 and
-    E128 10-20% slower than alone (4096 tokens, fp32: 0.75x / 0.53x dense after E8 vs 0.82x / 0.64x)."""
+    NOTE: in one process the allocator's state after the earlier shapes' large buffers slowed the
+    later shapes against running alone."""
     if tokens <= 0 or repeats <= 0:
         raise ValueError(f"tokens={tokens} and repeats={repeats} must both be > 0")
     if dtype not in ("fp32", "bf16"):
@@ -385,26 +388,16 @@ def run_layer_benchmark(tokens: int = 4096, repeats: int = 5, shapes: Sequence[S
     for s in shapes:
         if fresh_process:
             args = ["--one-shape", "--shapes", s.spec, "--tokens", str(tokens), "--repeats", str(repeats),
-                    "--dtype", dtype, "--seed", str(seed), *(["--hf"] if hf else []),
-                    *([] if memory else ["--no-memory"])]
-            out = fresh_interpreter_json(args, f"layer benchmark of {s.name}")
+                    "--dtype", dtype, "--seed", str(seed), *([] if memory else ["--no-memory"])]
+            out = fresh_interpreter_json([*sides.command, *args], f"layer benchmark of {s.name}")
             report, used = out["report"], set(out["memory_methods"])
         else:
-            report, used = bench_shape(s, tokens, repeats, hf, memory, dtype, seed)
+            report, used = bench_shape(s, tokens, repeats, memory, dtype, seed, sides)
         reports.append(report)
         methods |= used
     return {
         "benchmark": "moekit.MoELayer vs dense SwiGLU MLP(d_model, top_k * expert_hidden) of equal active FLOPs",
-        "torch": torch.__version__,
-        "moekit": moekit.__version__,
-        "transformers": _transformers_version() if hf else None,
-        "python": platform.python_version(),
-        "processor": platform.processor(),
-        "machine": platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "threads": torch.get_num_threads(),
-        "gemm": gemm.backend(),
-        "device": "cpu",
+        **environment(),
         "dtype": dtype,
         "tokens": tokens,
         "repeats": repeats,
@@ -414,13 +407,11 @@ def run_layer_benchmark(tokens: int = 4096, repeats: int = 5, shapes: Sequence[S
                   "(new routing, as in training); fwd is the training forward (autograd recording), fwd_bwd "
                   "adds backward of a ones cotangent with x.requires_grad",
         "process": "a fresh interpreter per shape" if fresh_process else "this process, shapes one after the other",
-        "memory_method": "; ".join(MEMORY_METHODS[m] for m in sorted(methods)) if memory
-                         else "not measured (--no-memory)",
+        "memory_method": "; ".join(MEMORY_METHODS[m] for m in sorted(methods)) + "; one step, in a fresh "
+                         "interpreter per side and shape (glibc's mmap threshold fixed at 128 KiB), after the "
+                         "same step once unmeasured" if memory else "not measured (--no-memory)",
         "ratios": "moe_vs_X = X time / moe time (> 1: moe faster); peak_ratio_moe_over_X = moe peak / X peak",
         "shapes": reports,
-        "targets": targets(reports),
-        "targets_note": "set for the default run (4096 tokens, fp32): with fewer tokens the fixed costs (routing, "
-                        "per-expert calls, the E experts' parameter gradients) weigh more",
     }
 
 
@@ -444,47 +435,62 @@ def parse_shapes(text: str) -> tuple[Shape, ...]:
     return tuple(shapes)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="moekit bench layer",
-                                description="MoELayer vs a dense SwiGLU FFN of equal active FLOPs: forward and "
-                                            "forward+backward time and peak step memory, as JSON on stdout.")
+def build_parser(prog: str = "moekit bench layer") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog,
+                                description="MoELayer vs a dense SwiGLU FFN of equal active FLOPs on this machine: "
+                                            "forward and forward+backward time and peak step memory, as JSON on "
+                                            "stdout, with the CPU model, threads and GEMM backend.")
     p.add_argument("--tokens", type=POSITIVE, help="tokens per step (default 4096; --quick 1024)")
     p.add_argument("--repeats", type=POSITIVE, help="timed repeats per side (default 5; --quick 3)")
     p.add_argument("--shapes", type=parse_shapes, default=DEFAULT_SHAPES,
                    help="'D,F,E,K;...' (default '512,1408,8,2;512,176,64,8')")
     p.add_argument("--quick", action="store_true", help="1024 tokens, 3 repeats: a fast demo")
-    p.add_argument("--hf", action="store_true", help="add transformers' Mixtral block with the same weights")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
                    help="bf16: every side under torch.autocast('cpu', bfloat16)")
     p.add_argument("--seed", type=NON_NEGATIVE, default=0)
-    gemm.add_argument(p)
-    p.add_argument("--memory-probe", choices=SIDES, help=argparse.SUPPRESS)
-    p.add_argument("--one-shape", action="store_true", help=argparse.SUPPRESS)  # a fresh process's share
+    p.add_argument("--gemm", choices=gemm.BACKENDS,
+                   help="fp32 GEMM of both sides (default: $MOEKIT_GEMM, else auto: oneDNN where it runs, else the "
+                        "BLAS of torch.mm); the report's 'gemm' names the one used")
+    p.add_argument("--memory-probe", metavar="SIDE", help=argparse.SUPPRESS)  # a fresh process's share
+    p.add_argument("--one-shape", action="store_true", help=argparse.SUPPRESS)  # likewise
     return p
+
+
+def options(args: argparse.Namespace) -> dict:
+    """:func:`run_layer_benchmark`'s keywords from :func:`build_parser`'s options."""
+    return {"tokens": args.tokens or (1024 if args.quick else 4096),
+            "repeats": args.repeats or (3 if args.quick else 5), "shapes": args.shapes,
+            "memory": not args.no_memory, "dtype": args.dtype, "seed": args.seed}
+
+
+def fresh_share(parser: argparse.ArgumentParser, args: argparse.Namespace, sides: Sides) -> dict | None:
+    """What a fresh interpreter started by this module prints (``--memory-probe`` / ``--one-shape``),
+    else None."""
+    if not (args.memory_probe or args.one_shape):
+        return None
+    if len(args.shapes) != 1:
+        parser.error("--memory-probe and --one-shape take exactly one shape")
+    shape, opts = args.shapes[0], options(args)
+    if args.memory_probe:
+        if args.memory_probe not in sides.names:
+            parser.error(f"--memory-probe {args.memory_probe!r}: expected one of {', '.join(sides.names)}")
+        side = sides.side(args.memory_probe, shape, args.seed)
+        return probe_memory(side, make_input(opts["tokens"], shape, args.seed), args.dtype)
+    report, methods = bench_shape(shape, opts["tokens"], opts["repeats"], opts["memory"], args.dtype, args.seed,
+                                  sides)
+    return {"report": report, "memory_methods": sorted(methods)}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     gemm.choose(args.gemm)
-    tokens = args.tokens or (1024 if args.quick else 4096)
-    if args.memory_probe:
-        if len(args.shapes) != 1:
-            parser.error("--memory-probe takes exactly one shape")
-        print(json.dumps(probe_memory(args.memory_probe, args.shapes[0], tokens, args.dtype, args.seed)))
+    share = fresh_share(parser, args, MOEKIT_SIDES)
+    if share is not None:
+        print(json.dumps(share))
         return 0
-    if args.one_shape:
-        if len(args.shapes) != 1:
-            parser.error("--one-shape takes exactly one shape")
-        report, methods = bench_shape(args.shapes[0], tokens, args.repeats or 5, args.hf, not args.no_memory,
-                                      args.dtype, args.seed)
-        print(json.dumps({"report": report, "memory_methods": sorted(methods)}))
-        return 0
-    result = run_layer_benchmark(tokens=tokens, repeats=args.repeats or (3 if args.quick else 5),
-                                 shapes=args.shapes, hf=args.hf, memory=not args.no_memory, dtype=args.dtype,
-                                 seed=args.seed)
-    print(json.dumps(result, indent=2))
+    print(json.dumps(run_layer_benchmark(**options(args)), indent=2))
     return 0
 
 

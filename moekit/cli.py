@@ -59,11 +59,22 @@ def cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    import importlib
+MOVED_BENCHMARKS = ("train", "generate", "ep", "suite")  # now scripts: python benchmarks/<name>.py
 
-    module = importlib.import_module("moekit.bench" if args.suite == "layer" else f"moekit.bench_{args.suite}")
-    return module.main(args.rest) or 0
+
+def _benchmark_name(text: str) -> str:
+    if text in MOVED_BENCHMARKS:
+        raise argparse.ArgumentTypeError(f"'{text}' is no longer part of the package: run python "
+                                         f"benchmarks/{text}.py in a checkout of the moekit repository")
+    if text != "layer":
+        raise argparse.ArgumentTypeError(f"expected 'layer', got {text!r}")
+    return text
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from moekit import bench
+
+    return bench.main(args.rest)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -240,9 +251,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", dest="no_progress", action="store_true")
     p.set_defaults(fn=cmd_demo)
 
-    p = sub.add_parser("bench", help="benchmarks printing JSON")
-    p.add_argument("suite", choices=["layer", "train", "generate", "ep", "suite"])
-    p.add_argument("rest", nargs=argparse.REMAINDER, help="options of the suite (see --help after it)")
+    p = sub.add_parser("bench", help="time the MoE layer against a dense FFN on this machine (JSON)",
+                       description="moekit bench layer: the MoE layer against a dense SwiGLU FFN of equal active "
+                                   "FLOPs on this machine, as JSON (moekit bench layer --help). The project's "
+                                   "other benchmarks (transformers comparisons, training step, generation, expert "
+                                   "parallelism, the suite) are scripts in the repository: python "
+                                   "benchmarks/{layer,train,generate,ep,suite}.py.")
+    p.add_argument("benchmark", metavar="layer", type=_benchmark_name, help="the benchmark (one: layer)")
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="its options (moekit bench layer --help)")
     p.set_defaults(fn=cmd_bench)
 
     p = sub.add_parser("params", help="total and active parameters of a preset")
