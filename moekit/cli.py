@@ -282,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grad-accum", dest="grad_accum", type=POSITIVE)
     p.add_argument("--lr", type=number(0, above=True))
     p.add_argument("--warmup", type=NON_NEGATIVE, help="linear warmup steps (default min(50, steps // 10)); "
-                   "fewer than --steps")
+                   "at most --steps")
     p.add_argument("--weight-decay", dest="weight_decay", type=number(0))
     p.add_argument("--grad-clip", dest="grad_clip", type=number(0), help="gradient norm clip; 0 = off")
     p.add_argument("--dtype", choices=["fp32", "bf16"])

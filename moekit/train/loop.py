@@ -470,7 +470,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progr
             shard_experts(model, dims)
         # The fused kernel (CPU and CUDA) updates all of a parameter's state in one pass: on 2 CPU cores
         # 6x faster than the per-tensor loop for a 60M-parameter model (31 vs 181 ms a step, a one-off
-        # timing of opt.step(); `moekit bench train` shows the effect on a whole step).
+        # timing of opt.step(); `python benchmarks/train.py` shows the effect on a whole step).
         fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in model.parameters())
         optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8,
                                       fused=fused)
