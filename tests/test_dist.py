@@ -71,7 +71,7 @@ def _layer_worker(rank, world, ep, store, case, out):
     errors = {"output": (mine.output - res.output.view(world, 2, T // 2, 16)[rank]).abs().max().item(),
               "aux_loss": abs(aux.item() / world - res.aux_loss.item()),
               "x.grad": (x.grad / world - xr.grad.view(world, 2, T // 2, 16)[rank]).abs().max().item()}
-    ep_ = layer.ep
+    ep_ = layer.dispatcher
     for name, p in layer.named_parameters():
         want = dict(ref.named_parameters())[name].grad
         if name.startswith("experts."):
@@ -193,7 +193,7 @@ def test_ep_degree_must_divide_processes_and_experts(tmp_path):
 
 
 def test_received_rows_regroup_by_expert():
-    from moekit.dist.ep import _regroup_by_expert
+    from moekit.dist.alltoall import _regroup_by_expert
 
     g = torch.Generator().manual_seed(0)
     for P, El in ((1, 1), (2, 3), (4, 2)):

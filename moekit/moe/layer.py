@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from moekit.config import MoEConfig
-from moekit.dist.ep import ep_experts, ep_route, global_batch_sums
-from moekit.moe.dispatch import DispatchPlan, plan_expert_choice, plan_token_choice
+from moekit.moe.dispatch import DispatchPlan, plan_expert_choice
+from moekit.moe.dispatcher import LocalDispatcher, TokenDispatcher
 from moekit.moe.experts import Experts, gather_experts
 from moekit.moe.losses import load_balancing_loss, router_z_loss, sequence_balance_loss
 from moekit.moe.routers import ExpertChoiceRouter, RouterOutput, build_router
@@ -77,6 +77,8 @@ class MoELayer(nn.Module):
     input with 3 or more dims is the sequence, and a 1-D or 2-D input is one sequence) and returns a
     :class:`MoEOutput`. ``forward(x, mask)`` leaves out the tokens the mask marks False (padding):
     they are not routed at all. An empty batch returns an empty output, zero aux loss and zero stats.
+    Where the experts live (this process, or an expert-parallel group) is its :attr:`dispatcher`'s
+    business (:mod:`moekit.moe.dispatcher`): the layer has one code path.
     """
 
     def __init__(self, cfg: MoEConfig):
@@ -89,8 +91,17 @@ class MoELayer(nn.Module):
         self.shared = MLP(cfg.d_model, cfg.shared_hidden, cfg.activation, cfg.mlp_bias) if cfg.shared_hidden else None
         self.shared_gate = nn.Linear(cfg.d_model, 1, bias=False) if cfg.shared_expert_gate else None
         self.dense = MLP(cfg.d_model, cfg.dense_hidden, cfg.activation, cfg.mlp_bias) if cfg.dense_hidden else None
-        self.ep = None  # moekit.dist.ep.ExpertParallel once the experts are sharded over processes
+        # where the experts live (a plain attribute, no state): moekit.dist.ep.shard_experts installs
+        # the expert-parallel all-to-all one
+        self.dispatcher: TokenDispatcher = LocalDispatcher()
         self.reset_parameters()
+
+    @property
+    def ep(self):
+        """The expert-parallel dispatcher (its ``sent_bytes``, ``first``, ``local``) once
+        :func:`moekit.dist.ep.shard_experts` sharded the experts, else None. Read-only: the layer's
+        own logic goes through :attr:`dispatcher`."""
+        return None if isinstance(self.dispatcher, LocalDispatcher) else self.dispatcher
 
     def reset_parameters(self) -> None:
         """Every weight N(0, init_std²), biases zero (the routers' balancing state is left as it is)."""
@@ -105,16 +116,12 @@ class MoELayer(nn.Module):
     # ---- routing -----------------------------------------------------------------------------
     def route(self, x_TD: torch.Tensor) -> tuple[RouterOutput, DispatchPlan]:
         cfg = self.cfg
-        if self.ep is not None:
-            return ep_route(self, x_TD)
         T = x_TD.shape[0]
-        capacity = cfg.capacity(T, self.training)
-        if isinstance(self.router, ExpertChoiceRouter):
-            r = self.router(x_TD, capacity)
+        if isinstance(self.router, ExpertChoiceRouter):  # each expert picks among this batch's tokens
+            r = self.router(x_TD, cfg.capacity(T, self.training))
             return r, plan_expert_choice(r.token_ids_EC, r.weights_EC, T)
         r = self.router(x_TD)
-        plan = plan_token_choice(r.expert_ids_TK, r.weights_TK, cfg.num_experts, capacity, r.priority_TK,
-                                 cfg.drop_policy)
+        plan = self.dispatcher.plan(r, cfg, self.training)  # capacity: over the batch the experts see
         if self.training and cfg.bias_update_rate > 0:
             self.router.record_load(r.expert_ids_TK)
         return r, plan
@@ -153,9 +160,7 @@ class MoELayer(nn.Module):
             mask = None  # no padding: the plain path
         rows_R = None if mask is None else mask.reshape(-1).nonzero().squeeze(1)  # only real tokens are routed
         if rows_R is not None and rows_R.numel() == 0:
-            if self.ep is not None:  # NOTE: the other ranks then wait in the exchange until its timeout
-                raise ValueError("MoELayer mask: every token of this rank is padding; under expert parallelism "
-                                 "each rank needs at least one real token to take part in the exchange")
+            self.dispatcher.check_no_rows()
             return self._all_padding(x, x_TD)
         res = self._run(x, x_TD if rows_R is None else x_TD.index_select(0, rows_R), mask, rows_R)
         out_TD = res.output
@@ -171,7 +176,7 @@ class MoELayer(nn.Module):
         """Routes the rows ``x_RD`` (all of ``x``, or its real tokens ``rows_R`` of the flattened
         input) and runs their experts; the output is the routed experts' alone, [R, D]."""
         r, plan = self.route(x_RD)
-        out_RD = self.experts(x_RD, plan) if self.ep is None else ep_experts(self, x_RD, plan)
+        out_RD = self.dispatcher.run(self.experts, x_RD, plan)
         aux_loss, terms = self._aux_losses(x, r, plan, mask, rows_R)
         return MoEOutput(out_RD, aux_loss, self._stats(r, plan), terms, r.logits_TE)
 
@@ -185,7 +190,7 @@ class MoELayer(nn.Module):
         """Inside the compiled decode step (see :func:`gather_decoding`) the loop path's host sync
         cannot run; dropless token choice takes :func:`gather_experts` there instead."""
         return (_gather_decoding and torch.compiler.is_compiling() and not torch.is_grad_enabled()
-                and x_TD.shape[0] <= GATHER_MAX_TOKENS and self.ep is None
+                and x_TD.shape[0] <= GATHER_MAX_TOKENS and self.dispatcher.holds_all_experts
                 and not isinstance(self.router, ExpertChoiceRouter) and self.cfg.capacity(1, self.training) is None)
 
     def _residual_experts(self, x_TD: torch.Tensor, out_TD: torch.Tensor) -> torch.Tensor:
@@ -207,7 +212,7 @@ class MoELayer(nn.Module):
         total = r.logits_TE.new_zeros(())
         if cfg.aux_loss_coef > 0:
             terms["load_balancing"] = load_balancing_loss(r.probs_TE, plan.routed_E, cfg.top_k, cfg.lb_convention,
-                                                          global_batch_sums if self.ep is not None else None)
+                                                          self.dispatcher.batch_sums)
             total = total + cfg.aux_loss_coef * terms["load_balancing"]
         if cfg.z_loss_coef > 0:
             terms["z_loss"] = router_z_loss(r.logits_TE)
@@ -262,8 +267,7 @@ class MoELayer(nn.Module):
     def update_bias(self) -> None:
         """Applies the aux-loss-free bias update once (call after each optimizer step, never in eval)."""
         if self.cfg.bias_update_rate > 0:
-            if self.ep is not None:  # every rank must hold the same bias: the load of the whole batch
-                torch.distributed.all_reduce(self.router.load_since_update)
+            self.dispatcher.sum_load_(self.router.load_since_update)  # the load of the whole batch
             self.router.update_bias()
 
 

@@ -25,7 +25,7 @@ def load_balancing_loss(probs_TE: torch.Tensor, routed_E: torch.Tensor, top_k: i
     ``load_balancing_loss_func`` returns for one layer (balance gives K). NOTE: transformers
     concatenates all layers' tokens before the formula; per layer the two agree.
     ``batch_sums(Σ_t p_t, routed_E, T)``: returns the batch-wide ones when the batch is spread over
-    processes (expert parallelism: :func:`moekit.dist.ep.global_batch_sums`).
+    processes (the layer passes its dispatcher's :meth:`~moekit.moe.dispatcher.TokenDispatcher.batch_sums`).
     """
     T, E = probs_TE.shape
     sum_E = _fp32(probs_TE).sum(dim=0)
