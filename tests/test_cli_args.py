@@ -85,7 +85,7 @@ def test_number_bounds():
 @pytest.mark.parametrize("field,value,named", [
     ("weight_decay", float("nan"), "--weight-decay=nan is invalid: expected a finite number >= 0"),
     ("grad_clip", float("inf"), "--grad-clip=inf is invalid"), ("seed", -1, "--seed=-1 is invalid"),
-    ("warmup", 11, "--warmup=11 is invalid: expected at most --steps=10"), ("lr", float("nan"), "--lr=nan")])
+    ("lr", float("nan"), "--lr=nan")])
 def test_train_config_names_the_flag(field, value, named):
     """The Python API refuses what the command line refuses, naming the same flag."""
     from moekit.train import TrainConfig
@@ -99,3 +99,11 @@ def test_default_warmup_fits_the_run():
 
     assert [TrainConfig(preset="tiny", steps=s).warmup for s in (1, 10, 200, 600, 5000)] == [0, 1, 20, 50, 50]
     assert TrainConfig(preset="tiny", steps=10, warmup=10).warmup == 10
+
+
+def test_a_warmup_past_the_steps_is_refused_for_a_new_run(tmp_path):
+    from moekit.train import TrainConfig, train
+
+    with pytest.raises(ValueError, match=re.escape("--warmup=11 is invalid: expected at most --steps=10")):
+        train(TrainConfig(preset="tiny", steps=10, warmup=11, out=str(tmp_path / "run")), progress=False)
+    assert not (tmp_path / "run").exists()

@@ -59,8 +59,8 @@ def _poison_layer(monkeypatch, layer: int, calls: set[int] | None, from_call: in
     seen = {"n": 0}
     original = MoELayer.forward
 
-    def patched(self, x):
-        res = original(self, x)
+    def patched(self, x, *args, **kwargs):
+        res = original(self, x, *args, **kwargs)
         if getattr(self, "_fault_id", None) != layer:
             return res
         k = seen["n"]

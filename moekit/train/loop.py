@@ -91,8 +91,6 @@ class TrainConfig:
             object.__setattr__(self, "warmup", min(50, self.steps // 10))
         if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
             raise bad("warmup", "expected an integer >= 0")
-        if self.warmup > self.steps:
-            raise bad("warmup", f"expected at most --steps={self.steps} (the learning rate would never reach --lr)")
         for f in ("lr", "beta1", "beta2"):
             if not 0 < getattr(self, f) < (1 if f != "lr" else math.inf):  # NaN fails too
                 raise bad(f, "expected a number > 0" + (" and < 1" if f != "lr" else ""))
@@ -428,6 +426,9 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progr
                          f"(each takes an equal share of the batch)")
     main = dims.is_main
     out = Path(cfg.out)
+    if cfg.warmup > cfg.steps and not resume:  # (a resumed run may be cut short of its saved warmup)
+        raise ValueError(f"--warmup={cfg.warmup} is invalid: expected at most --steps={cfg.steps} (the learning rate "
+                         f"would never reach --lr)")
     model_config_for(cfg, vocab_size=256)  # a bad preset, override or seq_len fails before any file is written
     init_ckpt = None
     if cfg.init_from is not None and not resume:  # so does an --init-from checkpoint that does not fit
