@@ -286,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", dest="weight_decay", type=number(0))
     p.add_argument("--grad-clip", dest="grad_clip", type=number(0), help="gradient norm clip; 0 = off")
     p.add_argument("--dtype", choices=["fp32", "bf16"])
+    p.add_argument("--device", help="cpu (default), cuda or cuda:N")
     p.add_argument("--compile", action="store_true", default=None)
     p.add_argument("--tokenizer", help="'byte' (default), 'bpe', or a path to a tokenizer.json")
     p.add_argument("--vocab-size", dest="vocab_size", type=POSITIVE, help="BPE vocabulary size")

@@ -140,3 +140,15 @@ def test_ctrl_c_during_an_evaluation_ends_it_at_the_next_batch(tmp_path, corpus_
     assert result.interrupted and result.step == 2 and result.val_step is None and result.exit_code == 130
     assert batches == [0, 1]  # the stop came as batch 1 was drawn: it never ran, of 64 windows due
     ckpt_io.verify(ckpt_io.latest_checkpoint(tmp_path / "run"))
+
+
+def test_device_flag_is_checked_before_anything_is_written(tmp_path, corpus_dir):
+    for device, named in (("tpu", "expected cpu, cuda or cuda:N"), ("cuda:7", "CUDA device(s)")):
+        if device.startswith("cuda") and __import__("torch").cuda.device_count() > 7:
+            continue
+        err = _err(_cli(*BASE, "--steps", "1", "--data", str(corpus_dir), "--out", str(tmp_path / "r"),
+                        "--device", device))
+        assert f"--device={device!r} is invalid" in err and named in err
+        assert not (tmp_path / "r").exists()
+    res = _cli(*BASE, "--steps", "1", "--data", str(corpus_dir), "--out", str(tmp_path / "r"), "--device", "cpu")
+    assert res.returncode == 0, res.stderr

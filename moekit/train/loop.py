@@ -66,6 +66,7 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0
     dtype: str = "fp32"  # "fp32" or "bf16" (autocast)
+    device: str = "cpu"  # "cpu", "cuda" or "cuda:N"
     compile: bool = False
     eval_every: int = 100
     eval_tokens: int = 65536
@@ -246,7 +247,7 @@ def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> bool:
 
 
 # Options a resumed run may change: none of them changes the weights' trajectory up to the old end.
-RESUMABLE = ("out", "steps", "ep", "skip_nonfinite", "eval_every", "log_every", "save_every", "keep_last")
+RESUMABLE = ("out", "steps", "ep", "skip_nonfinite", "eval_every", "log_every", "save_every", "keep_last", "device")
 
 
 def _has_nonfinite(obj) -> bool:
@@ -276,7 +277,7 @@ def first_nonfinite(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, au
 
     handles = [m.register_forward_hook(hook_for(n)) for n, m in model.named_modules() if n]
     try:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast_dtype is not None):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast_dtype is not None):
             model(x, targets=y)
     finally:
         for h in handles:
@@ -314,6 +315,7 @@ def evaluate(model: MoETransformer, tokens, batch_size: int, seq_len: int, max_t
     torch.distributed without expert parallelism, on the share each rank runs)."""
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     world, rank = (dims.world, dims.rank) if dims is not None and dims.distributed else (1, 0)
     total, count = 0.0, 0
     for x, y in eval_batches(tokens, batch_size, seq_len, max_tokens):
@@ -324,7 +326,8 @@ def evaluate(model: MoETransformer, tokens, batch_size: int, seq_len: int, max_t
         if share:
             rows = slice(rank * x.shape[0] // world, (rank + 1) * x.shape[0] // world)
             x, y = x[rows], y[rows]
-        with torch.autocast("cpu", dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+        x, y = x.to(device), y.to(device)
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
             out = model(x, targets=y)
         # a batch every rank ran whole counts once (rank 0's copy)
         if share or rank == 0:
@@ -413,14 +416,71 @@ def _on_main(dims: ParallelDims, fn: Callable[[], Any], share: bool = True) -> A
     return result if dims.is_main else box[0]
 
 
-def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progress: bool = True,
-          on_eval: Callable[[dict], None] | None = None) -> TrainResult:
-    """Runs (or resumes) a training run in ``cfg.out``; see the module docstring.
+@dataclass
+class _Run:
+    """A run between two steps: what :func:`_start` set up and the counters the steps advance."""
 
-    Under torchrun every process calls it: ``cfg.ep`` experts-parallel degree, data parallel over
-    all processes (rank r takes rows [r·b, (r+1)·b) of each global batch, b = batch_size / world);
-    rank 0 writes the files. A run resumes at any EP degree (checkpoints hold whole experts)."""
-    dims = init_distributed(cfg.ep)
+    cfg: TrainConfig
+    dims: ParallelDims
+    out: Path
+    tokenizer: Any
+    data: Any
+    mcfg: ModelConfig
+    model: MoETransformer
+    optimizer: torch.optim.Optimizer
+    metrics: MetricsLog | None
+    step_fn: Callable
+    device: torch.device
+    autocast_dtype: torch.dtype | None
+    flops_per_token: float
+    step: int = 0  # optimizer steps done
+    tokens: int = 0
+    elapsed: float = 0.0  # seconds inside training steps (evaluation and saving excluded)
+    skipped: int = 0  # steps skipped as non-finite
+    last_loss: float | None = None
+    last_val: float | None = None
+    last_val_step: int | None = None
+
+    @property
+    def rows(self) -> slice:
+        """This rank's rows of each global batch."""
+        per_rank = self.cfg.batch_size // self.dims.world
+        return slice(self.dims.rank * per_rank, (self.dims.rank + 1) * per_rank)
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast_dtype is not None)
+
+
+@dataclass
+class _Step:
+    """One optimizer step's figures (losses are the global batch's, averaged over its micro-batches)."""
+
+    loss: float
+    ce_loss: float
+    lr: float
+    grad_norm: float
+    seconds: float
+    outs: list
+
+
+def _device(cfg: TrainConfig) -> torch.device:
+    try:
+        device = torch.device(cfg.device)
+    except RuntimeError:
+        raise ValueError(f"--device={cfg.device!r} is invalid: expected cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and (not torch.cuda.is_available()
+                                  or (device.index or 0) >= torch.cuda.device_count()):
+        raise ValueError(f"--device={cfg.device!r} is invalid: this machine has {torch.cuda.device_count()} CUDA "
+                         f"device(s)")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device={cfg.device!r} is invalid: expected cpu, cuda or cuda:N")
+    return device
+
+
+def _start(cfg: TrainConfig, dims: ParallelDims, resume: bool, overwrite: bool) -> _Run:
+    """Checks everything that can be checked, then prepares the run directory, the data, the model
+    and the optimizer (from the last checkpoint when resuming). Nothing is written before the checks,
+    and a failure after the directory was made removes it."""
     if cfg.batch_size % dims.world:
         raise ValueError(f"--batch-size {cfg.batch_size} is not divisible by the {dims.world} processes "
                          f"(each takes an equal share of the batch)")
@@ -429,6 +489,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progr
     if cfg.warmup > cfg.steps and not resume:  # (a resumed run may be cut short of its saved warmup)
         raise ValueError(f"--warmup={cfg.warmup} is invalid: expected at most --steps={cfg.steps} (the learning rate "
                          f"would never reach --lr)")
+    device = _device(cfg)
     model_config_for(cfg, vocab_size=256)  # a bad preset, override or seq_len fails before any file is written
     init_ckpt = None
     if cfg.init_from is not None and not resume:  # so does an --init-from checkpoint that does not fit
@@ -469,23 +530,27 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progr
             ckpt_io.load_weights(init_ckpt, model)
         if dims.ep > 1:
             shard_experts(model, dims)
+        model.to(device)
         # The fused kernel (CPU and CUDA) updates all of a parameter's state in one pass: on 2 CPU cores
         # 6x faster than the per-tensor loop for a 60M-parameter model (31 vs 181 ms a step, a one-off
         # timing of opt.step(); `python benchmarks/train.py` shows the effect on a whole step).
         fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in model.parameters())
         optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8,
                                       fused=fused)
-        start_step, tokens_seen, elapsed, skipped = 0, 0, 0.0, 0
         metrics = MetricsLog(out / "metrics.jsonl") if main else None
+        step_fn = data_parallel(model) if dims.distributed else model  # DDP: all but the experts (sync_expert_grads)
+        run = _Run(cfg, dims, out, tokenizer, data, mcfg, model, optimizer, metrics,
+                   torch.compile(step_fn) if cfg.compile else step_fn, device,
+                   torch.bfloat16 if cfg.dtype == "bf16" else None, flops_per_token(mcfg, cfg.seq_len))
         if resuming:
             slices = expert_slices(model, optimizer, dims) if dims.ep > 1 else None
             state = ckpt_io.load_trainer_state(latest, optimizer, slices)
             for group in optimizer.param_groups:  # load_state_dict restores the saved kernel choice: keep ours
                 group["fused"], group["foreach"] = fused, None
-            start_step, tokens_seen, elapsed = state["step"], state["tokens"], state["elapsed"]
-            skipped = state.get("skipped_nonfinite", 0)
+            run.step, run.tokens, run.elapsed = state["step"], state["tokens"], state["elapsed"]
+            run.skipped = state.get("skipped_nonfinite", 0)
             if metrics is not None:
-                metrics.truncate_after(start_step)
+                metrics.truncate_after(run.step)
         elif main:
             (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
             (out / "model_config.json").write_text(json.dumps(mcfg.to_dict(), indent=2) + "\n")
@@ -494,125 +559,144 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progr
             shutil.rmtree(out, ignore_errors=True)
         raise
     model.train()
-    step_fn = model
-    if dims.distributed:  # DDP averages everything but the experts, which sync_expert_grads handles
-        step_fn = data_parallel(model)
-    step_fn = torch.compile(step_fn) if cfg.compile else step_fn
-    per_rank = cfg.batch_size // dims.world
-    rows = slice(dims.rank * per_rank, (dims.rank + 1) * per_rank)
-    autocast_dtype = torch.bfloat16 if cfg.dtype == "bf16" else None
-    fpt = flops_per_token(mcfg, cfg.seq_len)
+    return run
 
-    def save(step):
-        model_state = full_state_dict(model, dims)  # collectives: every rank takes part
-        optimizer_state = full_optimizer_state(model, optimizer, dims)
-        if main:
-            ckpt_io.save_checkpoint(out, step, model, mcfg, tokenizer, cfg.to_dict(), optimizer,
-                                    {"tokens": tokens_seen, "elapsed": elapsed, "skipped_nonfinite": skipped},
-                                    cfg.keep_last,
-                                    model_state=model_state, optimizer_state=optimizer_state)
-        if dims.distributed:
-            dist.barrier()
 
+def _train_step(run: _Run, step: int) -> _Step:
+    """Forward and backward over the step's micro-batches, gradient sync and clipping, then the
+    optimizer step, or, for a non-finite loss or gradient, a stop naming where it first appeared
+    (or a counted skip with ``skip_nonfinite``)."""
+    cfg, dims, model, optimizer = run.cfg, run.dims, run.model, run.optimizer
+    t0 = time.perf_counter()
+    lr = lr_at(cfg, step)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loss_sum, ce_sum, outs = 0.0, 0.0, []
+    for micro in range(cfg.grad_accum):
+        x, y = get_batch(run.data.train, cfg.batch_size, cfg.seq_len, cfg.seed, step, micro)
+        x, y = x[run.rows].to(run.device), y[run.rows].to(run.device)
+        sync = micro == cfg.grad_accum - 1 or not dims.distributed
+        with contextlib.nullcontext() if sync else run.step_fn.no_sync():  # DDP: reduce on the last micro-batch
+            with run.autocast():
+                res = run.step_fn(x, targets=y)
+            (res.loss / cfg.grad_accum).backward()
+        loss_sum += res.loss.item() / cfg.grad_accum
+        ce_sum += res.ce_loss.item() / cfg.grad_accum
+        outs.append(res)
+    if dims.distributed:
+        sync_expert_grads(model, dims)
+        grad_norm = clip_grad_norm(model, cfg.grad_clip or float("inf"), dims)
+        losses = torch.tensor([loss_sum, ce_sum], dtype=torch.float64)
+        dist.all_reduce(losses)  # the batch's loss: the mean of the ranks' equal-sized shares
+        loss_sum, ce_sum = (losses / dims.world).tolist()
+    else:
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+    if math.isfinite(loss_sum) and bool(torch.isfinite(grad_norm)):
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        update_expert_biases(model)
+    else:
+        where = first_nonfinite(model, x, y, run.autocast_dtype)
+        what = f"step {step + 1}: loss {loss_sum}, gradient norm {grad_norm.item()}; first non-finite: {where}"
+        if not cfg.skip_nonfinite:
+            last = ckpt_io.latest_checkpoint(run.out)
+            raise FloatingPointError(f"{what}. Training stopped; the last good checkpoint "
+                                     f"{last if last else '(none yet)'} is kept. Resume with --resume, "
+                                     f"adding --skip-nonfinite to skip such steps")
+        run.skipped += 1
+        if dims.is_main:
+            print(f"moekit: skipped {what} ({run.skipped} skipped so far)", file=sys.stderr)
+        optimizer.zero_grad(set_to_none=True)
+        for layer in model.moe_layers:  # the skipped step's loads do not move the bias
+            layer.router.load_since_update.zero_()
+    seconds = time.perf_counter() - t0
+    run.elapsed += seconds
+    run.tokens += cfg.tokens_per_step
+    run.step = step + 1
+    run.last_loss = ce_sum
+    return _Step(loss_sum, ce_sum, lr, grad_norm.item(), seconds, outs)
+
+
+def _record(run: _Run, st: _Step) -> dict:
+    """The metrics.jsonl record of the step just run."""
+    return {"step": run.step, "loss": st.loss, "ce_loss": st.ce_loss, "lr": st.lr, "tokens": run.tokens,
+            "flops": run.flops_per_token * run.tokens, "tokens_per_s": run.cfg.tokens_per_step / st.seconds,
+            "elapsed_s": run.elapsed, "grad_norm": st.grad_norm, "skipped_nonfinite": run.skipped,
+            **layer_metrics(st.outs)}
+
+
+def _show(bar, run: _Run, st: _Step) -> None:
+    """The progress bar's figures, loud about collapsed routing."""
+    bar.update(1)
+    postfix = {"loss": f"{st.ce_loss:.3f}", "tok/s": f"{run.cfg.tokens_per_step / st.seconds:,.0f}"}
+    routing = st.outs[-1].routing if st.outs else None
+    if routing:
+        postfix["imbalance"] = f"{sum(s.max_load_ratio.item() for s in routing.values()) / len(routing):.2f}"
+        collapsed = [name for name, s in routing.items() if collapsed_experts(s.tokens_per_expert.tolist())]
+        if collapsed:
+            postfix["COLLAPSE"] = "layers " + ",".join(map(str, collapsed))
+    if run.skipped:
+        postfix["skipped"] = run.skipped
+    if run.last_val is not None:
+        postfix["val"] = f"{run.last_val:.3f}"
+    bar.set_postfix(postfix)
+
+
+def _save(run: _Run) -> None:
+    """A checkpoint of the run's state after ``run.step`` steps (every rank takes part in gathering)."""
+    dims = run.dims
+    model_state = full_state_dict(run.model, dims)
+    optimizer_state = full_optimizer_state(run.model, run.optimizer, dims)
+    if dims.is_main:
+        ckpt_io.save_checkpoint(run.out, run.step, run.model, run.mcfg, run.tokenizer, run.cfg.to_dict(),
+                                run.optimizer, {"tokens": run.tokens, "elapsed": run.elapsed,
+                                                "skipped_nonfinite": run.skipped},
+                                run.cfg.keep_last, model_state=model_state, optimizer_state=optimizer_state)
+    if dims.distributed:
+        dist.barrier()
+
+
+def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progress: bool = True,
+          on_eval: Callable[[dict], None] | None = None) -> TrainResult:
+    """Runs (or resumes) a training run in ``cfg.out``; see the module docstring.
+
+    Under torchrun every process calls it: ``cfg.ep`` experts-parallel degree, data parallel over
+    all processes (rank r takes rows [r·b, (r+1)·b) of each global batch, b = batch_size / world);
+    rank 0 writes the files. A run resumes at any EP degree (checkpoints hold whole experts)."""
+    dims = init_distributed(cfg.ep)
+    run = _start(cfg, dims, resume, overwrite)
     bar = None
-    if progress and main:
+    if progress and dims.is_main:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=cfg.steps, initial=start_step, unit="step", dynamic_ncols=True)
-    last_loss = last_val = last_val_step = None
-    interrupted = False
-    done = start_step
+        bar = tqdm(total=cfg.steps, initial=run.step, unit="step", dynamic_ncols=True)
+
     def closing(obj):  # closed however the loop ends, an exception included
         return contextlib.closing(obj) if obj is not None else contextlib.nullcontext()
 
-    with _StopFlag(enabled=not dims.distributed) as stop, closing(metrics), closing(bar):
-        for step in range(start_step, cfg.steps):
-            t0 = time.perf_counter()
-            lr = lr_at(cfg, step)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss_sum, ce_sum, outs = 0.0, 0.0, []
-            for micro in range(cfg.grad_accum):
-                x, y = get_batch(data.train, cfg.batch_size, cfg.seq_len, cfg.seed, step, micro)
-                x, y = x[rows], y[rows]
-                sync = micro == cfg.grad_accum - 1 or not dims.distributed
-                with contextlib.nullcontext() if sync else step_fn.no_sync():  # DDP: reduce on the last micro-batch
-                    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast_dtype is not None):
-                        res = step_fn(x, targets=y)
-                    (res.loss / cfg.grad_accum).backward()
-                loss_sum += res.loss.item() / cfg.grad_accum
-                ce_sum += res.ce_loss.item() / cfg.grad_accum
-                outs.append(res)
-            if dims.distributed:
-                sync_expert_grads(model, dims)
-                grad_norm = clip_grad_norm(model, cfg.grad_clip or float("inf"), dims)
-                losses = torch.tensor([loss_sum, ce_sum], dtype=torch.float64)
-                dist.all_reduce(losses)  # the batch's loss: the mean of the ranks' equal-sized shares
-                loss_sum, ce_sum = (losses / dims.world).tolist()
-            else:
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
-            finite = math.isfinite(loss_sum) and bool(torch.isfinite(grad_norm))
-            if not finite:
-                where = first_nonfinite(model, x, y, autocast_dtype)
-                what = (f"step {step + 1}: loss {loss_sum}, gradient norm {grad_norm.item()}; first non-finite: "
-                        f"{where}")
-                if not cfg.skip_nonfinite:
-                    last = ckpt_io.latest_checkpoint(out)
-                    raise FloatingPointError(f"{what}. Training stopped; the last good checkpoint "
-                                             f"{last if last else '(none yet)'} is kept. Resume with --resume, "
-                                             f"adding --skip-nonfinite to skip such steps")
-                skipped += 1
-                if main:
-                    print(f"moekit: skipped {what} ({skipped} skipped so far)", file=sys.stderr)
-                optimizer.zero_grad(set_to_none=True)
-                for layer in model.moe_layers:  # the skipped step's loads do not move the bias
-                    layer.router.load_since_update.zero_()
-            else:
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                update_expert_biases(model)
-            dt = time.perf_counter() - t0
-            elapsed += dt
-            tokens_seen += cfg.tokens_per_step
-            done = step + 1
-            last_loss = ce_sum
-
-            record = None
+    with _StopFlag(enabled=not dims.distributed) as stop, closing(run.metrics), closing(bar):
+        for step in range(run.step, cfg.steps):
+            st = _train_step(run, step)
+            done = run.step
             # a requested stop skips the evaluation: the step's checkpoint is what matters then
             evaluating = (done % cfg.eval_every == 0 or done == cfg.steps) and stop.signal is None
-            if evaluating or done % cfg.log_every == 0:
-                record = {"step": done, "loss": loss_sum, "ce_loss": ce_sum, "lr": lr, "tokens": tokens_seen,
-                          "flops": fpt * tokens_seen, "tokens_per_s": cfg.tokens_per_step / dt, "elapsed_s": elapsed,
-                          "grad_norm": grad_norm.item(), "skipped_nonfinite": skipped, **layer_metrics(outs)}
+            record = _record(run, st) if evaluating or done % cfg.log_every == 0 else None
             if evaluating:
-                ev = evaluate(model, data.val, cfg.batch_size, cfg.seq_len, cfg.eval_tokens, autocast_dtype, dims,
-                              should_stop=lambda: stop.signal is not None)
+                ev = evaluate(run.model, run.data.val, cfg.batch_size, cfg.seq_len, cfg.eval_tokens,
+                              run.autocast_dtype, dims, should_stop=lambda: stop.signal is not None)
                 if ev is not None:
-                    last_val, last_val_step = ev["loss"], done
+                    run.last_val, run.last_val_step = ev["loss"], done
                     record["val_loss"] = ev["loss"]
-                    if on_eval and main:
+                    if on_eval and dims.is_main:
                         on_eval(record)
-            if record is not None and metrics is not None:
-                metrics.append(record)
+            if record is not None and run.metrics is not None:
+                run.metrics.append(record)
             if bar is not None:
-                bar.update(1)
-                postfix = {"loss": f"{ce_sum:.3f}", "tok/s": f"{cfg.tokens_per_step / dt:,.0f}"}
-                if outs and outs[-1].routing:
-                    ratio = sum(s.max_load_ratio.item() for s in outs[-1].routing.values()) / len(outs[-1].routing)
-                    postfix["imbalance"] = f"{ratio:.2f}"
-                    collapsed = [name for name, st in outs[-1].routing.items()
-                                 if collapsed_experts(st.tokens_per_expert.tolist())]
-                    if collapsed:  # loud: the layers whose routing collapsed on this step
-                        postfix["COLLAPSE"] = "layers " + ",".join(map(str, collapsed))
-                if skipped:
-                    postfix["skipped"] = skipped
-                if last_val is not None:
-                    postfix["val"] = f"{last_val:.3f}"
-                bar.set_postfix(postfix)
+                _show(bar, run, st)
             if done % cfg.save_every == 0 or done == cfg.steps or stop.signal is not None:
                 with stop.saving():
-                    save(done)
+                    _save(run)
             if stop.signal is not None:
-                interrupted = True
                 break
-    return TrainResult(out, done, last_loss, last_val, interrupted, last_val_step, stop.exit_code)
+    return TrainResult(run.out, run.step, run.last_loss, run.last_val, stop.signal is not None, run.last_val_step,
+                       stop.exit_code)
