@@ -1,4 +1,6 @@
-"""Named model presets: the published shapes of the seed MoE systems and small CPU-trainable ones.
+"""Named model presets (the table lives in :mod:`moekit.config`, at the bottom of the import graph, so
+``ModelConfig.from_name`` needs no import from above): the published shapes of the seed MoE systems
+and small CPU-trainable ones, their published parameter counts, and :func:`miniature`.
 
 Shapes come from each model's released config file or paper. Parameter counts
 (``moekit params NAME``) include the input embedding and the output head (once when tied), as
@@ -15,18 +17,10 @@ active as "21B", within 2%).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
-from moekit.config import MoEConfig, ModelConfig
+from moekit.config import PRESETS, ModelConfig, Preset, get_preset
 
-
-@dataclass(frozen=True)
-class Preset:
-    config: ModelConfig
-    source: str
-    published_total: str | None = None  # as published, e.g. "46.7B", "1.2T"
-    published_active: str | None = None
-    note: str = ""
+__all__ = ["PRESETS", "Preset", "get_preset", "matches_published", "miniature", "parse_count"]
 
 
 def parse_count(text: str) -> float:
@@ -43,133 +37,6 @@ def matches_published(count: int, published: str) -> bool:
     digits = len(published[:-1].partition(".")[2])
     scale = parse_count("1" + published[-1])
     return round(count / scale, digits) == float(published[:-1])
-
-
-def _moe(d: int, hidden: int, E: int, K: int, **kw) -> MoEConfig:
-    return MoEConfig(d_model=d, expert_hidden=hidden, num_experts=E, top_k=K, **kw)
-
-
-def _presets() -> dict[str, Preset]:
-    p: dict[str, Preset] = {}
-
-    # ---- small presets for a CPU (byte-level vocabulary) ----------------------------------------
-    tiny_moe = _moe(64, 64, 8, 2, aux_loss_coef=0.01, z_loss_coef=1e-3)
-    tiny = ModelConfig(vocab_size=256, d_model=64, n_layers=2, n_heads=4, max_seq_len=256, moe=tiny_moe,
-                       ffn_hidden=128, tie_embeddings=True)
-    p["tiny"] = Preset(tiny, "moekit: trains in seconds, for tests")
-    p["tiny-dense"] = Preset(tiny.replace(moe=None), "moekit: tiny's dense twin (FFN width = top_k x expert width)")
-    small_moe = _moe(256, 512, 8, 2, aux_loss_coef=0.01, z_loss_coef=1e-3)
-    small = ModelConfig(vocab_size=256, d_model=256, n_layers=4, n_heads=4, max_seq_len=1024, moe=small_moe,
-                        ffn_hidden=1024, tie_embeddings=True)
-    p["small"] = Preset(small, "moekit: a few minutes a run on 2 CPU cores")
-    p["small-dense"] = Preset(small.replace(moe=None), "moekit: small's dense twin (same active parameters)")
-
-    # ---- the demo pair (moekit demo): same active parameters, tokens and schedule ---------------
-    demo_dense = ModelConfig(vocab_size=256, d_model=256, n_layers=4, n_heads=4, max_seq_len=1024, ffn_hidden=1024,
-                             tie_embeddings=True)
-    p["demo-dense"] = Preset(demo_dense, "moekit demo: dense baseline, SwiGLU FFN 1024")
-    p["demo-moe"] = Preset(demo_dense.replace(moe=_moe(
-        256, 128, 64, 6, num_shared_experts=2, aux_loss_coef=0.01, z_loss_coef=1e-3)),
-        "moekit demo: DeepSeekMoE-style fine-grained experts (64 x 128, top-6, renormalised) + 2 shared, "
-        "active FFN 1024")
-
-    # ---- the published systems -----------------------------------------------------------------
-    switch = ModelConfig(
-        vocab_size=32128, d_model=768, n_layers=12, n_heads=12, max_seq_len=512, ffn_hidden=3072,
-        activation="relu", tie_embeddings=True, moe_every=2,
-        moe=_moe(768, 3072, 8, 1, router="switch", activation="relu", capacity_factor=1.25,
-                 eval_capacity_factor=2.0, router_jitter=0.01, aux_loss_coef=0.01, z_loss_coef=1e-3))
-    p["switch"] = Preset(switch, "Fedus et al. 2021, Switch-Base-8 routing in a 12-layer decoder-only analogue "
-                         "(MoE every other FFN, top-1, capacity 1.25, aux 0.01, z-loss 0.001)")
-
-    glam = ModelConfig(
-        vocab_size=256000, d_model=8192, n_layers=64, n_heads=128, head_dim=128, max_seq_len=1024,
-        ffn_hidden=32768, activation="geglu", tie_embeddings=True, moe_every=2,
-        moe=_moe(8192, 32768, 64, 2, activation="gelu", aux_loss_coef=0.01))
-    p["glam"] = Preset(glam, "Du et al. 2022, GLaM 64B/64E (Table 4)", "1.2T", "96.6B",
-                       "published 1.2T is rounded (count: 1.16T)")
-
-    mixtral = ModelConfig(
-        vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, max_seq_len=32768,
-        rope_theta=1e6, norm_eps=1e-5, moe=_moe(4096, 14336, 8, 2, aux_loss_coef=0.02))
-    p["mixtral-8x7b"] = Preset(mixtral, "Mistral AI, Mixtral-8x7B config.json; Jiang et al. 2024", "46.7B", "12.9B")
-    p["mixtral-8x22b"] = Preset(
-        mixtral.replace(vocab_size=32768, d_model=6144, n_layers=56, n_heads=48, max_seq_len=65536,
-                        moe=_moe(6144, 16384, 8, 2, aux_loss_coef=0.001)),
-        "Mistral AI, Mixtral-8x22B-v0.1 config.json", "141B", "39B")
-
-    p["dbrx"] = Preset(ModelConfig(
-        vocab_size=100352, d_model=6144, n_layers=40, n_heads=48, n_kv_heads=8, max_seq_len=32768,
-        rope_theta=5e5, norm="layernorm", norm_eps=1e-5, clip_qkv=8.0,
-        moe=_moe(6144, 10752, 16, 4, aux_loss_coef=0.05)),
-        "Databricks, dbrx-base config.json (softmax then L1 renormalisation; clip_qkv 8)", "132B", "36B")
-
-    p["grok-1"] = Preset(ModelConfig(
-        vocab_size=131072, d_model=6144, n_layers=64, n_heads=48, n_kv_heads=8, max_seq_len=8192,
-        sandwich_norm=True, tie_embeddings=True, embedding_multiplier=math.sqrt(6144),
-        logit_multiplier=0.5773502691896257, attn_logit_softcap=30.0,
-        moe=_moe(6144, 32768, 8, 2, activation="geglu", normalize_weights=False)),
-        "xAI, grok-1 release (model.py): gated GELU experts, softmax over all 8 without renormalisation",
-        "314B", None, "xAI publishes 314B total only (\"25% of weights active\")")
-
-    p["arctic"] = Preset(ModelConfig(
-        vocab_size=32000, d_model=7168, n_layers=35, n_heads=56, n_kv_heads=8, max_seq_len=4096,
-        ffn_hidden=7168, parallel_residual_mlp=True, norm_eps=1e-5,
-        moe=_moe(7168, 4864, 128, 2, aux_loss_coef=0.01)),
-        "Snowflake, snowflake-arctic-base config.json (dense-MoE hybrid: 10B dense + 128x3.66B MoE)", "480B", "17B")
-
-    p["deepseek-moe-16b"] = Preset(ModelConfig(
-        vocab_size=102400, d_model=2048, n_layers=28, n_heads=16, max_seq_len=4096, ffn_hidden=10944,
-        first_k_dense=1,
-        moe=_moe(2048, 1408, 64, 6, normalize_weights=False, num_shared_experts=2, seq_aux_loss_coef=0.001)),
-        "Dai et al. 2024, DeepSeekMoE 16B config.json", "16.4B", "2.8B")
-
-    mla = dict(attention="mla", q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
-               v_head_dim=128, rope_interleave=True)
-    p["deepseek-v2"] = Preset(ModelConfig(
-        vocab_size=102400, d_model=5120, n_layers=60, n_heads=128, max_seq_len=163840, ffn_hidden=12288,
-        first_k_dense=1, **mla,
-        moe=_moe(5120, 1536, 160, 6, normalize_weights=False, n_group=8, topk_group=3, routed_scaling_factor=16.0,
-                 num_shared_experts=2, seq_aux_loss_coef=0.003)),
-        "DeepSeek-AI 2024, DeepSeek-V2 config.json", "236B", "21B")
-
-    p["deepseek-v3"] = Preset(ModelConfig(
-        vocab_size=129280, d_model=7168, n_layers=61, n_heads=128, max_seq_len=163840, ffn_hidden=18432,
-        first_k_dense=3, **mla,
-        moe=_moe(7168, 2048, 256, 8, router="sigmoid", n_group=8, topk_group=4, routed_scaling_factor=2.5,
-                 num_shared_experts=1, bias_update_rate=1e-3, seq_aux_loss_coef=1e-4)),
-        "DeepSeek-AI 2024, DeepSeek-V3 config.json (main model, without the MTP module)", "671B", "37B")
-
-    qwen = dict(qkv_bias=True, rope_theta=1e6)
-    p["qwen1.5-moe-a2.7b"] = Preset(ModelConfig(
-        vocab_size=151936, d_model=2048, n_layers=24, n_heads=16, max_seq_len=8192, **qwen,
-        moe=_moe(2048, 1408, 60, 4, normalize_weights=False, num_shared_experts=1, shared_expert_hidden=5632,
-                 shared_expert_gate=True, aux_loss_coef=0.001)),
-        "Qwen, Qwen1.5-MoE-A2.7B config.json", "14.3B", "2.7B")
-    p["qwen2-57b-a14b"] = Preset(ModelConfig(
-        vocab_size=151936, d_model=3584, n_layers=28, n_heads=28, n_kv_heads=4, max_seq_len=32768, **qwen,
-        moe=_moe(3584, 2560, 64, 8, normalize_weights=False, num_shared_experts=1, shared_expert_hidden=20480,
-                 shared_expert_gate=True, aux_loss_coef=0.001)),
-        "Qwen, Qwen2-57B-A14B config.json", "57B", "14B")
-    p["qwen3-30b-a3b"] = Preset(ModelConfig(
-        vocab_size=151936, d_model=2048, n_layers=48, n_heads=32, n_kv_heads=4, head_dim=128, max_seq_len=40960,
-        rope_theta=1e6, qk_norm="head", moe=_moe(2048, 768, 128, 8, aux_loss_coef=0.001)),
-        "Qwen, Qwen3-30B-A3B config.json", "30.5B", "3.3B")
-    p["olmoe-1b-7b"] = Preset(ModelConfig(
-        vocab_size=50304, d_model=2048, n_layers=16, n_heads=16, max_seq_len=4096, qk_norm="full", norm_eps=1e-5,
-        moe=_moe(2048, 1024, 64, 8, normalize_weights=False, aux_loss_coef=0.01, z_loss_coef=1e-3)),
-        "Muennighoff et al. 2024, OLMoE-1B-7B-0924 config.json", "6.9B", "1.3B")
-    return p
-
-
-PRESETS: dict[str, Preset] = _presets()
-
-
-def get_preset(name: str) -> ModelConfig:
-    try:
-        return PRESETS[name].config
-    except KeyError:
-        raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}") from None
 
 
 def miniature(cfg: ModelConfig | str, d_model: int = 64, n_heads: int = 4, max_experts: int = 16,
