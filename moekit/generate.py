@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 import torch
 
 from moekit.model import MoETransformer, padded_causal_mask, padded_positions
-from moekit.moe.layer import gather_decoding
+from moekit.moe.backends import gather_decoding
 from moekit.nn.kv_cache import KVCache, StaticKVCache
 
 
@@ -177,6 +177,7 @@ class _CompiledDecoder:
         self.slot_1 = torch.zeros(1, dtype=torch.long, device=mask_BT.device)
         self.pos_B1 = torch.zeros(B, 1, dtype=torch.long, device=mask_BT.device)
         self.forward = _compiled_static_forward()
+        self.decoding = gather_decoding(model)  # (finds the MoE layers once, entered every step)
 
     def prefill(self):
         self.cache.slots_S = torch.arange(self.L, device=self.first.device)
@@ -188,7 +189,7 @@ class _CompiledDecoder:
         col = self.L + step
         self.slot_1.fill_(col)
         self.pos_B1.copy_(self.positions_BC[:, col:col + 1])
-        with gather_decoding():
+        with self.decoding:
             return self.forward(self.model, nxt_B[:, None], self.pos_B1, self.valid_BC, self.cache)
 
 
@@ -208,7 +209,7 @@ def generate(model: MoETransformer, prompts: Sequence[Sequence[int]] | torch.Ten
 
     ``compile=True`` runs each decode step through ``torch.compile`` with a static KV cache (the
     experts of dropless token-choice layers then read their weights in place, see
-    :func:`moekit.moe.experts.gather_experts`): in fp32 on a 2-core CPU 2.0-2.9x the eager tokens/s
+    :func:`moekit.moe.backends.gather.gather_experts`): in fp32 on a 2-core CPU 2.0-2.9x the eager tokens/s
     at batch 1-8 once compiled (bf16 at batch 8 gains nothing), at a one-off
     compile of several seconds per (model, batch size, cache length) in a process; past dynamo's
     recompile limit (8 graphs) further shapes decode eagerly, correct but slower. It needs the C++

@@ -12,6 +12,7 @@ Usage::
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -19,11 +20,12 @@ import torch
 from torch import nn
 
 from moekit.config import MoEConfig, ModelConfig
+from moekit.cpu import gemm as cpu_gemm
+from moekit.moe.backends import chooser
 from moekit.moe.layer import MoELayer, RoutingStats
 from moekit.nn.attention import build_attention
-from moekit.nn import gemm
 from moekit.nn.kv_cache import KVCache
-from moekit.nn.loss import cross_entropy, linear_cross_entropy
+from moekit.nn.loss import cross_entropy, linear_cross_entropy, torch_mm
 from moekit.nn.mlp import MLP
 from moekit.nn.norm import build_norm
 from moekit.nn.rope import rope_cos_sin, scaled_frequencies
@@ -106,8 +108,13 @@ class MoETransformer(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
-        self.lm_head = None if cfg.tie_embeddings else gemm.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.init_weights()
+        # Dense fp32 CPU products (attention, dense FFNs, the head, the loss) on oneDNN where the chooser
+        # says so; a dense model is left plain (and loads no native code) unless gemm='onednn' is asked for.
+        self.accelerated = chooser.accelerates_dense(cfg)
+        if self.accelerated:
+            cpu_gemm.accelerate(self, chooser.onednn_for)
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -183,8 +190,12 @@ class MoETransformer(nn.Module):
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         """Final norm and output projection (times Grok-1's output multiplier)."""
-        logits = gemm.linear(self.norm(x), self.output_weight())
+        h = self.norm(x)
+        logits = cpu_gemm.linear(h, self.output_weight(), onednn=self._onednn(h))
         return logits * self.cfg.logit_multiplier if self.cfg.logit_multiplier != 1.0 else logits
+
+    def _onednn(self, t: torch.Tensor) -> bool:
+        return self.accelerated and chooser.onednn_for(t)
 
     def output_weight(self) -> torch.Tensor:
         return self.embed.weight if self.lm_head is None else self.lm_head.weight
@@ -240,8 +251,10 @@ class MoETransformer(nn.Module):
                 out.ce_loss = cross_entropy(logits.view(B * S, -1), targets.reshape(B * S), ignore_index)
         else:  # the loss without the [B, S, V] logits (see moekit.nn.loss)
             out = ModelOutput(None, aux, routing=routing, aux_terms=terms)
-            out.ce_loss = linear_cross_entropy(self.norm(x).reshape(B * S, -1), self.output_weight(),
-                                               targets.reshape(B * S), ignore_index, cfg.logit_multiplier)
+            h = self.norm(x).reshape(B * S, -1)
+            mm = functools.partial(cpu_gemm.mm, onednn=True) if self._onednn(h) else torch_mm
+            out.ce_loss = linear_cross_entropy(h, self.output_weight(), targets.reshape(B * S), ignore_index,
+                                               cfg.logit_multiplier, mm=mm)
         if targets is not None:
             out.loss = out.ce_loss + aux
         return out

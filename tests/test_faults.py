@@ -116,8 +116,8 @@ def test_router_collapse_is_flagged(tmp_path, corpus_dir, monkeypatch, capsys):
 
     original = Router.select
 
-    def forced(self, scores_TE):  # every token to experts 0 and 1
-        ids, _ = original(self, scores_TE)
+    def forced(self, scores_TE, topk=None):  # every token to experts 0 and 1
+        ids, _ = original(self, scores_TE, topk)
         ids = torch.tensor([0, 1]).expand_as(ids).contiguous()
         return ids, scores_TE.gather(1, ids)
 

@@ -13,7 +13,6 @@ Usage::
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -26,23 +25,6 @@ from moekit.moe.experts import Experts, gather_experts
 from moekit.moe.losses import load_balancing_loss, router_z_loss, sequence_balance_loss
 from moekit.moe.routers import ExpertChoiceRouter, RouterOutput, build_router
 from moekit.nn.mlp import MLP
-
-
-_gather_decoding = False
-GATHER_MAX_TOKENS = 64  # each (token, choice) reads its expert's weights: for decoding steps only
-
-
-@contextmanager
-def gather_decoding():
-    """Inside, compiled no-grad forwards of dropless token-choice MoE layers over at most
-    ``GATHER_MAX_TOKENS`` tokens run :func:`moekit.moe.experts.gather_experts` (moekit.generate's
-    compiled decode step); everywhere else the loop path runs."""
-    global _gather_decoding
-    previous, _gather_decoding = _gather_decoding, True
-    try:
-        yield
-    finally:
-        _gather_decoding = previous
 
 
 @dataclass
@@ -120,7 +102,7 @@ class MoELayer(nn.Module):
         if isinstance(self.router, ExpertChoiceRouter):  # each expert picks among this batch's tokens
             r = self.router(x_TD, cfg.capacity(T, self.training))
             return r, plan_expert_choice(r.token_ids_EC, r.weights_EC, T)
-        r = self.router(x_TD)
+        r = self.router(x_TD, topk=self.experts.topk_for(x_TD))  # (the expert backend's top-k)
         plan = self.dispatcher.plan(r, cfg, self.training)  # capacity: over the batch the experts see
         if self.training and cfg.bias_update_rate > 0:
             self.router.record_load(r.expert_ids_TK)
@@ -187,11 +169,12 @@ class MoELayer(nn.Module):
         return res
 
     def _decoding(self, x_TD: torch.Tensor) -> bool:
-        """Inside the compiled decode step (see :func:`gather_decoding`) the loop path's host sync
-        cannot run; dropless token choice takes :func:`gather_experts` there instead."""
-        return (_gather_decoding and torch.compiler.is_compiling() and not torch.is_grad_enabled()
-                and x_TD.shape[0] <= GATHER_MAX_TOKENS and self.dispatcher.holds_all_experts
-                and not isinstance(self.router, ExpertChoiceRouter) and self.cfg.capacity(1, self.training) is None)
+        """Inside the compiled decode step (:func:`moekit.moe.backends.gather_decoding`) the loop path's
+        host sync cannot run: a dropless token-choice layer holding all its experts may take the gather
+        backend there, when the chooser picks it."""
+        return (self.experts.decoding and self.dispatcher.holds_all_experts
+                and not isinstance(self.router, ExpertChoiceRouter) and self.cfg.capacity(1, self.training) is None
+                and self.experts.backend_for(x_TD, decode_step=True) == "gather")
 
     def _residual_experts(self, x_TD: torch.Tensor, out_TD: torch.Tensor) -> torch.Tensor:
         """Adds the shared experts (optionally sigmoid-gated, Qwen-MoE) and the dense residual FFN."""

@@ -6,20 +6,21 @@ Every router owns the gate weight ``weight_ED`` and returns a :class:`RouterOutp
 routers (softmax top-k, Switch, noisy top-k, sigmoid) fill ``expert_ids_TK``/``weights_TK``; the
 expert-choice router fills ``token_ids_EC``/``weights_EC`` instead. Token-choice routers also own the
 selection bias of DeepSeek-V3's aux-loss-free balancing (``expert_bias``, zeros unless updated) and
-the load counted in training passes since the last update.
+the load counted in training passes since the last update. They select with ``torch.topk`` unless the
+caller hands in another top-k (``forward(x, topk=...)``: the layer passes its expert backend's, e.g.
+the C++ one, which breaks ties to the lower index as the reference does).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from moekit.config import MoEConfig
-from moekit.moe import native
-from moekit.nn import gemm
 
 
 @dataclass
@@ -48,6 +49,15 @@ def group_limited_mask(scores_TE: torch.Tensor, n_group: int, topk_group: int, g
     kept_TG = group_scores_TG.topk(topk_group, dim=-1).indices
     mask_TG = torch.zeros_like(group_scores_TG, dtype=torch.bool).scatter_(1, kept_TG, True)
     return mask_TG.repeat_interleave(E // n_group, dim=1)
+
+
+TopK = Callable[[torch.Tensor, int], torch.Tensor]
+
+
+def topk_indices(scores_TE: torch.Tensor, k: int) -> torch.Tensor:
+    """The indices of each row's ``k`` largest scores, largest first (``torch.topk``: its order among
+    equal scores is its own)."""
+    return scores_TE.topk(k, dim=-1).indices
 
 
 def router_dtype(x: torch.Tensor) -> torch.dtype:
@@ -87,11 +97,12 @@ class Router(nn.Module):
         # flip near-ties.
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
             dtype = router_dtype(x_TD)
-            return gemm.linear(x_TD.to(dtype), self.weight_ED.to(dtype))
+            return F.linear(x_TD.to(dtype), self.weight_ED.to(dtype))
 
     # ---- token-choice selection shared by the routers ----------------------------------------
-    def select(self, scores_TE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-k of ``scores + bias`` (restricted to the best groups when group-limited).
+    def select(self, scores_TE: torch.Tensor, topk: TopK | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k of ``scores + bias`` (restricted to the best groups when group-limited), by ``topk``
+        (default :func:`topk_indices`).
 
         Returns (expert_ids_TK, unbiased scores of the chosen experts): the bias picks, never weighs.
         """
@@ -101,7 +112,7 @@ class Router(nn.Module):
         if cfg.n_group > 1:
             mask_TE = group_limited_mask(select_TE, cfg.n_group, cfg.topk_group, cfg.group_score)
             select_TE = select_TE.masked_fill(~mask_TE, float("-inf"))
-        expert_ids_TK = native.topk_indices(select_TE, cfg.top_k)  # (ties: the lower index, as the reference)
+        expert_ids_TK = (topk or topk_indices)(select_TE, cfg.top_k)
         return expert_ids_TK, scores_TE.gather(1, expert_ids_TK)
 
     def finish_weights(self, weights_TK: torch.Tensor) -> torch.Tensor:
@@ -140,10 +151,10 @@ class SoftmaxTopKRouter(Router):
     renormalisation). Group-limited selection with group score ``max`` is DeepSeek-V2's.
     """
 
-    def forward(self, x_TD: torch.Tensor) -> RouterOutput:
+    def forward(self, x_TD: torch.Tensor, topk: TopK | None = None) -> RouterOutput:
         logits_TE = self.logits(x_TD)
         probs_TE = logits_TE.softmax(dim=-1)
-        expert_ids_TK, chosen_TK = self.select(probs_TE)
+        expert_ids_TK, chosen_TK = self.select(probs_TE, topk)
         if self.cfg.softmax_order == "after":
             weights_TK = logits_TE.gather(1, expert_ids_TK).softmax(dim=-1)
         else:
@@ -158,13 +169,13 @@ class SwitchRouter(Router):
     "multiplicative jitter", applied to the router input only).
     """
 
-    def forward(self, x_TD: torch.Tensor) -> RouterOutput:
+    def forward(self, x_TD: torch.Tensor, topk: TopK | None = None) -> RouterOutput:
         eps = self.cfg.router_jitter
         if self.training and eps > 0:
             x_TD = x_TD.to(router_dtype(x_TD)) * torch.empty_like(x_TD, dtype=torch.float32).uniform_(1 - eps, 1 + eps)
         logits_TE = self.logits(x_TD)
         probs_TE = logits_TE.softmax(dim=-1)
-        expert_ids_TK, chosen_TK = self.select(probs_TE)
+        expert_ids_TK, chosen_TK = self.select(probs_TE, topk)
         weights_TK = chosen_TK * self.cfg.routed_scaling_factor  # never renormalised: top-1 would give 1
         return RouterOutput(logits_TE, probs_TE, expert_ids_TK, weights_TK, chosen_TK)
 
@@ -181,16 +192,16 @@ class NoisyTopKRouter(Router):
         # Zero noise weights start at softplus(0) = 0.69 noise scale, as in the paper's code.
         self.noise_weight_ED = nn.Parameter(torch.zeros(cfg.num_experts, cfg.d_model))
 
-    def forward(self, x_TD: torch.Tensor) -> RouterOutput:
+    def forward(self, x_TD: torch.Tensor, topk: TopK | None = None) -> RouterOutput:
         logits_TE = self.logits(x_TD)
         noisy_TE = logits_TE
         if self.training:
             with torch.autocast(device_type=x_TD.device.type, enabled=False):
                 dtype = router_dtype(x_TD)
-                scale_TE = F.softplus(gemm.linear(x_TD.to(dtype), self.noise_weight_ED.to(dtype)))
+                scale_TE = F.softplus(F.linear(x_TD.to(dtype), self.noise_weight_ED.to(dtype)))
             noisy_TE = logits_TE + torch.randn_like(logits_TE, dtype=torch.float32) * scale_TE
         probs_TE = noisy_TE.softmax(dim=-1)
-        expert_ids_TK, _ = self.select(noisy_TE)
+        expert_ids_TK, _ = self.select(noisy_TE, topk)
         weights_TK = noisy_TE.gather(1, expert_ids_TK).softmax(dim=-1) * self.cfg.routed_scaling_factor
         return RouterOutput(logits_TE, probs_TE, expert_ids_TK, weights_TK, probs_TE.gather(1, expert_ids_TK))
 
@@ -204,11 +215,11 @@ class SigmoidRouter(Router):
     ``routed_scaling_factor``. The balance losses use the normalised scores s / Σ_j s_j.
     """
 
-    def forward(self, x_TD: torch.Tensor) -> RouterOutput:
+    def forward(self, x_TD: torch.Tensor, topk: TopK | None = None) -> RouterOutput:
         logits_TE = self.logits(x_TD)
         scores_TE = logits_TE.sigmoid()
         probs_TE = scores_TE / scores_TE.sum(dim=-1, keepdim=True)
-        expert_ids_TK, chosen_TK = self.select(scores_TE)
+        expert_ids_TK, chosen_TK = self.select(scores_TE, topk)
         return RouterOutput(logits_TE, probs_TE, expert_ids_TK, self.finish_weights(chosen_TK), chosen_TK)
 
 
@@ -229,9 +240,9 @@ class ExpertChoiceRouter(Router):
 
 
 class SoftRouter(Router):
-    """Dense soft gating (Jacobs et al. 1991): every expert, weighted by softmax(x·W_g)."""
+    """Dense soft gating (Jacobs et al. 1991): every expert, weighted by softmax(x·W_g) (``topk`` unused)."""
 
-    def forward(self, x_TD: torch.Tensor) -> RouterOutput:
+    def forward(self, x_TD: torch.Tensor, topk: TopK | None = None) -> RouterOutput:
         logits_TE = self.logits(x_TD)
         probs_TE = logits_TE.softmax(dim=-1)
         T, E = probs_TE.shape

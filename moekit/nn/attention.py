@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from moekit.config import ModelConfig
-from moekit.nn.gemm import Linear
 from moekit.nn.norm import RMSNorm, build_norm
 from moekit.nn.rope import apply_rope, yarn_mscale
 
@@ -57,10 +56,10 @@ class GroupedQueryAttention(nn.Module):
         super().__init__()
         self.cfg = cfg
         D, H, G, Dh = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.q_proj = Linear(D, H * Dh, bias=cfg.qkv_bias)
-        self.k_proj = Linear(D, G * Dh, bias=cfg.qkv_bias)
-        self.v_proj = Linear(D, G * Dh, bias=cfg.qkv_bias)
-        self.o_proj = Linear(H * Dh, D, bias=False)
+        self.q_proj = nn.Linear(D, H * Dh, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(D, G * Dh, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(D, G * Dh, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(H * Dh, D, bias=False)
         if cfg.qk_norm == "head":
             self.q_norm, self.k_norm = RMSNorm(Dh, cfg.norm_eps), RMSNorm(Dh, cfg.norm_eps)
         elif cfg.qk_norm == "full":
@@ -106,15 +105,15 @@ class MultiHeadLatentAttention(nn.Module):
         D, H = cfg.d_model, cfg.n_heads
         Dn, R, Dv, C = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
         if cfg.q_lora_rank:
-            self.q_a_proj = Linear(D, cfg.q_lora_rank, bias=False)
+            self.q_a_proj = nn.Linear(D, cfg.q_lora_rank, bias=False)
             self.q_a_norm = build_norm(cfg.norm, cfg.q_lora_rank, cfg.norm_eps)
-            self.q_b_proj = Linear(cfg.q_lora_rank, H * (Dn + R), bias=False)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, H * (Dn + R), bias=False)
         else:
-            self.q_proj = Linear(D, H * (Dn + R), bias=False)
-        self.kv_a_proj = Linear(D, C + R, bias=False)
+            self.q_proj = nn.Linear(D, H * (Dn + R), bias=False)
+        self.kv_a_proj = nn.Linear(D, C + R, bias=False)
         self.kv_a_norm = build_norm(cfg.norm, C, cfg.norm_eps)
-        self.kv_b_proj = Linear(C, H * (Dn + Dv), bias=False)
-        self.o_proj = Linear(H * Dv, D, bias=False)
+        self.kv_b_proj = nn.Linear(C, H * (Dn + Dv), bias=False)
+        self.o_proj = nn.Linear(H * Dv, D, bias=False)
         self.scale = 1.0 / math.sqrt(Dn + R)
         rs = cfg.rope_scaling
         if rs and rs["type"] == "yarn" and rs.get("mscale_all_dim"):

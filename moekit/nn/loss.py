@@ -14,7 +14,9 @@ targets, L = (1/n) Σ_t [logsumexp(z_t) − z_t[y_t]], with z_t = m · W h_t and
 onehot(y_t)) / n.
 
 Under autocast the projections run in the autocast dtype and the softmax in fp32, as the unfused
-path does (``F.linear`` autocasts, the logits are cast to fp32 before the loss).
+path does (``F.linear`` autocasts, the logits are cast to fp32 before the loss). The products run on
+``torch.mm`` unless the caller hands in another ``mm`` of the same signature (the model passes
+:func:`moekit.cpu.gemm.mm` on oneDNN where :mod:`moekit.moe.backends.chooser` says so).
 :func:`linear_cross_entropy_reference` is that unfused path; the tests compare the two.
 """
 
@@ -23,12 +25,21 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from moekit.nn import gemm
 
 CHUNK_BYTES = 8 * 2**20  # fp32 logits per chunk: big enough GEMMs, small enough to stay in reused memory
 # Each chunk also reads and writes all of dL/dW ([V, D] fp32): with C rows that is C/4 FLOP per byte
 # of it, which needs C in the hundreds to stay compute-bound.
 MIN_CHUNK_TOKENS = 256
+
+
+def torch_mm(a_MK: torch.Tensor, b_KN: torch.Tensor, out: torch.Tensor | None = None,
+             accumulate: bool = False) -> torch.Tensor:
+    """``a @ b``, into ``out`` (added to it with ``accumulate``; cast once when its dtype differs)."""
+    if out is None:
+        return a_MK @ b_KN
+    if out.dtype != a_MK.dtype:  # e.g. a bf16 product into an fp32 gradient
+        return out.add_(a_MK @ b_KN) if accumulate else out.copy_(a_MK @ b_KN)
+    return out.addmm_(a_MK, b_KN) if accumulate else torch.mm(a_MK, b_KN, out=out)
 
 
 def chunk_tokens(vocab_size: int) -> int:
@@ -60,9 +71,9 @@ def _compute_dtype(h_TD: torch.Tensor) -> torch.dtype:
     return h_TD.dtype
 
 
-def _chunk_logits(h_CD: torch.Tensor, w_VD: torch.Tensor, multiplier: float) -> torch.Tensor:
+def _chunk_logits(h_CD: torch.Tensor, w_VD: torch.Tensor, multiplier: float, mm) -> torch.Tensor:
     """[C, V] logits in fp32 (fp64 for fp64 inputs)."""
-    logits_CV = gemm.mm(h_CD, w_VD.t()).to(torch.promote_types(h_CD.dtype, torch.float32))
+    logits_CV = mm(h_CD, w_VD.t()).to(torch.promote_types(h_CD.dtype, torch.float32))
     return logits_CV.mul_(multiplier) if multiplier != 1.0 else logits_CV
 
 
@@ -76,7 +87,7 @@ def _check_targets(targets_T: torch.Tensor, vocab_size: int, ignore_index: int) 
     return valid_T
 
 
-def _chunked_loss(h_TD, w_VD, targets_T, valid_T, multiplier, chunk, dtype, need_h, need_w):
+def _chunked_loss(h_TD, w_VD, targets_T, valid_T, multiplier, chunk, dtype, need_h, need_w, mm):
     """(summed loss of the counted targets, dL_sum/dh or None, dL_sum/dW or None), a chunk at a time."""
     T = h_TD.shape[0]
     w_c = w_VD.to(dtype)
@@ -90,7 +101,7 @@ def _chunked_loss(h_TD, w_VD, targets_T, valid_T, multiplier, chunk, dtype, need
         h_c, safe_C, valid_C = h_TD[a:b].to(dtype), safe_T[a:b, None], valid_T[a:b]
         # 1. Logits and the chunk's loss. NOTE: log_softmax is one fused pass over each row; logsumexp
         #    runs several with temporaries (~7x slower here on [2048, 4096]).
-        logp_CV = torch.log_softmax(_chunk_logits(h_c, w_c, multiplier), dim=-1)
+        logp_CV = torch.log_softmax(_chunk_logits(h_c, w_c, multiplier, mm), dim=-1)
         loss_sum -= torch.where(valid_C, logp_CV.gather(1, safe_C)[:, 0], 0.0).sum()
         if not (need_h or need_w):
             continue
@@ -101,10 +112,10 @@ def _chunked_loss(h_TD, w_VD, targets_T, valid_T, multiplier, chunk, dtype, need
         g_CV = g_CV.to(dtype)
         # 3. Straight into the gradients of h (this chunk's rows) and of W (accumulated).
         if need_h:
-            gemm.mm(g_CV, w_c, out=grad_h_TD[a:b])
+            mm(g_CV, w_c, out=grad_h_TD[a:b])
         if need_w:
             if dtype == acc:
-                gemm.mm(g_CV.t(), h_c, out=grad_w_VD, accumulate=True)
+                mm(g_CV.t(), h_c, out=grad_w_VD, accumulate=True)
             else:  # a bf16 / fp16 [V, D] product per chunk, summed in fp32
                 grad_w_VD += g_CV.t() @ h_c
     return loss_sum, grad_h_TD, grad_w_VD
@@ -114,9 +125,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """Loss and both gradients in one pass over the chunks; backward scales the stored gradients."""
 
     @staticmethod
-    def forward(ctx, h_TD, w_VD, targets_T, valid_T, multiplier, chunk, dtype):
+    def forward(ctx, h_TD, w_VD, targets_T, valid_T, multiplier, chunk, dtype, mm):
         loss_sum, grad_h_TD, grad_w_VD = _chunked_loss(h_TD, w_VD, targets_T, valid_T, multiplier, chunk, dtype,
-                                                       *ctx.needs_input_grad[:2])
+                                                       *ctx.needs_input_grad[:2], mm)
         count = valid_T.sum()
         ctx.save_for_backward(grad_h_TD, grad_w_VD, count)
         ctx.w_dtype = w_VD.dtype
@@ -130,15 +141,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
         scale = grad_loss / count.clamp_min(1)
         grad_h = grad_h_TD * scale.to(grad_h_TD.dtype) if grad_h_TD is not None else None
         grad_w = (grad_w_VD * scale).to(ctx.w_dtype) if grad_w_VD is not None else None
-        return grad_h, grad_w, None, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None, None
 
 
 def linear_cross_entropy(h_TD: torch.Tensor, w_VD: torch.Tensor, targets_T: torch.Tensor, ignore_index: int = -100,
-                         multiplier: float = 1.0, chunk: int | None = None) -> torch.Tensor:
+                         multiplier: float = 1.0, chunk: int | None = None, mm=torch_mm) -> torch.Tensor:
     """Mean cross-entropy of the logits ``multiplier · h W^T`` against ``targets_T``, never holding
     more than ``chunk`` tokens' logits (default :func:`chunk_tokens`). Equal to
     :func:`linear_cross_entropy_reference` up to rounding, gradients included; NaN when every target
-    is ``ignore_index``, with zero gradients (as ``F.cross_entropy``)."""
+    is ``ignore_index``, with zero gradients (as ``F.cross_entropy``). ``mm``: the products (the
+    signature of :func:`torch_mm`)."""
     if h_TD.dim() != 2 or w_VD.dim() != 2 or h_TD.shape[1] != w_VD.shape[1]:
         raise ValueError(f"linear_cross_entropy: h must be [T, D] and w [V, D], got {tuple(h_TD.shape)} and "
                          f"{tuple(w_VD.shape)}")
@@ -152,6 +164,7 @@ def linear_cross_entropy(h_TD: torch.Tensor, w_VD: torch.Tensor, targets_T: torc
     dtype = _compute_dtype(h_TD)
     with torch.autocast(h_TD.device.type, enabled=False):
         if torch.is_grad_enabled() and (h_TD.requires_grad or w_VD.requires_grad):
-            return _LinearCrossEntropy.apply(h_TD, w_VD, targets_T, valid_T, multiplier, chunk, dtype)
+            return _LinearCrossEntropy.apply(h_TD, w_VD, targets_T, valid_T, multiplier, chunk, dtype, mm)
         # No gradient wanted (evaluation): the loss alone.
-        return _chunked_loss(h_TD, w_VD, targets_T, valid_T, multiplier, chunk, dtype, False, False)[0] / valid_T.sum()
+        return _chunked_loss(h_TD, w_VD, targets_T, valid_T, multiplier, chunk, dtype, False, False,
+                             mm)[0] / valid_T.sum()

@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moekit.nn.gemm import Linear
 
 
 def _swiglu(h: torch.Tensor) -> torch.Tensor:
@@ -52,8 +51,8 @@ class MLP(nn.Module):
     def __init__(self, d_model: int, hidden: int, activation: str = "swiglu", bias: bool = False):
         super().__init__()
         self.act = activation_fn(activation)
-        self.in_proj = Linear(d_model, (2 if is_gated(activation) else 1) * hidden, bias=bias)
-        self.down_proj = Linear(hidden, d_model, bias=bias)
+        self.in_proj = nn.Linear(d_model, (2 if is_gated(activation) else 1) * hidden, bias=bias)
+        self.down_proj = nn.Linear(hidden, d_model, bias=bias)
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.in_proj(x_TD)))

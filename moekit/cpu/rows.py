@@ -1,11 +1,10 @@
-"""Row counts of the per-expert GEMMs of the slice loops (:mod:`moekit.moe.experts`, :mod:`moekit.moe.native`).
+"""Row counts of the per-expert GEMMs of the slice loops (:mod:`moekit.moe.backends.loop`, :mod:`moekit.cpu.loop`).
 
-On a CPU, bf16 / fp16 GEMMs run on oneDNN (fp32 ones too where :mod:`moekit.nn.gemm` chooses it, but
-for the C++ loop's expert groups where :func:`moekit.moe.native.own_gemm` holds: their fp32 products
-run on a kernel of the loop's own), which
-compiles a kernel per new GEMM shape (~0.6 ms and ~0.6 MB of RSS here, kept in its primitive cache),
-and routing gives new per-expert row counts every step: the loops then run each expert's GEMMs on a
-bucketed row count, the extra rows being the next assignments' (never scattered).
+On a CPU, bf16 / fp16 GEMMs run on oneDNN (fp32 ones too where :mod:`moekit.moe.backends.chooser` picks
+it, but for the C++ loop's expert groups where its own fp32 kernel runs the products), which compiles a
+kernel per new GEMM shape (~0.6 ms and ~0.6 MB of RSS here, kept in its primitive cache), and routing
+gives new per-expert row counts every step: the loops then run each expert's GEMMs on a bucketed row
+count, the extra rows being the next assignments' (never scattered).
 """
 
 from __future__ import annotations
