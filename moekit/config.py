@@ -13,6 +13,7 @@ import math
 import re
 import types
 import typing
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from fractions import Fraction
@@ -25,7 +26,6 @@ DROP_POLICIES = ("position", "score")
 SOFTMAX_ORDERS = ("before", "after")
 GROUP_SCORES = ("max", "top2_sum")
 LB_CONVENTIONS = ("standard", "hf_compat")
-EXPERT_IMPLS = ("auto", "native", "loop", "grouped_mm")
 
 
 def _bad(field: str, value: Any, allowed: str, owner: str = "MoEConfig") -> ValueError:
@@ -224,8 +224,8 @@ class MoEConfig:
         num_shared_experts, shared_expert_hidden: experts every token uses (DeepSeekMoE); their hidden
             width defaults to ``expert_hidden``. shared_expert_gate: scale them by sigmoid(x·w)
             (Qwen2-MoE).  dense_hidden: a dense FFN in parallel with the MoE (Arctic), 0 = none.
-        expert_impl: ``"auto"`` (grouped GEMM on CUDA in bf16; on a CPU the slice loop in C++,
-            ``"native"``, when it builds, else in Python, ``"loop"``), or one of those named.
+        How the experts run (the expert backend) is a run-time choice, not part of the config:
+        :mod:`moekit.moe.backends`. Saved configs that still carry ``expert_impl`` load (it is dropped).
     """
 
     d_model: int
@@ -255,7 +255,6 @@ class MoEConfig:
     shared_expert_hidden: int | None = None
     shared_expert_gate: bool = False
     dense_hidden: int = 0
-    expert_impl: str = "auto"
     init_std: float = 0.02
 
     def __post_init__(self) -> None:
@@ -345,7 +344,6 @@ class MoEConfig:
         if self.shared_expert_gate and self.num_shared_experts == 0:
             raise _bad("shared_expert_gate", True, "a shared-expert gate needs num_shared_experts >= 1")
         _check_int("dense_hidden", self.dense_hidden, 0)
-        _check_choice("expert_impl", self.expert_impl, EXPERT_IMPLS)
         _check_float("init_std", self.init_std, positive=True)
 
     # ---- derived -----------------------------------------------------------------------------
@@ -392,8 +390,23 @@ class MoEConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "MoEConfig":
+        data = _without_expert_impl(data)
         _check_known_fields(cls, data)
         return cls(**data)
+
+
+def _without_expert_impl(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` without ``expert_impl``, which configs saved before the expert backend became a run-time
+    choice carry: a value other than ``auto`` is named in a warning saying how to ask for it now."""
+    if "expert_impl" not in data:
+        return data
+    data = dict(data)
+    impl = data.pop("expert_impl")
+    if impl != "auto":
+        warnings.warn(f"MoEConfig.expert_impl={impl!r} in a saved config is ignored: the expert backend is chosen "
+                      f"at run time (moekit.moe.backends.use(model, {impl!r}) or MOEKIT_EXPERT_BACKEND={impl})",
+                      UserWarning, stacklevel=3)
+    return data
 
 
 ATTENTIONS = ("gqa", "mla")

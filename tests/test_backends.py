@@ -2,10 +2,13 @@
 the MOEKIT_* overrides), how a user forces an expert backend, and that the choice is no part of a
 model's config or checkpoint."""
 
+import json
+import warnings
+
 import pytest
 import torch
 
-from moekit import ModelConfig, MoETransformer
+from moekit import MoEConfig, ModelConfig, MoETransformer
 from moekit.cpu import build, options
 from moekit.moe import backends
 from moekit.moe.backends import chooser
@@ -61,6 +64,34 @@ def test_a_forced_backend_runs(monkeypatch):
     assert backends.use(model, "loop") == len(model.moe_layers) >= 1
     model(torch.randint(0, model.cfg.vocab_size, (1, 5)))
     assert ran == ["loop"] * len(model.moe_layers)
+
+
+def test_the_backend_choice_is_in_no_config_or_checkpoint(tmp_path):
+    """Not a config field, not in the state dict: a model forced to one backend saves exactly what an
+    unforced one saves."""
+    assert "expert_impl" not in MoEConfig.__dataclass_fields__
+    model = MoETransformer(ModelConfig.from_name("tiny"))
+    plain = MoETransformer(ModelConfig.from_name("tiny"))
+    backends.use(model, "loop")
+    assert model.state_dict().keys() == plain.state_dict().keys()
+    assert json.dumps(model.cfg.to_dict()) == json.dumps(plain.cfg.to_dict())
+    assert "backend" not in json.dumps(model.cfg.to_dict())
+
+
+def test_old_saved_configs_with_expert_impl_still_load():
+    """model_config.json files written before carry expert_impl: it is dropped ('auto' silently, another
+    value with a warning saying how to ask for that backend now)."""
+    saved = ModelConfig.from_name("tiny").to_dict()
+    saved["moe"]["expert_impl"] = "auto"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cfg = ModelConfig.from_dict(saved)
+    assert cfg == ModelConfig.from_name("tiny")
+    saved["moe"]["expert_impl"] = "loop"
+    with pytest.warns(UserWarning, match=r"expert_impl='loop'.*backends.use\(model, 'loop'\).*MOEKIT_EXPERT_BACKEND"):
+        assert ModelConfig.from_dict(saved) == cfg
+    with pytest.raises(ValueError, match="unknown field"):
+        MoEConfig.from_dict({**cfg.moe.to_dict(), "expert_imp": "loop"})
 
 
 def test_options_from_the_environment_are_typed_and_name_the_variable():

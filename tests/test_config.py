@@ -42,7 +42,6 @@ BAD = [
     ("num_shared_experts", dict(num_shared_experts=-1)),
     ("shared_expert_gate", dict(shared_expert_gate=True)),
     ("dense_hidden", dict(dense_hidden=-5)),
-    ("expert_impl", dict(expert_impl="triton")),
     ("init_std", dict(init_std=0)),
 ]
 

@@ -114,7 +114,6 @@ PERTURBATIONS = [
     ("MoEConfig.shared_expert_gate", "flip", lambda c: moe(shared_expert_gate=not c.moe.shared_expert_gate,
                                                            num_shared_experts=c.moe.num_shared_experts or 1)(c)),
     ("MoEConfig.dense_hidden", "16", moe(dense_hidden=16)),
-    ("MoEConfig.expert_impl", "loop", moe(expert_impl="loop")),
     ("MoEConfig.init_std", "0.05", moe(init_std=0.05)),
     ("ModelConfig.vocab_size", "80", model(vocab_size=80)),
     ("ModelConfig.d_model", "48", lambda c: c.replace(d_model=48, head_dim=None, moe=c.moe.replace(d_model=48))),

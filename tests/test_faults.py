@@ -377,7 +377,7 @@ MOE_FIELDS = ["num_experts", "top_k", "router", "normalize_weights", "normalize_
               "routed_scaling_factor", "router_jitter", "n_group", "topk_group", "group_score", "aux_loss_coef",
               "lb_convention", "z_loss_coef", "seq_aux_loss_coef", "bias_update_rate", "capacity_factor",
               "eval_capacity_factor", "drop_policy", "activation", "mlp_bias", "num_shared_experts",
-              "shared_expert_hidden", "shared_expert_gate", "dense_hidden", "expert_impl", "init_std"]
+              "shared_expert_hidden", "shared_expert_gate", "dense_hidden", "init_std"]
 
 
 def _names_a_field(message: str) -> bool:

@@ -83,7 +83,7 @@ MODEL_FIELDS: dict[str, Harmless] = {
 }
 MOE_FIELDS: dict[str, Harmless] = {
     **{f: _always for f in ("aux_loss_coef", "lb_convention", "z_loss_coef", "seq_aux_loss_coef", "bias_update_rate",
-                            "router_jitter", "expert_impl", "init_std")},
+                            "router_jitter", "init_std")},
     **{f: _dropless_in_eval for f in ("capacity_factor", "eval_capacity_factor", "drop_policy")},
     "softmax_order": _renormalised_by_sum,
     "num_shared_experts": _same_shared_width,
