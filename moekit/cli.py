@@ -95,11 +95,17 @@ def _train_config(args: argparse.Namespace):
         given["model_overrides"] = parse_overrides(args.set)
     if not args.resume:
         return TrainConfig(**given)
+    from moekit import checkpoint as ckpt_io
+
     saved_path = Path(args.out) / "train_config.json"
     if not saved_path.is_file():
         raise FileNotFoundError(f"--resume: {saved_path} not found; is {args.out} a moekit run directory?")
+    # the options the run last ran with are its latest checkpoint's (an earlier --resume may have changed
+    # --steps and the like); before any checkpoint, those it started with
+    latest = ckpt_io.latest_checkpoint(Path(args.out))
     try:
-        saved = TrainConfig(**{**json.loads(saved_path.read_text()), "out": args.out})
+        last = (ckpt_io.verify(latest).get("train") if latest is not None else None) or json.loads(saved_path.read_text())
+        saved = TrainConfig(**{**last, "out": args.out})
     except (ValueError, TypeError) as err:
         raise ValueError(f"--resume: {saved_path} does not hold a valid training config: {err}") from None
     # Every flag given must either be one a resumed run may change, or agree with the saved run:

@@ -106,6 +106,17 @@ def test_skip_nonfinite_skips_and_counts(tmp_path, corpus_dir, monkeypatch):
     assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
 
 
+def test_skip_nonfinite_with_routers_that_keep_no_balancing_load(tmp_path, corpus_dir, monkeypatch):
+    """Expert choice has no aux-loss-free bias (and no load buffer): skipping a step must not trip on it."""
+    _poison_layer(monkeypatch, layer=0, calls={2, 3})
+    moe = {"router": "expert_choice", "capacity_factor": 1.0, "aux_loss_coef": 0.0}
+    cfg = tiny_cfg(tmp_path / "r", corpus_dir, steps=5, save_every=5, eval_every=100, skip_nonfinite=True,
+                   model_overrides={"moe": moe})
+    result = train(cfg, progress=False)
+    assert result.step == 5 and json.loads((tmp_path / "r" / "ckpt-00000005" / "state.json").read_text())[
+        "skipped_nonfinite"] == 1
+
+
 def test_router_collapse_is_flagged(tmp_path, corpus_dir, monkeypatch, capsys):
     from moekit.moe.routers import Router
     from moekit.train.metrics import collapsed_experts

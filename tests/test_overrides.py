@@ -4,6 +4,7 @@ The class of bug: values kept as strings ("False" is truthy) or silently ignored
 
 import dataclasses
 import json
+import re
 import typing
 
 import pytest
@@ -124,3 +125,11 @@ def test_cli_stores_typed_values(tmp_path, corpus_dir):
     assert json.loads((out / "train_config.json").read_text())["model_overrides"]["moe"] == {"mlp_bias": False}
     bad = _cli("train", "--preset", "tiny", "--out", str(tmp_path / "bad"), "--set", "moe=1")
     assert "moe" in _err(bad) and not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("items,named", [(['moe={"foo": 1}'], "MoEConfig has no field(s) ['foo']"),
+                                         (["moe.top_k=4", "moe=null"], "an earlier --set gives moe fields"),
+                                         (["moe=null", "moe.top_k=4"], "moe is set to None by an earlier --set")])
+def test_moe_overrides_that_cannot_all_apply_are_refused(items, named):
+    with pytest.raises(ValueError, match=re.escape(named)):
+        parse_overrides(items)

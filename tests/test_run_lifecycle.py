@@ -152,3 +152,69 @@ def test_device_flag_is_checked_before_anything_is_written(tmp_path, corpus_dir)
         assert not (tmp_path / "r").exists()
     res = _cli(*BASE, "--steps", "1", "--data", str(corpus_dir), "--out", str(tmp_path / "r"), "--device", "cpu")
     assert res.returncode == 0, res.stderr
+
+
+def test_a_restart_by_resume_takes_the_init_checkpoint(tmp_path, corpus_dir):
+    """--resume of a run stopped before its first checkpoint starts it as new: --init-from's weights too."""
+    import shutil
+
+    import torch
+
+    train(tiny_cfg(tmp_path / "base", corpus_dir, steps=2), progress=False)
+    cfg = tiny_cfg(tmp_path / "run", corpus_dir, steps=1, init_from=str(tmp_path / "base"), save_every=1000,
+                   lr=1e-12, warmup=0)
+    train(cfg, progress=False)
+    for ckpt in ckpt_io.checkpoint_dirs(tmp_path / "run"):
+        shutil.rmtree(ckpt)
+    train(cfg, resume=True, progress=False)
+    from safetensors.torch import load_file
+
+    base = load_file(str(ckpt_io.latest_checkpoint(tmp_path / "base") / "model.safetensors"))
+    again = load_file(str(ckpt_io.latest_checkpoint(tmp_path / "run") / "model.safetensors"))
+    assert all(torch.allclose(base[k], again[k], atol=1e-6) for k in base if base[k].is_floating_point())
+
+
+def test_a_second_resume_keeps_what_the_first_changed(tmp_path, corpus_dir):
+    out = tmp_path / "run"
+    assert _cli(*BASE, "--data", str(corpus_dir), "--out", str(out), "--steps", "2").returncode == 0
+    assert _cli("train", "--out", str(out), "--resume", "--steps", "4", "--no-progress").returncode == 0
+    res = _cli("train", "--out", str(out), "--resume", "--no-progress")  # finished at 4: nothing left to do
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["step"] == 4
+
+
+def test_a_split_shorter_than_one_window_is_refused_before_training(tmp_path):
+    data = tmp_path / "one.txt"
+    data.write_text("a" * 1000)  # held-out tail: 20 bytes, one short of a 20-token window's 21
+    out = tmp_path / "run"
+    err = _err(_cli(*BASE, "--seq-len", "20", "--steps", "2", "--data", str(data), "--out", str(out)))
+    assert "split" in err and "--seq-len=20" in err and not out.exists()
+
+
+def test_an_empty_out_directory_given_by_the_user_stays(tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    _err(_cli(*BASE, "--steps", "2", "--data", str(tmp_path / "missing"), "--out", str(out)))
+    _err(_cli(*BASE, "--steps", "2", "--set", "moe.top_k=99", "--out", str(out)))
+    assert out.is_dir() and not any(out.iterdir())
+
+
+def test_evaluate_restores_the_training_mode_when_it_fails(tmp_path):
+    import numpy as np
+
+    from moekit import MoETransformer
+    from moekit.config import ModelConfig
+    from moekit.train import evaluate
+
+    model = MoETransformer(ModelConfig.from_name("tiny")).train()
+    with pytest.raises(ValueError, match="fewer than seq_len"):
+        evaluate(model, np.arange(10), 2, 16, 100)
+    assert model.training
+
+
+def test_train_config_checks_field_types():
+    from moekit.train import TrainConfig
+
+    for field, value in (("lr", True), ("miniature", "false"), ("steps", 2.0)):
+        with pytest.raises(ValueError, match=f"TrainConfig.{field}="):
+            TrainConfig(**{field: value})

@@ -46,9 +46,10 @@ def _moe_overrides(items: list[str] | None) -> dict | None:
         return None
     parsed = parse_overrides(items)
     other = sorted(k for k in parsed if k != "moe")
-    if other:
-        raise ValueError(f"--set {other}: upcycle takes moe.<field> only (the rest of the model is the dense one)")
-    return parsed.get("moe")
+    if other or not isinstance(parsed.get("moe"), dict):
+        raise ValueError(f"--set {other or 'moe=null'}: upcycle takes moe.<field> settings of the new MoE layers only "
+                         f"(the rest of the model is the dense one)")
+    return parsed["moe"]
 
 
 def cmd_upcycle(args: argparse.Namespace) -> int:

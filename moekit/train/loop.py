@@ -32,7 +32,7 @@ from moekit import checkpoint as ckpt_io
 from moekit.dist import ParallelDims, init_distributed
 from moekit.dist.ep import (clip_grad_norm, data_parallel, expert_slices, full_optimizer_state, full_state_dict,
                             shard_experts, sync_expert_grads)
-from moekit.config import ModelConfig, apply_overrides
+from moekit.config import ModelConfig, apply_overrides, check_field_types
 from moekit.model import MoETransformer, flops_per_token
 from moekit.moe.layer import update_expert_biases
 from moekit.presets import get_preset, miniature
@@ -82,6 +82,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         def bad(field, allowed):
             return ValueError(f"--{field.replace('_', '-')}={getattr(self, field)!r} is invalid: {allowed}")
+
+        check_field_types(self)  # e.g. lr=True or miniature="false" from a hand-edited train_config.json
 
         for f in ("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "log_every", "save_every",
                   "keep_last", "eval_tokens", "ep"):
@@ -200,19 +202,24 @@ def available_memory() -> int | None:
     return avail
 
 
-def check_memory(mcfg: ModelConfig, cfg: TrainConfig) -> None:
+def check_memory(mcfg: ModelConfig, cfg: TrainConfig, device: torch.device) -> None:
     """Refuses, with the figures, a model whose weights, gradients and optimizer state alone exceed
-    the memory available (counted on the meta device: nothing is allocated to find out)."""
+    the memory available on ``device`` (counted on the meta device: nothing is allocated to find out;
+    activations come on top, so passing is no promise)."""
     from moekit.model import count_parameters
 
     n = count_parameters(mcfg).total
-    need, avail = n * TRAIN_BYTES_PER_PARAMETER, available_memory()
+    if device.type == "cuda":
+        avail, where = torch.cuda.mem_get_info(device)[0], f"free on {device}"
+    else:
+        avail, where = available_memory(), "available"
+    need = n * TRAIN_BYTES_PER_PARAMETER
     if avail is not None and need > avail:
         hint = "" if cfg.miniature else "; --miniature trains a CPU-sized sibling of the same architecture"
         raise ValueError(f"preset {cfg.preset!r} has {n:,} parameters: training needs at least "
                          f"{need / 2**30:,.1f} GiB for weights, gradients and AdamW state "
                          f"({TRAIN_BYTES_PER_PARAMETER} bytes a parameter), and {avail / 2**30:,.1f} GiB is "
-                         f"available{hint}")
+                         f"{where}{hint}")
 
 
 def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> bool:
@@ -246,7 +253,8 @@ def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> bool:
     return False
 
 
-# Options a resumed run may change: none of them changes the weights' trajectory up to the old end.
+# Options a resumed run may change. --steps reshapes the cosine schedule from the resume point on (and
+# --ep / --device change the rounding), so such a run is no longer bit-identical to an uninterrupted one.
 RESUMABLE = ("out", "steps", "ep", "skip_nonfinite", "eval_every", "log_every", "save_every", "keep_last", "device")
 
 
@@ -299,6 +307,32 @@ class TrainResult:
     exit_code: int = 0  # 128 + the signal that stopped the run (130: SIGINT), else 0
 
 
+def _eval_sums(model, tokens, batch_size, seq_len, max_tokens, autocast_dtype, dims, should_stop):
+    """(summed cross-entropy, target count) over the windows (all ranks' sums); (None, None) when stopped."""
+    device = next(model.parameters()).device
+    world, rank = (dims.world, dims.rank) if dims is not None and dims.distributed else (1, 0)
+    total, count = 0.0, 0
+    for x, y in eval_batches(tokens, batch_size, seq_len, max_tokens):
+        if should_stop is not None and should_stop():
+            return None, None
+        share = x.shape[0] % world == 0
+        if share:
+            rows = slice(rank * x.shape[0] // world, (rank + 1) * x.shape[0] // world)
+            x, y = x[rows], y[rows]
+        x, y = x.to(device), y.to(device)
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+            out = model(x, targets=y)
+        # a batch every rank ran whole counts once (rank 0's copy)
+        if share or rank == 0:
+            total += out.ce_loss.item() * y.numel()
+            count += y.numel()
+    if world > 1:
+        sums = torch.tensor([total, count], dtype=torch.float64, device=device)  # (NCCL: on the GPU)
+        dist.all_reduce(sums)
+        total, count = sums[0].item(), int(sums[1].item())
+    return total, count
+
+
 @torch.no_grad()
 def evaluate(model: MoETransformer, tokens, batch_size: int, seq_len: int, max_tokens: int,
              autocast_dtype: torch.dtype | None = None, dims: ParallelDims | None = None,
@@ -315,29 +349,12 @@ def evaluate(model: MoETransformer, tokens, batch_size: int, seq_len: int, max_t
     torch.distributed without expert parallelism, on the share each rank runs)."""
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
-    world, rank = (dims.world, dims.rank) if dims is not None and dims.distributed else (1, 0)
-    total, count = 0.0, 0
-    for x, y in eval_batches(tokens, batch_size, seq_len, max_tokens):
-        if should_stop is not None and should_stop():
-            model.train(was_training)
-            return None
-        share = x.shape[0] % world == 0
-        if share:
-            rows = slice(rank * x.shape[0] // world, (rank + 1) * x.shape[0] // world)
-            x, y = x[rows], y[rows]
-        x, y = x.to(device), y.to(device)
-        with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
-            out = model(x, targets=y)
-        # a batch every rank ran whole counts once (rank 0's copy)
-        if share or rank == 0:
-            total += out.ce_loss.item() * y.numel()
-            count += y.numel()
-    if world > 1:
-        sums = torch.tensor([total, count], dtype=torch.float64)
-        dist.all_reduce(sums)
-        total, count = sums[0].item(), int(sums[1].item())
-    model.train(was_training)
+    try:  # (the mode comes back however this ends: a short split's error, a second Ctrl-C)
+        total, count = _eval_sums(model, tokens, batch_size, seq_len, max_tokens, autocast_dtype, dims, should_stop)
+    finally:
+        model.train(was_training)
+    if count is None:
+        return None
     loss = total / count
     return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": count}
 
@@ -486,16 +503,21 @@ def _start(cfg: TrainConfig, dims: ParallelDims, resume: bool, overwrite: bool) 
                          f"(each takes an equal share of the batch)")
     main = dims.is_main
     out = Path(cfg.out)
-    if cfg.warmup > cfg.steps and not resume:  # (a resumed run may be cut short of its saved warmup)
+    # a run with a checkpoint continues; any other starts at step 0 (a --resume of a run stopped before
+    # its first checkpoint included: it takes --init-from's weights like a new run)
+    continuing = resume and out.is_dir() and ckpt_io.latest_checkpoint(out) is not None
+    if cfg.warmup > cfg.steps and not continuing:  # (a resumed run may be cut short of its saved warmup)
         raise ValueError(f"--warmup={cfg.warmup} is invalid: expected at most --steps={cfg.steps} (the learning rate "
                          f"would never reach --lr)")
     device = _device(cfg)
-    model_config_for(cfg, vocab_size=256)  # a bad preset, override or seq_len fails before any file is written
+    mcfg = model_config_for(cfg, vocab_size=cfg.vocab_size if cfg.tokenizer == "bpe" else 256)  # a bad preset,
+    # override or seq_len fails before any file is written
     init_ckpt = None
-    if cfg.init_from is not None and not resume:  # so does an --init-from checkpoint that does not fit
+    if cfg.init_from is not None and not continuing:  # so does an --init-from checkpoint that does not fit
         init_ckpt = check_init_checkpoint(cfg.init_from, lambda vocab: model_config_for(cfg, vocab))
     corpus = open_corpus(cfg.data, cfg.val_fraction, seq_len=cfg.seq_len)  # so does bad --data
-    check_memory(model_config_for(cfg, vocab_size=256), cfg)  # and a model this machine cannot train
+    check_memory(mcfg, cfg, device)  # and a model this machine cannot train
+    existed = out.exists()
     resuming = _on_main(dims, lambda: prepare_run_dir(out, resume, overwrite))
     try:
         if resuming:
@@ -520,6 +542,11 @@ def _start(cfg: TrainConfig, dims: ParallelDims, resume: bool, overwrite: bool) 
         data = _on_main(dims, lambda: load_tokens(corpus, tokenizer), share=False)  # rank 0 fills the token cache
         if not main:
             data = load_tokens(corpus, tokenizer)
+        for part, need in (("training", cfg.seq_len + 2), ("validation", cfg.seq_len + 1)):
+            have = len(data.train if part == "training" else data.val)
+            if have < need:
+                raise ValueError(f"--data {cfg.data or 'the default corpus'}: its {part} split has {have} tokens, "
+                                 f"fewer than one window of --seq-len={cfg.seq_len} needs ({need})")
 
         mcfg = model_config_for(cfg, tokenizer.vocab_size)
         torch.manual_seed(cfg.seed)
@@ -555,8 +582,12 @@ def _start(cfg: TrainConfig, dims: ParallelDims, resume: bool, overwrite: bool) 
             (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
             (out / "model_config.json").write_text(json.dumps(mcfg.to_dict(), indent=2) + "\n")
     except BaseException:
-        if main and not resuming:  # a failed start leaves nothing in the user's way (the directory was ours)
-            shutil.rmtree(out, ignore_errors=True)
+        if main and not resuming:  # a failed start leaves nothing in the user's way
+            if existed:  # an empty directory given as --out, or a run --overwrite (or a restart) replaced
+                for child in out.iterdir():
+                    shutil.rmtree(child) if child.is_dir() else child.unlink()
+            else:
+                shutil.rmtree(out, ignore_errors=True)
         raise
     model.train()
     return run
@@ -586,7 +617,7 @@ def _train_step(run: _Run, step: int) -> _Step:
     if dims.distributed:
         sync_expert_grads(model, dims)
         grad_norm = clip_grad_norm(model, cfg.grad_clip or float("inf"), dims)
-        losses = torch.tensor([loss_sum, ce_sum], dtype=torch.float64)
+        losses = torch.tensor([loss_sum, ce_sum], dtype=torch.float64, device=run.device)  # (NCCL: on the GPU)
         dist.all_reduce(losses)  # the batch's loss: the mean of the ranks' equal-sized shares
         loss_sum, ce_sum = (losses / dims.world).tolist()
     else:
@@ -608,7 +639,9 @@ def _train_step(run: _Run, step: int) -> _Step:
             print(f"moekit: skipped {what} ({run.skipped} skipped so far)", file=sys.stderr)
         optimizer.zero_grad(set_to_none=True)
         for layer in model.moe_layers:  # the skipped step's loads do not move the bias
-            layer.router.load_since_update.zero_()
+            load = getattr(layer.router, "load_since_update", None)  # (token-choice routers only)
+            if load is not None:
+                load.zero_()
     seconds = time.perf_counter() - t0
     run.elapsed += seconds
     run.tokens += cfg.tokens_per_step
@@ -663,7 +696,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progr
     Under torchrun every process calls it: ``cfg.ep`` experts-parallel degree, data parallel over
     all processes (rank r takes rows [r·b, (r+1)·b) of each global batch, b = batch_size / world);
     rank 0 writes the files. A run resumes at any EP degree (checkpoints hold whole experts)."""
-    dims = init_distributed(cfg.ep)
+    dims = init_distributed(cfg.ep, backend="nccl" if cfg.device.startswith("cuda") else "gloo")
     run = _start(cfg, dims, resume, overwrite)
     bar = None
     if progress and dims.is_main:
