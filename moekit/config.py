@@ -156,6 +156,11 @@ def parse_field(cls: type, name: str, raw: str) -> Any:
             except json.JSONDecodeError:
                 continue
             if isinstance(value, dict):
+                if dataclasses.is_dataclass(kind):  # its fields' names now; their values when it is built
+                    unknown = sorted(set(value) - {f.name for f in dataclasses.fields(kind)})
+                    if unknown:
+                        raise ValueError(f"{cls.__name__}.{name}: {kind.__name__} has no field(s) {unknown}; "
+                                         f"known: {sorted(f.name for f in dataclasses.fields(kind))}")
                 return value
         if _item_type(kind) is not None:
             try:
@@ -684,6 +689,8 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
             if not isinstance(moe, dict):
                 raise ValueError(f"--set {item!r}: moe is set to {moe!r} by an earlier --set")
             moe[leaf] = value
+        elif leaf == "moe" and value is None and out.get("moe"):
+            raise ValueError(f"--set {item!r}: an earlier --set gives moe fields {sorted(out['moe'])}")
         elif leaf == "moe" and isinstance(out.get("moe"), dict) and isinstance(value, dict):
             out["moe"].update(value)
         else:
