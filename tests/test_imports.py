@@ -111,6 +111,13 @@ def test_nn_and_the_routers_are_plain_pytorch():
     assert not any(e.startswith(("moekit.cpu", "moekit.moe.backends")) for e in graph["moekit.moe.routers"])
 
 
+def test_the_cpu_package_imports_nothing_above_it():
+    """moekit.cpu decides nothing: it imports only itself (the chooser above it passes every decision in)."""
+    for name, edges in import_graph().items():
+        if name.startswith("moekit.cpu"):
+            assert all(e.startswith("moekit.cpu") for e in edges), (name, edges)
+
+
 _DENSE_SCRIPT = r"""
 import json, sys
 import torch
