@@ -97,7 +97,7 @@ def _forced_model(tables: list[torch.Tensor], **moe_kw):
     current = {}
     model.register_forward_pre_hook(lambda m, args: current.update(ids=args[0]))
     for blk, table in zip(model.layers, tables):
-        def forward(x_TD, table=table):
+        def forward(x_TD, table=table, **_):  # (the backend's top-k is not needed: the table routes)
             ids_TK = table[current["ids"].reshape(-1)]
             logits_TE = torch.full((x_TD.shape[0], E), -4.0).scatter_(1, ids_TK, 4.0)
             probs_TE = logits_TE.softmax(dim=-1)
