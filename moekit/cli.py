@@ -170,14 +170,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def _model_and_tokenizer(path: Path):
     """A moekit checkpoint/run with its tokenizer, or a Hugging Face directory with tokenizer.json."""
     from moekit.checkpoint import load_model
-    from moekit.interop import from_pretrained
-    from moekit.tokenizer import HFTokenizer
+    from moekit.interop import from_pretrained, load_hf_tokenizer
 
     if (path / "config.json").is_file() and not (path / "manifest.json").is_file():
         model = from_pretrained(path)
-        if not (path / "tokenizer.json").is_file():
+        tokenizer = load_hf_tokenizer(path)  # (moekit's byte tokenizer, exported, comes back as itself)
+        if tokenizer is None:
             raise FileNotFoundError(f"{path / 'tokenizer.json'} not found: generate needs the model's tokenizer")
-        return model, HFTokenizer.from_file(path / "tokenizer.json")
+        return model, tokenizer
     model, tokenizer, _ = load_model(path)
     if tokenizer is None:
         raise ValueError(f"{path} has no tokenizer (tokenizer.json or tokenizer_config.json)")

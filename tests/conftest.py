@@ -53,3 +53,21 @@ def grads_of(layer, x, fn):
     named = {n: p.grad.clone() if p.grad is not None else torch.zeros_like(p) for n, p in layer.named_parameters()}
     named["<input>"] = x.grad.clone()
     return out.detach(), aux.detach(), named
+
+
+def sharded_pair(cfg, dims):
+    """A fp64 MoE layer in training mode (a random selection bias for the sigmoid router) and a copy of it
+    whose experts are sharded over ``dims``' expert-parallel group: the two sides of an EP equivalence test."""
+    import torch
+
+    from moekit import MoELayer
+    from moekit.dist.ep import shard_experts
+
+    ref = MoELayer(cfg).double().train()
+    if cfg.router == "sigmoid":
+        with torch.no_grad():
+            ref.router.expert_bias.copy_(torch.randn(cfg.num_experts, dtype=torch.float64) * 0.1)
+    layer = MoELayer(cfg).double().train()
+    layer.load_state_dict(ref.state_dict())
+    shard_experts(layer, dims)
+    return ref, layer

@@ -124,8 +124,8 @@ def _one_process_worker(rank, store, out):
 
     import torch.distributed as dist
 
+    from conftest import sharded_pair
     from moekit.dist import init_distributed
-    from moekit.dist.ep import shard_experts
 
     os.environ.pop("WORLD_SIZE", None)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
@@ -136,13 +136,7 @@ def _one_process_worker(rank, store, out):
         for masked in (False, True):
             torch.manual_seed(0)
             cfg = MoEConfig(d_model=16, expert_hidden=8, num_experts=8, top_k=2, **extra)
-            local = MoELayer(cfg).double().train()
-            if cfg.router == "sigmoid":
-                with torch.no_grad():
-                    local.router.expert_bias.copy_(torch.randn(8, dtype=torch.float64) * 0.1)
-            a2a = MoELayer(cfg).double().train()
-            a2a.load_state_dict(local.state_dict())
-            shard_experts(a2a, dims)
+            local, a2a = sharded_pair(cfg, dims)
             g = torch.Generator().manual_seed(1)
             x = torch.randn(3, 6, 16, generator=g, dtype=torch.float64)
             dy = torch.randn(3, 6, 16, generator=g, dtype=torch.float64)

@@ -30,22 +30,17 @@ def _init(rank, world, store):
 
 
 def _layer_worker(rank, world, ep, store, case, out):
-    from moekit import MoEConfig, MoELayer
+    from conftest import sharded_pair
+    from moekit import MoEConfig
     from moekit.dist import init_distributed
-    from moekit.dist.ep import shard_experts, sync_expert_grads
+    from moekit.dist.ep import sync_expert_grads
 
     _init(rank, world, store)
     dims = init_distributed(ep)
     torch.manual_seed(0)
     cfg = MoEConfig(**{"d_model": 16, "expert_hidden": 8, "num_experts": 8, "top_k": 2, "aux_loss_coef": 0.05,
                        **LAYER_CASES[case]})
-    ref = MoELayer(cfg).double().train()
-    if cfg.router == "sigmoid":
-        with torch.no_grad():
-            ref.router.expert_bias.copy_(torch.randn(8, dtype=torch.float64) * 0.1)
-    layer = MoELayer(cfg).double().train()
-    layer.load_state_dict(ref.state_dict())
-    shard_experts(layer, dims)
+    ref, layer = sharded_pair(cfg, dims)
     T = 12
     g = torch.Generator().manual_seed(1)
     x_G = torch.randn(world, 2, T // 2, 16, generator=g, dtype=torch.float64)  # [rank, B, S, D]

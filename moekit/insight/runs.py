@@ -56,8 +56,6 @@ def loss_unit(run_dir: Path) -> str:
         tok = load_tokenizer(Path(run_dir))
     except (OSError, ValueError):
         return "unknown unit (no tokenizer in the run)"
-    if tok is None:
-        return "unknown unit (no tokenizer in the run)"
     if tok.kind == "byte":
         return "nats/byte"
     return f"nats/token (tokenizer {tok.fingerprint()[:8]}, vocabulary {tok.vocab_size:,})"

@@ -127,32 +127,29 @@ def compare(cfg: ModelConfig, back: ModelConfig, arch: str) -> tuple[dict[str, A
 
     delta: the fields that differ harmlessly ({"moe": {...}} for MoEConfig's); refusals: one
     "Owner.field=value (why)" for every field that changes the forward."""
-    delta: dict[str, Any] = {}
     refused: list[str] = []
-    for f in dataclasses.fields(ModelConfig):
-        if f.name == "moe":
-            continue
-        mine, theirs = getattr(cfg, f.name), getattr(back, f.name)
-        if mine == theirs:
-            continue
-        if f.name in MODEL_FIELDS and MODEL_FIELDS[f.name](cfg, back):
-            delta[f.name] = mine
-        else:
-            refused.append(f"ModelConfig.{f.name}={mine!r} ({_reason(f.name, cfg, arch, theirs, back)})")
+
+    def fields_delta(mine_obj, theirs_obj, harmless: dict, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+        """The fields of one config class that differ harmlessly; the others are refused."""
+        delta = {}
+        for f in dataclasses.fields(mine_obj):
+            mine, theirs = getattr(mine_obj, f.name), getattr(theirs_obj, f.name)
+            if f.name in skip or mine == theirs:
+                continue
+            if f.name in harmless and harmless[f.name](cfg, back):
+                delta[f.name] = mine
+            else:
+                refused.append(f"{type(mine_obj).__name__}.{f.name}={mine!r} "
+                               f"({_reason(f.name, cfg, arch, theirs, back)})")
+        return delta
+
+    delta = fields_delta(cfg, back, MODEL_FIELDS, skip=("moe",))
     if cfg.moe is None or back.moe is None:
         if cfg.moe is not back.moe:
             refused.append(f"ModelConfig.moe={None if cfg.moe is None else 'MoEConfig(...)'} "
                            f"({_reason('moe', cfg, arch, back.moe, back)})")
         return delta, refused
-    moe_delta = {}
-    for f in dataclasses.fields(MoEConfig):
-        mine, theirs = getattr(cfg.moe, f.name), getattr(back.moe, f.name)
-        if mine == theirs:
-            continue
-        if f.name in MOE_FIELDS and MOE_FIELDS[f.name](cfg, back):
-            moe_delta[f.name] = mine
-        else:
-            refused.append(f"MoEConfig.{f.name}={mine!r} ({_reason(f.name, cfg, arch, theirs, back)})")
+    moe_delta = fields_delta(cfg.moe, back.moe, MOE_FIELDS)
     if moe_delta:
         delta["moe"] = moe_delta
     return delta, refused
