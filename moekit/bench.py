@@ -5,7 +5,9 @@ the same active FLOPs.
     python -m moekit.bench [options]        # the same
 
 It prints one JSON document: a description of the machine (CPU model, cores, threads, torch, the
-fp32 GEMM backend), then per shape (d_model, expert_hidden, num_experts, top_k) the median forward
+fp32 GEMM backend), then per shape (d_model, expert_hidden, num_experts, top_k) what ran the experts
+(``moe_backend``: the expert backend, the C++ loop's fp32 GEMM and, where the probe of
+:mod:`moekit.moe.backends.probe` decided, its times per candidate), the median forward
 and forward+backward times of interleaved repeats, tokens/s, ``moe_vs_dense`` = dense time / MoE
 time (> 1: the MoE layer is faster), and the peak memory one training step adds above the resident
 parameters and input, measured in a fresh interpreter per side. The dense side is
@@ -39,7 +41,10 @@ from torch import nn
 import moekit
 from moekit.argtypes import NON_NEGATIVE, POSITIVE
 from moekit.config import MoEConfig
+from moekit.cpu import options as cpu_options
+from moekit.cpu.machine import cpu_model
 from moekit.moe import MoELayer, native
+from moekit.moe.backends import chooser
 from moekit.nn import MLP, gemm
 
 WARMUP = 2  # steps per side before timing: the allocator's first steps map fresh pages
@@ -69,37 +74,12 @@ DEFAULT_SHAPES = (Shape(512, 1408, 8, 2), Shape(512, 176, 64, 8))  # Mixtral-lik
 
 
 # ---- the machine -----------------------------------------------------------------------------
-def _command_output(argv: list[str]) -> str:
-    try:
-        return subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False).stdout
-    except (OSError, subprocess.SubprocessError):
-        return ""
-
-
-def cpu_model() -> str | None:
-    """The CPU's model name: /proc/cpuinfo's ``model name`` (Linux x86), else lscpu's ``Model name``
-    (Linux on ARM lists no model name in /proc/cpuinfo), else macOS's brand string; None when none
-    says."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    for line in _command_output(["lscpu"]).splitlines():
-        if line.startswith("Model name:"):
-            return line.split(":", 1)[1].strip()
-    if sys.platform == "darwin":
-        return _command_output(["sysctl", "-n", "machdep.cpu.brand_string"]).strip() or None
-    return None
-
-
 def environment() -> dict:
     """What a timing depends on besides the code: the CPU, the threads, the software, the GEMM."""
     return {"cpu_model": cpu_model(), "machine": platform.machine(), "cpu_count": os.cpu_count(),
             "threads": torch.get_num_threads(), "python": platform.python_version(), "torch": torch.__version__,
-            "moekit": moekit.__version__, "gemm": gemm.backend(), "device": "cpu"}
+            "moekit": moekit.__version__, "gemm": gemm.backend(), "gemm_request": cpu_options.get().gemm,
+            "probe": cpu_options.get().probe, "device": "cpu"}
 
 
 # ---- the sides -------------------------------------------------------------------------------
@@ -349,6 +329,9 @@ def bench_shape(shape: Shape, tokens: int, repeats: int, memory: bool, dtype: st
     report: dict = {"shape": shape.name, **shape._asdict(), "dense_hidden": shape.top_k * shape.expert_hidden,
                     "moe_expert_impl": built["moe"].module.experts.impl_for(xs[0])}
     methods = set()
+    # what ran the experts and why (the probe's times when it decided), as the warm-up steps left it
+    x_TD = xs[0].detach().to(torch.bfloat16) if dtype == "bf16" else xs[0].detach()
+    report["moe_backend"] = chooser.describe(shape.config(), x_TD)
     for name, side in built.items():
         report[name] = _side_report(seconds[name], tokens, side.module)
         if memory:

@@ -1,7 +1,13 @@
-import pytest
-import torch
+import os
 
-from moekit import MoEConfig, MoELayer
+# The probe (moekit.moe.backends.probe) times candidates on first use: the tests run the fixed rules
+# instead, so they take the same paths on every machine; tests/test_probe.py turns it on where it tests it.
+os.environ["MOEKIT_PROBE"] = "0"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from moekit import MoEConfig, MoELayer  # noqa: E402
 
 TEXT = "def add(a, b):\n    return a + b  # the sum\n\nclass Point:\n    x: int = 0\n" * 40
 

@@ -60,7 +60,7 @@ def test_a_forced_backend_runs(monkeypatch):
     model = MoETransformer(ModelConfig.from_name("tiny"))
     ran = []
     loop = backends.get("loop")
-    monkeypatch.setattr(type(loop), "run", lambda self, x, plan, w, act: ran.append(self.name) or x.clone())
+    monkeypatch.setattr(type(loop), "run", lambda self, x, plan, w, act, how: ran.append(self.name) or x.clone())
     assert backends.use(model, "loop") == len(model.moe_layers) >= 1
     model(torch.randint(0, model.cfg.vocab_size, (1, 5)))
     assert ran == ["loop"] * len(model.moe_layers)

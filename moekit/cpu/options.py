@@ -20,6 +20,12 @@ field                       variable                  meaning
 ``loop_profile``            ``MOEKIT_LOOP_PROFILE``   ``1``: build the C++ loop with its profiling timers
 ``hidden_symbols``          ``MOEKIT_HIDE_SYMBOLS``   comma-separated private libtorch symbols to treat as
                                                       missing (tests of the fallback)
+``probe``                   ``MOEKIT_PROBE``          ``0``: ``auto`` follows fixed rules instead of timing
+                                                      the candidates on this machine
+                                                      (:mod:`moekit.moe.backends.probe`)
+``cache_dir``               ``MOEKIT_CACHE``          where per-machine measurements are kept, under
+                                                      ``probe/`` (default ``~/.cache/moekit``, shared with
+                                                      the tokenized corpora's cache)
 ==========================  ========================  ====================================================
 """
 
@@ -37,7 +43,9 @@ EXPERT_BACKENDS = ("auto", "native", "loop", "grouped_mm")
 
 ENV = {"native": "MOEKIT_NATIVE", "gemm": "MOEKIT_GEMM", "own_gemm": "MOEKIT_OWN_GEMM",
        "expert_backend": "MOEKIT_EXPERT_BACKEND", "block_cache_mb": "MOEKIT_BLOCK_CACHE_MB",
-       "loop_profile": "MOEKIT_LOOP_PROFILE", "hidden_symbols": "MOEKIT_HIDE_SYMBOLS"}
+       "loop_profile": "MOEKIT_LOOP_PROFILE", "hidden_symbols": "MOEKIT_HIDE_SYMBOLS", "probe": "MOEKIT_PROBE",
+       "cache_dir": "MOEKIT_CACHE"}
+FLAGS = ("native", "own_gemm", "loop_profile", "probe")
 
 
 @dataclass(frozen=True)
@@ -49,9 +57,11 @@ class CpuOptions:
     block_cache_mb: int | None = None  # None: the extension's default (2048)
     loop_profile: bool = False
     hidden_symbols: tuple[str, ...] = ()
+    probe: bool = True
+    cache_dir: str | None = None  # None: ~/.cache/moekit
 
     def __post_init__(self) -> None:
-        for name in ("native", "own_gemm", "loop_profile"):
+        for name in FLAGS:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"CpuOptions.{name}={getattr(self, name)!r} is invalid: expected True or False")
         if self.gemm not in GEMM_BACKENDS:
@@ -66,6 +76,14 @@ class CpuOptions:
         if not isinstance(self.hidden_symbols, tuple) or not all(isinstance(s, str) for s in self.hidden_symbols):
             raise ValueError(f"CpuOptions.hidden_symbols={self.hidden_symbols!r} is invalid: expected a tuple of "
                              f"symbol names")
+        if self.cache_dir is not None and (not isinstance(self.cache_dir, str) or not self.cache_dir):
+            raise ValueError(f"CpuOptions.cache_dir={self.cache_dir!r} is invalid: expected a directory path, or None")
+
+    def cache_path(self) -> str:
+        """The directory per-machine measurements are kept in."""
+        if self.cache_dir is not None:
+            return self.cache_dir
+        return os.path.join(os.path.expanduser("~"), ".cache", "moekit")
 
 
 def _flag(name: str, raw: str) -> bool:
@@ -83,7 +101,7 @@ def from_env(environ: os._Environ | dict[str, str] | None = None) -> CpuOptions:
         raw = environ.get(var)
         if raw is None or raw == "":
             continue
-        if field in ("native", "own_gemm", "loop_profile"):
+        if field in FLAGS:
             values[field] = _flag(var, raw)
         elif field == "block_cache_mb":
             if not raw.isdigit():
@@ -144,7 +162,9 @@ def as_env(options: CpuOptions | None = None) -> dict[str, str]:
     o = get() if options is None else options
     env = {ENV["native"]: "1" if o.native else "0", ENV["gemm"]: o.gemm, ENV["own_gemm"]: "1" if o.own_gemm else "0",
            ENV["expert_backend"]: o.expert_backend, ENV["loop_profile"]: "1" if o.loop_profile else "0",
-           ENV["hidden_symbols"]: ",".join(o.hidden_symbols)}
+           ENV["hidden_symbols"]: ",".join(o.hidden_symbols), ENV["probe"]: "1" if o.probe else "0"}
     if o.block_cache_mb is not None:
         env[ENV["block_cache_mb"]] = str(o.block_cache_mb)
+    if o.cache_dir is not None:
+        env[ENV["cache_dir"]] = o.cache_dir
     return env

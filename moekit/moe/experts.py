@@ -59,7 +59,8 @@ class Experts(nn.Module):
         """The backend that runs these tokens (see :func:`moekit.moe.backends.chooser.expert_backend`);
         ``decode_step``: the layer could take the decode step's gather path (inside
         :func:`moekit.moe.backends.gather_decoding`)."""
-        return chooser.expert_backend(self.cfg, x_TD, self.backend, decode_step and self.decoding)
+        return chooser.expert_backend(self.cfg, x_TD, self.backend, decode_step and self.decoding,
+                                      dtype=self.compute_dtype(x_TD))
 
     def impl_for(self, x_TD: torch.Tensor) -> str:
         """The backend these tokens run on (:meth:`backend_for`)."""
@@ -70,17 +71,25 @@ class Experts(nn.Module):
         ties to the lower index as the reference; else ``torch.topk``)."""
         return get_backend(self.backend_for(x_TD)).topk
 
-    def cast(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, ExpertWeights]:
-        """The input and the weights in the compute dtype: autocast's, else the input's."""
-        params = [self.w_in, self.w_out, self.b_in, self.b_out]
+    @staticmethod
+    def compute_dtype(x_TD: torch.Tensor) -> torch.dtype:
+        """Autocast's dtype, else the input's."""
         device_type = x_TD.device.type
-        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x_TD.dtype
+        return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x_TD.dtype
+
+    def cast(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, ExpertWeights]:
+        """The input and the weights in the compute dtype (:meth:`compute_dtype`)."""
+        params = [self.w_in, self.w_out, self.b_in, self.b_out]
+        dtype = self.compute_dtype(x_TD)
         return x_TD.to(dtype), ExpertWeights(*(p.to(dtype) if p is not None else None for p in params))
 
     def forward(self, x_TD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         device_type = x_TD.device.type
         x_TD, weights = self.cast(x_TD)
         with torch.autocast(device_type=device_type, enabled=False):
-            backend = get_backend(self.backend_for(x_TD))
+            name = self.backend_for(x_TD)
+            backend = get_backend(name)
             backend.check(self.cfg, x_TD)
-            return backend.run(x_TD, plan, weights, self.cfg.activation)
+            how = chooser.loop_gemm(x_TD, weights, native=name == "native", activation=self.cfg.activation,
+                                    num_assignments=plan.num_assignments)
+            return backend.run(x_TD, plan, weights, self.cfg.activation, how)

@@ -23,11 +23,25 @@ class ExpertWeights(NamedTuple):
     b_out_ED: torch.Tensor | None
 
 
+class LoopGemm(NamedTuple):
+    """How a slice loop (``loop``, ``native``) runs its per-expert GEMMs, as the chooser decided
+    (:func:`moekit.moe.backends.chooser.loop_gemm`); other backends ignore it."""
+
+    bucket: bool  # on bucketed row counts (oneDNN builds a kernel per shape)
+    groups: int  # expert groups over the intra-op threads (the C++ loop; 1: one group, each GEMM threaded)
+    onednn: bool  # fp32 products on oneDNN (the C++ loop)
+    own_gemm: bool  # fp32 products inside the expert groups on the C++ loop's own kernel
+
+
+PLAIN_GEMM = LoopGemm(bucket=False, groups=1, onednn=False, own_gemm=False)
+
+
 class ExpertBackend:
     """Runs a layer's routed experts: out[t] = Σ over t's kept assignments a of w_a · down_e(act(in_e(x_t))),
     differentiable in x, the routing weights and every expert weight.
 
-    :meth:`run` takes the dispatch plan (assignments sorted by expert); a backend with ``needs_plan``
+    :meth:`run` takes the dispatch plan (assignments sorted by expert) and how the chooser wants its
+GEMMs run (a :class:`LoopGemm`; backends never decide that themselves); a backend with ``needs_plan``
     False (the compiled decode step's) takes the router's choices through :meth:`run_routed` instead.
     :meth:`topk` is the router's top-k selection as this backend offers it (the layer passes it to the
     router; the default is ``torch.topk``).
@@ -39,7 +53,8 @@ class ExpertBackend:
     def check(self, cfg: MoEConfig, x_TD: torch.Tensor) -> None:
         """Raises ValueError / RuntimeError naming why these tokens cannot run here (nothing when they can)."""
 
-    def run(self, x_TD: torch.Tensor, plan: DispatchPlan, weights: ExpertWeights, activation: str) -> torch.Tensor:
+    def run(self, x_TD: torch.Tensor, plan: DispatchPlan, weights: ExpertWeights, activation: str,
+            how: LoopGemm = PLAIN_GEMM) -> torch.Tensor:
         raise NotImplementedError(f"expert backend {self.name!r} runs without a dispatch plan (run_routed)")
 
     def run_routed(self, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor,

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from moekit.config import MoEConfig
-from moekit.moe.backends.base import ExpertBackend, ExpertWeights
+from moekit.moe.backends.base import PLAIN_GEMM, ExpertBackend, ExpertWeights, LoopGemm
 from moekit.moe.dispatch import DispatchPlan
 from moekit.nn.mlp import activation_fn
 
@@ -70,5 +70,6 @@ def grouped_mm_experts(x_TD: torch.Tensor, plan: DispatchPlan, w_in_EHD: torch.T
 class GroupedMMBackend(ExpertBackend):
     name = "grouped_mm"
 
-    def run(self, x_TD: torch.Tensor, plan: DispatchPlan, weights: ExpertWeights, activation: str) -> torch.Tensor:
+    def run(self, x_TD: torch.Tensor, plan: DispatchPlan, weights: ExpertWeights, activation: str,
+            how: LoopGemm = PLAIN_GEMM) -> torch.Tensor:
         return grouped_mm_experts(x_TD, plan, *weights, activation)

@@ -17,8 +17,7 @@ from __future__ import annotations
 import torch
 
 from moekit.cpu.rows import bucketed_rows, pad_rows, spill
-from moekit.moe.backends import chooser
-from moekit.moe.backends.base import ExpertBackend, ExpertWeights
+from moekit.moe.backends.base import PLAIN_GEMM, ExpertBackend, ExpertWeights, LoopGemm
 from moekit.moe.dispatch import DispatchPlan
 
 
@@ -177,8 +176,8 @@ class LoopExperts(torch.autograd.Function):
 class LoopBackend(ExpertBackend):
     name = "loop"
 
-    def run(self, x_TD: torch.Tensor, plan: DispatchPlan, weights: ExpertWeights, activation: str) -> torch.Tensor:
+    def run(self, x_TD: torch.Tensor, plan: DispatchPlan, weights: ExpertWeights, activation: str,
+            how: LoopGemm = PLAIN_GEMM) -> torch.Tensor:
         counts = plan.counts_E.tolist()  # the one host sync of the loop path: slice bounds
-        bucket = chooser.loop_gemm(x_TD, weights, native=False).bucket
         return LoopExperts.apply(x_TD.contiguous(), plan.token_ids_N, plan.weights_N, *weights, counts, activation,
-                                 bucket)
+                                 how.bucket)

@@ -13,8 +13,7 @@ from moekit.config import MoEConfig
 from moekit.cpu import build
 from moekit.cpu.loop import loop_experts
 from moekit.cpu.topk import topk_indices
-from moekit.moe.backends import chooser
-from moekit.moe.backends.base import ExpertBackend, ExpertWeights
+from moekit.moe.backends.base import PLAIN_GEMM, ExpertBackend, ExpertWeights, LoopGemm
 from moekit.moe.dispatch import DispatchPlan
 
 
@@ -29,9 +28,9 @@ class NativeBackend(ExpertBackend):
             raise RuntimeError(f"expert backend 'native': the C++ extension is unavailable "
                                f"({build.unavailable_reason()})")
 
-    def run(self, x_TD: torch.Tensor, plan: DispatchPlan, weights: ExpertWeights, activation: str) -> torch.Tensor:
+    def run(self, x_TD: torch.Tensor, plan: DispatchPlan, weights: ExpertWeights, activation: str,
+            how: LoopGemm = PLAIN_GEMM) -> torch.Tensor:
         counts = plan.counts_E.tolist()  # the one host sync of the loop path: slice bounds
-        how = chooser.loop_gemm(x_TD, weights, native=True)
         return loop_experts(x_TD.contiguous(), plan.token_ids_N, plan.weights_N, *weights, counts, activation,
                             bucket=how.bucket, groups=how.groups, onednn=how.onednn, own_gemm=how.own_gemm)
 
