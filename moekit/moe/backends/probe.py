@@ -50,7 +50,8 @@ log = logging.getLogger(__name__)
 FORMAT = 1  # bumped when what a timing measures changes: older files are measured again
 PROBE_TOP_K = 2
 MAX_ASSIGNMENTS = 16384  # classes beyond time like this one: the per-expert GEMMs are large by then
-DENSE_TOKENS = 1024
+DENSE_TOKENS = (256, 1024)  # rows of the dense probe: as many as keep one step near DENSE_STEP_FLOPS
+DENSE_STEP_FLOPS = 2e9
 PLAIN_MARGIN = 0.02
 ROUNDS = 5  # timed rounds, fewer when one round is slow (see TIME_BUDGET_S)
 TIME_BUDGET_S = 4.0
@@ -88,15 +89,21 @@ class ExpertShape(NamedTuple):
 
 
 class DenseShape(NamedTuple):
-    """The shape class of a model's dense fp32 products: [DENSE_TOKENS, d_model] times each width."""
+    """The shape class of a model's dense fp32 products: [rows, d_model] times each width."""
 
     d_model: int
     widths: tuple[int, ...]
     threads: int
 
     @property
+    def rows(self) -> int:
+        """A power of two within DENSE_TOKENS, about DENSE_STEP_FLOPS a forward and backward."""
+        fit = DENSE_STEP_FLOPS / (6 * self.d_model * sum(self.widths))
+        return min(DENSE_TOKENS[1], max(DENSE_TOKENS[0], 2 ** int(math.log2(max(1.0, fit)))))
+
+    @property
     def key(self) -> str:
-        return f"dense|float32|D{self.d_model}|W{'x'.join(map(str, self.widths))}|t{self.threads}"
+        return f"dense|float32|D{self.d_model}|W{'x'.join(map(str, self.widths))}|T{self.rows}|t{self.threads}"
 
 
 def assignments_class(n: int) -> int:
@@ -277,14 +284,15 @@ def expert_workload(shape: ExpertShape, how_for: Callable[[Candidate, torch.Tens
 
 
 def dense_workload(shape: DenseShape, linear: Callable[..., torch.Tensor]):
-    """A candidate (its ``gemm``) -> one forward and backward of [DENSE_TOKENS, d_model] through a weight
+    """A candidate (its ``gemm``) -> one forward and backward of [shape.rows, d_model] through a weight
     of each width; ``linear(x, w, onednn=...)`` is :func:`moekit.cpu.gemm.linear`."""
     gen = torch.Generator().manual_seed(0)
+    T = shape.rows
     with _Isolated():
-        x_TD = torch.randn(DENSE_TOKENS, shape.d_model, generator=gen).requires_grad_()
+        x_TD = torch.randn(T, shape.d_model, generator=gen).requires_grad_()
         ws = [(torch.randn(w, shape.d_model, generator=gen) * shape.d_model ** -0.5).requires_grad_()
               for w in shape.widths]
-        grads = [torch.randn(DENSE_TOKENS, w, generator=gen) for w in shape.widths]
+        grads = [torch.randn(T, w, generator=gen) for w in shape.widths]
 
     def for_candidate(c: Candidate) -> Callable[[], None]:
         onednn = c.gemm == "onednn"
