@@ -19,9 +19,10 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
 
+from moekit.nn.activations import ACTIVATIONS, is_gated  # ACTIVATIONS: the allowed names, kept importable here
+
 ROUTERS = ("softmax_topk", "switch", "noisy_topk", "sigmoid", "expert_choice", "soft")
 TOKEN_CHOICE_ROUTERS = ("softmax_topk", "switch", "noisy_topk", "sigmoid")
-ACTIVATIONS = ("swiglu", "geglu", "gelu", "relu")
 DROP_POLICIES = ("position", "score")
 SOFTMAX_ORDERS = ("before", "after")
 GROUP_SCORES = ("max", "top2_sum")
@@ -358,7 +359,7 @@ class MoEConfig:
 
     @property
     def gated(self) -> bool:
-        return self.activation in ("swiglu", "geglu")
+        return is_gated(self.activation)
 
     @property
     def shared_hidden(self) -> int:

@@ -14,15 +14,14 @@ from moekit.config import MoEConfig, ModelConfig
 from moekit.interop.keymap import KeyMap, Rule, Split
 from moekit.interop.expressible import aux_loss_coef_hf
 from moekit.interop.rope import hf_rope_parameters, rope_settings
+from moekit.nn import activations
 
 ARCHITECTURE = "DbrxForCausalLM"
 
 
 def model_config(hf: dict) -> ModelConfig:
     attn, ffn = hf.get("attn_config") or {}, hf.get("ffn_config") or {}
-    act = (ffn.get("ffn_act_fn") or {"name": "silu"}).get("name", "silu")
-    if act != "silu":
-        raise ValueError(f"ffn_config.ffn_act_fn.name={act!r} is not supported (only 'silu')")
+    activations.from_hf((ffn.get("ffn_act_fn") or {"name": "silu"}).get("name", "silu"), "ffn_config.ffn_act_fn.name")
     if ffn.get("moe_jitter_eps"):
         warnings.warn(f"DBRX ffn_config.moe_jitter_eps={ffn['moe_jitter_eps']} (training-time input jitter) is "
                       "not reproduced; logits are unaffected", stacklevel=3)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from moekit.config import MoEConfig, ModelConfig
 from moekit.interop.keymap import HF_LAYER, LLAMA_GLOBAL, LLAMA_NORMS, KeyMap, Rule, swiglu_rules
 from moekit.interop.rope import hf_rope_parameters, rope_settings
+from moekit.nn import activations
 
 ARCHITECTURES = ("DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM")
 LATENT_NORM_EPS = 1e-6  # transformers' q_a_layernorm / kv_a_layernorm ignore rms_norm_eps
@@ -12,8 +13,7 @@ LATENT_NORM_EPS = 1e-6  # transformers' q_a_layernorm / kv_a_layernorm ignore rm
 
 def model_config(hf: dict) -> ModelConfig:
     arch = hf["architectures"][0]
-    if hf.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"hidden_act={hf['hidden_act']!r} is not supported (only 'silu')")
+    activations.from_hf(hf.get("hidden_act", "silu"))  # the key map loads gated SiLU experts only
     d = hf["hidden_size"]
     if hf.get("rms_norm_eps", LATENT_NORM_EPS) != LATENT_NORM_EPS:
         raise ValueError(f"rms_norm_eps={hf['rms_norm_eps']!r} is not supported (only {LATENT_NORM_EPS}: "

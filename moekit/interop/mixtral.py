@@ -6,6 +6,7 @@ from moekit.config import MoEConfig, ModelConfig
 from moekit.interop.expressible import aux_loss_coef_hf
 from moekit.interop.rope import hf_rope_parameters, rope_settings
 from moekit.interop.keymap import HF_LAYER, LLAMA_GLOBAL, LLAMA_NORMS, KeyMap, Rule
+from moekit.nn import activations
 
 ARCHITECTURE = "MixtralForCausalLM"
 
@@ -13,8 +14,7 @@ ARCHITECTURE = "MixtralForCausalLM"
 def model_config(hf: dict) -> ModelConfig:
     if hf.get("sliding_window") not in (None, 0):
         raise ValueError(f"config.json: sliding_window={hf['sliding_window']!r} is not supported (only None)")
-    if hf.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"config.json: hidden_act={hf['hidden_act']!r} is not supported (only 'silu')")
+    activations.from_hf(hf.get("hidden_act", "silu"))  # the key map loads gated SiLU experts only
     d = hf["hidden_size"]
     moe = MoEConfig(d_model=d, expert_hidden=hf["intermediate_size"], num_experts=hf["num_local_experts"],
                     top_k=hf["num_experts_per_tok"], aux_loss_coef=hf.get("router_aux_loss_coef", 0.0),

@@ -6,6 +6,7 @@ from moekit.config import MoEConfig, ModelConfig, moe_layer_indices
 from moekit.interop.keymap import HF_LAYER, LLAMA_GLOBAL, LLAMA_NORMS, KeyMap, Rule, swiglu_rules
 from moekit.interop.expressible import aux_loss_coef_hf
 from moekit.interop.rope import hf_rope_parameters, rope_settings
+from moekit.nn import activations
 
 ARCHITECTURES = ("Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "OlmoeForCausalLM")
 
@@ -30,8 +31,7 @@ def _qwen_layout(hf: dict) -> dict:
 
 def model_config(hf: dict) -> ModelConfig:
     arch = hf["architectures"][0]
-    if hf.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"hidden_act={hf['hidden_act']!r} is not supported (only 'silu')")
+    activations.from_hf(hf.get("hidden_act", "silu"))  # the key map loads gated SiLU experts only
     if hf.get("clip_qkv") is not None:
         raise ValueError(f"clip_qkv={hf['clip_qkv']!r} is not supported for {arch} (only null)")
     if hf.get("sliding_window") and hf.get("use_sliding_window"):

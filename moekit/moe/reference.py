@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from moekit.config import MoEConfig
+from moekit.nn.activations import reference_act
 
 
 @dataclass
@@ -33,22 +34,11 @@ class ReferenceOutput:
     assignments: list[tuple[int, int]]  # kept (token, expert) pairs (token: index into the flattened input)
 
 
-def _act(name: str, h: torch.Tensor) -> torch.Tensor:
-    if name in ("swiglu", "geglu"):
-        gate, up = h[: h.shape[0] // 2], h[h.shape[0] // 2:]
-        if name == "swiglu":
-            return gate * torch.sigmoid(gate) * up
-        return 0.5 * gate * (1 + torch.erf(gate / math.sqrt(2.0))) * up
-    if name == "gelu":
-        return 0.5 * h * (1 + torch.erf(h / math.sqrt(2.0)))
-    return torch.clamp(h, min=0)
-
-
 def _mlp(x_D, w_in_HD, w_out_DF, b_in, b_out, act):
     h = w_in_HD @ x_D
     if b_in is not None:
         h = h + b_in
-    y = w_out_DF @ _act(act, h)
+    y = w_out_DF @ reference_act(act, h)
     return y + b_out if b_out is not None else y
 
 

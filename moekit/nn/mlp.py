@@ -1,47 +1,16 @@
-"""Dense feed-forward blocks and the activations shared with the experts.
+"""Dense feed-forward blocks (the activations: :mod:`moekit.nn.activations`).
 
 Legend: T tokens, D model width, H hidden width.
 """
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from moekit.nn.activations import activation_fn, is_gated
 
-
-def _swiglu(h: torch.Tensor) -> torch.Tensor:
-    gate, up = h.chunk(2, dim=-1)
-    return F.silu(gate) * up
-
-
-def _geglu(h: torch.Tensor) -> torch.Tensor:
-    gate, up = h.chunk(2, dim=-1)
-    return F.gelu(gate) * up
-
-
-_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    # Gated variants (Shazeer 2020, "GLU Variants Improve Transformer"): h = [gate | up], 2H wide.
-    "swiglu": _swiglu,
-    "geglu": _geglu,
-    "gelu": F.gelu,
-    "relu": F.relu,
-}
-
-
-def activation_fn(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Maps the first projection's output (2H wide when gated, H otherwise) to the H-wide activation."""
-    try:
-        return _ACTIVATIONS[name]
-    except KeyError:
-        raise ValueError(f"activation={name!r} is unknown; allowed: {', '.join(_ACTIVATIONS)}") from None
-
-
-def is_gated(name: str) -> bool:
-    return name in ("swiglu", "geglu")
+__all__ = ["MLP", "activation_fn"]  # activation_fn: moekit.nn exports it from here
 
 
 class MLP(nn.Module):

@@ -10,7 +10,7 @@ import torch
 
 from moekit.moe.backends.base import ExpertBackend, ExpertWeights
 from moekit.moe.backends.grouped_mm import inverse_permutation
-from moekit.nn.mlp import activation_fn
+from moekit.nn.activations import activation_fn
 
 
 def gather_experts(x_TD: torch.Tensor, expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor,

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from moekit.config import MoEConfig
 from moekit.moe.backends.base import PLAIN_GEMM, ExpertBackend, ExpertWeights, LoopGemm
 from moekit.moe.dispatch import DispatchPlan
-from moekit.nn.mlp import activation_fn
+from moekit.nn.activations import activation_fn
 
 
 def inverse_permutation(order_N: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,7 @@ import torch
 from moekit.cpu.rows import bucketed_rows, pad_rows, spill
 from moekit.moe.backends.base import PLAIN_GEMM, ExpertBackend, ExpertWeights, LoopGemm
 from moekit.moe.dispatch import DispatchPlan
+from moekit.nn.activations import get as get_activation
 
 
 def _slices(counts: list[int]):
@@ -29,7 +30,8 @@ def _slices(counts: list[int]):
         start += n
 
 
-# Elementwise activation kernels with explicit outputs: (forward into `out`, backward into `out`).
+# The registry's elementwise functions (moekit.nn.activations, ``Activation.elementwise``) as kernels
+# with explicit outputs: (forward into `out`, backward into `out`).
 # NOTE: everything below runs per expert slice into preallocated buffers. Fresh [N, F]
 # temporaries are large enough for the allocator to map and unmap them every call, and the page
 # faults cost more than the arithmetic on a CPU.
@@ -42,13 +44,12 @@ _ACT_KERNELS = {
     "relu": (lambda h, out: torch.clamp_min(h, 0, out=out),
              lambda g, h, out: _aten.threshold_backward.grad_input(g, h, 0, grad_input=out)),
 }
-_ACT_OF = {"swiglu": ("silu", True), "geglu": ("gelu", True), "gelu": ("gelu", False), "relu": ("relu", False)}
 
 
 def _act_forward(act_name: str, h_nH: torch.Tensor, a_nF: torch.Tensor) -> None:
-    kernel, gated = _ACT_OF[act_name]
-    fwd, _ = _ACT_KERNELS[kernel]
-    if gated:
+    act = get_activation(act_name)
+    fwd, _ = _ACT_KERNELS[act.elementwise]
+    if act.gated:
         F_ = a_nF.shape[1]
         fwd(h_nH[:, :F_], a_nF)
         a_nF.mul_(h_nH[:, F_:])
@@ -59,9 +60,9 @@ def _act_forward(act_name: str, h_nH: torch.Tensor, a_nF: torch.Tensor) -> None:
 def _act_backward(act_name: str, h_nH: torch.Tensor, grad_a_nF: torch.Tensor, grad_h_nH: torch.Tensor,
                   scratch_nF: torch.Tensor) -> torch.Tensor:
     """dL/dh from dL/da into ``grad_h_nH``; for gated a = act(gate) · up (``scratch_nF``: a temporary)."""
-    kernel, gated = _ACT_OF[act_name]
-    fwd, bwd = _ACT_KERNELS[kernel]
-    if not gated:
+    act = get_activation(act_name)
+    fwd, bwd = _ACT_KERNELS[act.elementwise]
+    if not act.gated:
         bwd(grad_a_nF, h_nH, grad_h_nH)
         return grad_h_nH
     F_ = grad_a_nF.shape[1]
