@@ -15,12 +15,17 @@ router, bias and capacity rule is the model's. :func:`collect_routing` accumulat
 * (expert, token id) counts, for the tokens each expert takes most often;
 * (expert, token class) counts, for the lexical classes of :mod:`moekit.insight.categories`;
 * optionally the router logits themselves (expert similarity for merging).
+
+:func:`token_progress` shows a progress bar of the tokens a model's forward passes take, for the
+commands that route or evaluate many windows (inspect, prune, eval).
 """
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -193,6 +198,31 @@ class RoutingData:
 
 
 @torch.no_grad()
+@contextlib.contextmanager
+def token_progress(model: torch.nn.Module, desc: str, total: int | None, enabled: bool = True) -> Iterator[Any]:
+    """While the block runs, a progress bar on stderr counting the input tokens of ``model``'s forward
+    passes (a pre-hook on the model: any loop over batches is followed without a callback through it).
+    ``total`` is an upper bound (evaluation stops early on a short split); the bar (None when not
+    ``enabled``) is cleared at the end."""
+    if not enabled:
+        yield None
+        return
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc=desc, unit="tok", unit_scale=True, leave=False, dynamic_ncols=True, file=sys.stderr)
+
+    def count(_module, args) -> None:  # NOTE: a pre-hook that returns something replaces the forward's inputs
+        if args:
+            bar.update(args[0].numel())
+
+    handle = model.register_forward_pre_hook(count)
+    try:
+        yield bar
+    finally:
+        handle.remove()
+        bar.close()
+
+
 def collect_routing(model: MoETransformer, batches: Iterable[torch.Tensor], pieces: list[bytes] | None = None,
                     keep_logits: bool = False) -> RoutingData:
     """Runs ``model`` (in eval mode) over ``batches`` of input ids [B, S] and accumulates the routing

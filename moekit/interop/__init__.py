@@ -32,11 +32,11 @@ def _read_config(path: Path) -> dict:
         raise InteropError(f"{cfg_path} is not valid JSON: {err}") from None
 
 
-def from_pretrained(path: str | Path, dtype: torch.dtype | None = None) -> MoETransformer:
+def from_pretrained(path: str | Path, dtype: torch.dtype | None = None, *, progress: bool = False) -> MoETransformer:
     """A moekit model from a Hugging Face directory or a moekit checkpoint/run directory.
 
     ``dtype``: the parameters' dtype (e.g. ``torch.bfloat16``), converted while reading; None = fp32
-    whatever the files hold."""
+    whatever the files hold. ``progress``: a bar on stderr over the layers read from a Hugging Face directory."""
     from moekit.checkpoint import load_model
 
     from moekit.checkpoint import refuse_pickle
@@ -67,7 +67,7 @@ def from_pretrained(path: str | Path, dtype: torch.dtype | None = None) -> MoETr
         model = MoETransformer(cfg)
     with SafetensorsDir(path) as ckpt:
         load_with_keymap(model, ckpt, family.KEYMAP, [b.is_moe for b in model.layers],
-                         cfg.moe.num_experts if cfg.moe else 0, dtype)
+                         cfg.moe.num_experts if cfg.moe else 0, dtype, progress=progress)
     for module in model.modules():  # buffers the checkpoint does not carry: the routers' balancing state
         for name, buf in list(module.named_buffers(recurse=False)):
             if buf.is_meta:

@@ -10,6 +10,7 @@ else is reported by name.
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -174,8 +175,9 @@ def swiglu_rules(target: str, source: str, experts: bool = False) -> list[Rule]:
 
 
 def load_with_keymap(model: torch.nn.Module, ckpt: SafetensorsDir, keymap: KeyMap, layer_is_moe: list[bool],
-                     num_experts: int, dtype: torch.dtype | None = None) -> None:
-    """Fills ``model`` (possibly on the meta device) from ``ckpt`` following ``keymap``."""
+                     num_experts: int, dtype: torch.dtype | None = None, progress: bool = False) -> None:
+    """Fills ``model`` (possibly on the meta device) from ``ckpt`` following ``keymap``; ``progress``: a bar
+    over the layers on stderr."""
     params = dict(model.state_dict())
     filled: dict[str, torch.Tensor] = {}
     used: set[str] = set()
@@ -257,7 +259,10 @@ def load_with_keymap(model: torch.nn.Module, ckpt: SafetensorsDir, keymap: KeyMa
 
     for rule in keymap.global_:
         apply(rule, {})
-    for i, _ in enumerate(layer_is_moe):
+    from tqdm import tqdm
+
+    for i in tqdm(range(len(layer_is_moe)), desc="reading layers", unit="layer", disable=not progress, leave=False,
+                  dynamic_ncols=True, file=sys.stderr):
         for rule in keymap.per_layer:
             apply(rule, {"layer": i})
     unexpected = sorted(ckpt.keys() - used)
