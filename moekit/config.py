@@ -20,6 +20,7 @@ from fractions import Fraction
 from typing import Any
 
 from moekit.nn.activations import ACTIVATIONS, is_gated  # ACTIVATIONS: the allowed names, kept importable here
+from moekit.validate import bad, check_choice, check_float, check_int
 
 ROUTERS = ("softmax_topk", "switch", "noisy_topk", "sigmoid", "expert_choice", "soft")
 TOKEN_CHOICE_ROUTERS = ("softmax_topk", "switch", "noisy_topk", "sigmoid")
@@ -27,24 +28,7 @@ DROP_POLICIES = ("position", "score")
 SOFTMAX_ORDERS = ("before", "after")
 GROUP_SCORES = ("max", "top2_sum")
 LB_CONVENTIONS = ("standard", "hf_compat")
-
-
-def _bad(field: str, value: Any, allowed: str, owner: str = "MoEConfig") -> ValueError:
-    return ValueError(f"{owner}.{field}={value!r} is invalid: {allowed}")
-
-
-def _check_int(field: str, value: Any, minimum: int, owner: str = "MoEConfig") -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise _bad(field, value, f"expected an int >= {minimum}", owner)
-
-
-def _check_float(field: str, value: Any, *, positive: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise _bad(field, value, "expected a finite number")
-    if positive and value <= 0:
-        raise _bad(field, value, "expected a number > 0")
-    if not positive and value < 0:
-        raise _bad(field, value, "expected a number >= 0")
+MOE, MODEL = "MoEConfig", "ModelConfig"  # the owners their errors name (moekit.validate)
 
 
 def _check_known_fields(cls: type, data: dict[str, Any]) -> None:
@@ -118,7 +102,7 @@ def check_field_types(obj: Any) -> None:
     for name, hint in _field_hints(type(obj)).items():
         value = getattr(obj, name)
         if not any(_matches(value, kind) for kind in _type_members(hint)):
-            raise _bad(name, value, f"expected {_type_name(hint)}", owner)
+            raise bad(owner, name, value, f"expected {_type_name(hint)}")
 
 
 _NONE_WORDS = ("none", "null")
@@ -176,11 +160,6 @@ def parse_field(cls: type, name: str, raw: str) -> Any:
         return raw
     raise ValueError(f"{cls.__name__}.{name}={raw!r} is invalid: expected {_type_name(hints[name])}"
                      + (" or a JSON object of its fields" if any(dataclasses.is_dataclass(k) for k in members) else ""))
-
-
-def _check_choice(field: str, value: Any, allowed: tuple, owner: str = "MoEConfig") -> None:
-    if value not in allowed:
-        raise _bad(field, value, f"allowed values are {', '.join(repr(a) for a in allowed)}", owner)
 
 
 @dataclass(frozen=True)
@@ -265,92 +244,91 @@ class MoEConfig:
 
     def __post_init__(self) -> None:
         check_field_types(self)
-        _check_int("d_model", self.d_model, 1)
-        _check_int("num_experts", self.num_experts, 1)
-        _check_int("expert_hidden", self.expert_hidden, 1)
-        _check_choice("router", self.router, ROUTERS)
-        _check_int("top_k", self.top_k, 1)
+        check_int(MOE, "d_model", self.d_model, 1)
+        check_int(MOE, "num_experts", self.num_experts, 1)
+        check_int(MOE, "expert_hidden", self.expert_hidden, 1)
+        check_choice(MOE, "router", self.router, ROUTERS)
+        check_int(MOE, "top_k", self.top_k, 1)
         if self.top_k > self.num_experts:
-            raise _bad("top_k", self.top_k, f"expected 1 <= top_k <= num_experts={self.num_experts}")
+            raise bad(MOE, "top_k", self.top_k, f"expected 1 <= top_k <= num_experts={self.num_experts}")
         if self.router == "switch" and self.top_k != 1:
-            raise _bad("top_k", self.top_k, "router='switch' routes each token to exactly 1 expert")
+            raise bad(MOE, "top_k", self.top_k, "router='switch' routes each token to exactly 1 expert")
         if self.router == "soft" and self.top_k != self.num_experts:
-            raise _bad("top_k", self.top_k,
-                       f"router='soft' weights every expert: top_k must equal num_experts={self.num_experts}")
-        _check_choice("softmax_order", self.softmax_order, SOFTMAX_ORDERS)
+            raise bad(MOE, "top_k", self.top_k,
+                      f"router='soft' weights every expert: top_k must equal num_experts={self.num_experts}")
+        check_choice(MOE, "softmax_order", self.softmax_order, SOFTMAX_ORDERS)
         if self.softmax_order == "after" and self.router != "softmax_topk":
-            raise _bad("softmax_order", self.softmax_order, "'after' applies to router='softmax_topk' only")
+            raise bad(MOE, "softmax_order", self.softmax_order, "'after' applies to router='softmax_topk' only")
         if self.router == "noisy_topk" and not self.normalize_weights:
-            raise _bad("normalize_weights", False, "noisy top-k takes a softmax over the chosen logits, which "
-                       "always sums to 1 (Shazeer et al. 2017)")
+            raise bad(MOE, "normalize_weights", False, "noisy top-k takes a softmax over the chosen logits, which "
+                      "always sums to 1 (Shazeer et al. 2017)")
         if self.router_jitter and self.router != "switch":
-            raise _bad("router_jitter", self.router_jitter, "jitter applies to router='switch' only")
-        if not (isinstance(self.normalize_p, (int, float)) and not isinstance(self.normalize_p, bool)
-                and self.normalize_p > 0):
-            raise _bad("normalize_p", self.normalize_p, "expected a number > 0 (1 = divide by the sum)")
+            raise bad(MOE, "router_jitter", self.router_jitter, "jitter applies to router='switch' only")
+        if not self.normalize_p > 0:  # NaN fails too
+            raise bad(MOE, "normalize_p", self.normalize_p, "expected a number > 0 (1 = divide by the sum)")
         if self.normalize_p != 1 and not (self.normalize_weights and self.softmax_order == "before"
                                           and self.router in ("softmax_topk", "sigmoid")):
-            raise _bad("normalize_p", self.normalize_p, "a p-norm other than 1 applies only to renormalised "
-                       "softmax top-k or sigmoid weights (normalize_weights=True, softmax_order='before')")
+            raise bad(MOE, "normalize_p", self.normalize_p, "a p-norm other than 1 applies only to renormalised "
+                      "softmax top-k or sigmoid weights (normalize_weights=True, softmax_order='before')")
         if self.softmax_order == "after" and not self.normalize_weights:
-            raise _bad("softmax_order", self.softmax_order,
-                       "a softmax over the chosen logits always sums to 1; use normalize_weights=True "
-                       "or softmax_order='before'")
-        _check_float("routed_scaling_factor", self.routed_scaling_factor, positive=True)
-        _check_float("router_jitter", self.router_jitter)
+            raise bad(MOE, "softmax_order", self.softmax_order,
+                      "a softmax over the chosen logits always sums to 1; use normalize_weights=True "
+                      "or softmax_order='before'")
+        check_float(MOE, "routed_scaling_factor", self.routed_scaling_factor, above=True)
+        check_float(MOE, "router_jitter", self.router_jitter)
         if self.router_jitter >= 1:
-            raise _bad("router_jitter", self.router_jitter, "expected 0 <= router_jitter < 1")
-        _check_int("n_group", self.n_group, 1)
+            raise bad(MOE, "router_jitter", self.router_jitter, "expected 0 <= router_jitter < 1")
+        check_int(MOE, "n_group", self.n_group, 1)
         if self.num_experts % self.n_group:
-            raise _bad("n_group", self.n_group, f"must divide num_experts={self.num_experts}")
-        _check_int("topk_group", self.topk_group, 1)
+            raise bad(MOE, "n_group", self.n_group, f"must divide num_experts={self.num_experts}")
+        check_int(MOE, "topk_group", self.topk_group, 1)
         if self.topk_group > self.n_group:
-            raise _bad("topk_group", self.topk_group, f"expected 1 <= topk_group <= n_group={self.n_group}")
+            raise bad(MOE, "topk_group", self.topk_group, f"expected 1 <= topk_group <= n_group={self.n_group}")
         if self.n_group > 1:
             if self.router not in TOKEN_CHOICE_ROUTERS:
-                raise _bad("n_group", self.n_group, f"group-limited routing needs a token-choice router "
-                           f"({', '.join(TOKEN_CHOICE_ROUTERS)}), not router={self.router!r}")
+                raise bad(MOE, "n_group", self.n_group, f"group-limited routing needs a token-choice router "
+                          f"({', '.join(TOKEN_CHOICE_ROUTERS)}), not router={self.router!r}")
             if self.topk_group * (self.num_experts // self.n_group) < self.top_k:
-                raise _bad("topk_group", self.topk_group,
-                           f"the kept groups hold {self.topk_group * (self.num_experts // self.n_group)} "
-                           f"experts, fewer than top_k={self.top_k}")
+                raise bad(MOE, "topk_group", self.topk_group,
+                          f"the kept groups hold {self.topk_group * (self.num_experts // self.n_group)} "
+                          f"experts, fewer than top_k={self.top_k}")
         if self.group_score is None:
             object.__setattr__(self, "group_score", "top2_sum" if self.router == "sigmoid" else "max")
-        _check_choice("group_score", self.group_score, GROUP_SCORES)
+        check_choice(MOE, "group_score", self.group_score, GROUP_SCORES)
         if self.group_score == "top2_sum" and self.n_group > 1 and self.num_experts // self.n_group < 2:
-            raise _bad("group_score", self.group_score, "top2_sum needs at least 2 experts per group")
+            raise bad(MOE, "group_score", self.group_score, "top2_sum needs at least 2 experts per group")
         for name in ("aux_loss_coef", "z_loss_coef", "seq_aux_loss_coef", "bias_update_rate"):
-            _check_float(name, getattr(self, name))
-        _check_choice("lb_convention", self.lb_convention, LB_CONVENTIONS)
+            check_float(MOE, name, getattr(self, name))
+        check_choice(MOE, "lb_convention", self.lb_convention, LB_CONVENTIONS)
         if self.router == "expert_choice":
             for name in ("aux_loss_coef", "seq_aux_loss_coef"):
                 if getattr(self, name) > 0:
-                    raise _bad(name, getattr(self, name),
-                               "router='expert_choice' is balanced by construction; the balance loss must be 0")
+                    raise bad(MOE, name, getattr(self, name),
+                              "router='expert_choice' is balanced by construction; the balance loss must be 0")
         if self.bias_update_rate > 0 and self.router not in TOKEN_CHOICE_ROUTERS:
-            raise _bad("bias_update_rate", self.bias_update_rate,
-                       f"the selection bias needs a token-choice router ({', '.join(TOKEN_CHOICE_ROUTERS)})")
+            raise bad(MOE, "bias_update_rate", self.bias_update_rate,
+                      f"the selection bias needs a token-choice router ({', '.join(TOKEN_CHOICE_ROUTERS)})")
         if self.capacity_factor is not None:
-            _check_float("capacity_factor", self.capacity_factor, positive=True)
+            check_float(MOE, "capacity_factor", self.capacity_factor, above=True)
         elif self.router == "expert_choice":
-            raise _bad("capacity_factor", None, "router='expert_choice' needs a capacity: a number > 0")
+            raise bad(MOE, "capacity_factor", None, "router='expert_choice' needs a capacity: a number > 0")
         ecf = self.eval_capacity_factor
         if ecf is None:
             if self.router == "expert_choice":
-                raise _bad("eval_capacity_factor", None, "router='expert_choice' needs a capacity in eval too")
+                raise bad(MOE, "eval_capacity_factor", None, "router='expert_choice' needs a capacity in eval too")
         elif ecf != "same":
             if isinstance(ecf, str):
-                raise _bad("eval_capacity_factor", ecf, "expected 'same', None (dropless) or a number > 0")
-            _check_float("eval_capacity_factor", ecf, positive=True)
-        _check_choice("drop_policy", self.drop_policy, DROP_POLICIES)
-        _check_choice("activation", self.activation, ACTIVATIONS)
-        _check_int("num_shared_experts", self.num_shared_experts, 0)
+                raise bad(MOE, "eval_capacity_factor", ecf, "expected 'same', None (dropless) or a number > 0")
+            check_float(MOE, "eval_capacity_factor", ecf, above=True)
+        check_choice(MOE, "drop_policy", self.drop_policy, DROP_POLICIES)
+        check_choice(MOE, "activation", self.activation, ACTIVATIONS)
+        check_int(MOE, "num_shared_experts", self.num_shared_experts, 0)
         if self.shared_expert_hidden is not None:
-            _check_int("shared_expert_hidden", self.shared_expert_hidden, 1)
+            check_int(MOE, "shared_expert_hidden", self.shared_expert_hidden, 1)
         if self.shared_expert_gate and self.num_shared_experts == 0:
-            raise _bad("shared_expert_gate", True, "a shared-expert gate needs num_shared_experts >= 1")
-        _check_int("dense_hidden", self.dense_hidden, 0)
-        _check_float("init_std", self.init_std, positive=True)
+            raise bad(MOE, "shared_expert_gate", True, "a shared-expert gate needs num_shared_experts >= 1")
+        check_int(MOE, "dense_hidden", self.dense_hidden, 0)
+        check_float(MOE, "init_std", self.init_std, above=True)
 
     # ---- derived -----------------------------------------------------------------------------
     @property
@@ -382,9 +360,9 @@ class MoEConfig:
 
         Keeps total and active parameters (and FLOPs) of the routed experts unchanged.
         """
-        _check_int("fine_grained(m)", m, 1)
+        check_int(MOE, "fine_grained(m)", m, 1)
         if self.expert_hidden % m:
-            raise _bad("expert_hidden", self.expert_hidden, f"must be divisible by the segmentation m={m}")
+            raise bad(MOE, "expert_hidden", self.expert_hidden, f"must be divisible by the segmentation m={m}")
         return self.replace(num_experts=self.num_experts * m, top_k=self.top_k * m,
                             expert_hidden=self.expert_hidden // m)
 
@@ -420,18 +398,6 @@ NORMS = ("rmsnorm", "layernorm")
 QK_NORMS = (None, "head", "full")
 
 
-def _mbad(field: str, value: Any, allowed: str) -> ValueError:
-    return _bad(field, value, allowed, "ModelConfig")
-
-
-def _mcheck_int(field: str, value: Any, minimum: int) -> None:
-    _check_int(field, value, minimum, "ModelConfig")
-
-
-def _check_choice_m(field: str, value: Any, allowed: tuple) -> None:
-    _check_choice(field, value, allowed, "ModelConfig")
-
-
 def moe_layer_indices(n_layers: int, *, start: int = 0, stop: int | None = None, every: int = 1,
                       dense: Iterable[int] = ()) -> tuple[int, ...]:
     """The MoE layers of a layout rule, for ``ModelConfig.moe_layers``: layer i is MoE when
@@ -446,9 +412,9 @@ def moe_layer_indices(n_layers: int, *, start: int = 0, stop: int | None = None,
                                                                       e = -1, the last layer), every=n
     """
     for name, value, minimum in (("n_layers", n_layers, 1), ("start", start, 0), ("every", every, 1)):
-        _check_int(name, value, minimum, "moe_layer_indices")
+        check_int("moe_layer_indices", name, value, minimum)
     if stop is not None:
-        _check_int("stop", stop, 0, "moe_layer_indices")
+        check_int("moe_layer_indices", "stop", stop, 0)
     dense = set(dense)
     return tuple(i for i in range(start, n_layers if stop is None else min(stop, n_layers))
                  if (i + 1) % every == 0 and i not in dense)
@@ -522,88 +488,82 @@ class ModelConfig:
         tuples_from_lists(self)
         check_field_types(self)
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
-            _mcheck_int(name, getattr(self, name), 1)
-        _check_choice_m("attention", self.attention, ATTENTIONS)
-        _check_choice_m("norm", self.norm, NORMS)
-        _check_choice_m("qk_norm", self.qk_norm, QK_NORMS)
-        _check_choice_m("activation", self.activation, ACTIVATIONS)
+            check_int(MODEL, name, getattr(self, name), 1)
+        check_choice(MODEL, "attention", self.attention, ATTENTIONS)
+        check_choice(MODEL, "norm", self.norm, NORMS)
+        check_choice(MODEL, "qk_norm", self.qk_norm, QK_NORMS)
+        check_choice(MODEL, "activation", self.activation, ACTIVATIONS)
         if self.n_kv_heads is None:
             object.__setattr__(self, "n_kv_heads", self.n_heads)
-        _mcheck_int("n_kv_heads", self.n_kv_heads, 1)
+        check_int(MODEL, "n_kv_heads", self.n_kv_heads, 1)
         if self.n_heads % self.n_kv_heads:
-            raise _mbad("n_kv_heads", self.n_kv_heads, f"must divide n_heads={self.n_heads}")
+            raise bad(MODEL, "n_kv_heads", self.n_kv_heads, f"must divide n_heads={self.n_heads}")
         if self.head_dim is None:
             if self.attention == "gqa" and self.d_model % self.n_heads:
-                raise _mbad("n_heads", self.n_heads, f"must divide d_model={self.d_model} (or set head_dim)")
+                raise bad(MODEL, "n_heads", self.n_heads, f"must divide d_model={self.d_model} (or set head_dim)")
             object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
-        _mcheck_int("head_dim", self.head_dim, 1)
+        check_int(MODEL, "head_dim", self.head_dim, 1)
         if self.attention == "gqa" and self.head_dim % 2:
-            raise _mbad("head_dim", self.head_dim, "rotary embeddings need an even head_dim")
+            raise bad(MODEL, "head_dim", self.head_dim, "rotary embeddings need an even head_dim")
         if self.attention == "mla":
-            if isinstance(self.q_lora_rank, bool) or not isinstance(self.q_lora_rank, int) or self.q_lora_rank < 0:
-                raise _mbad("q_lora_rank", self.q_lora_rank, "expected an int >= 0 (0 = no query compression)")
+            if self.q_lora_rank < 0:
+                raise bad(MODEL, "q_lora_rank", self.q_lora_rank, "expected an int >= 0 (0 = no query compression)")
             for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
-                _mcheck_int(name, getattr(self, name), 1)
+                check_int(MODEL, name, getattr(self, name), 1)
             if self.qk_rope_head_dim % 2:
-                raise _mbad("qk_rope_head_dim", self.qk_rope_head_dim, "rotary dims must be even")
+                raise bad(MODEL, "qk_rope_head_dim", self.qk_rope_head_dim, "rotary dims must be even")
             if self.qk_norm is not None:
-                raise _mbad("qk_norm", self.qk_norm, "q/k norms are not defined for attention='mla'")
-        if not (isinstance(self.rope_theta, (int, float)) and math.isfinite(self.rope_theta) and self.rope_theta > 0):
-            raise _mbad("rope_theta", self.rope_theta, "expected a finite number > 0")
+                raise bad(MODEL, "qk_norm", self.qk_norm, "q/k norms are not defined for attention='mla'")
+        check_float(MODEL, "rope_theta", self.rope_theta, above=True)
         self._check_rope_scaling()
-        if not (isinstance(self.norm_eps, (int, float)) and math.isfinite(self.norm_eps) and self.norm_eps > 0):
-            raise _mbad("norm_eps", self.norm_eps, "expected a finite number > 0")
-        _mcheck_int("moe_every", self.moe_every, 1)
-        _mcheck_int("first_k_dense", self.first_k_dense, 0)
+        check_float(MODEL, "norm_eps", self.norm_eps, above=True)
+        check_int(MODEL, "moe_every", self.moe_every, 1)
+        check_int(MODEL, "first_k_dense", self.first_k_dense, 0)
         if self.first_k_dense > self.n_layers:
-            raise _mbad("first_k_dense", self.first_k_dense, f"expected <= n_layers={self.n_layers}")
+            raise bad(MODEL, "first_k_dense", self.first_k_dense, f"expected <= n_layers={self.n_layers}")
         self._check_moe_layers()
         if self.moe is not None:
-            if not isinstance(self.moe, MoEConfig):
-                raise _mbad("moe", type(self.moe).__name__, "expected a MoEConfig or None")
             if self.moe.d_model != self.d_model:
-                raise _mbad("moe", f"MoEConfig(d_model={self.moe.d_model})", f"its d_model must equal {self.d_model}")
+                raise bad(MODEL, "moe", f"MoEConfig(d_model={self.moe.d_model})",
+                          f"its d_model must equal {self.d_model}")
             if not any(self.is_moe_layer(i) for i in range(self.n_layers)):
-                raise _mbad("first_k_dense", self.first_k_dense, f"with moe_every={self.moe_every} and "
-                            f"n_layers={self.n_layers} no layer is left for the MoE")
+                raise bad(MODEL, "first_k_dense", self.first_k_dense, f"with moe_every={self.moe_every} and "
+                          f"n_layers={self.n_layers} no layer is left for the MoE")
         needs_dense = self.moe is None or self.parallel_residual_mlp or any(
             not self.is_moe_layer(i) for i in range(self.n_layers))
         if needs_dense:
-            _mcheck_int("ffn_hidden", self.ffn_hidden, 1)
+            check_int(MODEL, "ffn_hidden", self.ffn_hidden, 1)
         if self.parallel_residual_mlp and self.moe is None:
-            raise _mbad("parallel_residual_mlp", True, "needs a moe config")
+            raise bad(MODEL, "parallel_residual_mlp", True, "needs a moe config")
         for name in ("embedding_multiplier", "logit_multiplier", "init_std"):
-            v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
-                raise _mbad(name, v, "expected a finite number > 0")
-        if not (isinstance(self.clip_qkv, (int, float)) and math.isfinite(self.clip_qkv) and self.clip_qkv >= 0):
-            raise _mbad("clip_qkv", self.clip_qkv, "expected a finite number >= 0 (0 = off)")
+            check_float(MODEL, name, getattr(self, name), above=True)
+        check_float(MODEL, "clip_qkv", self.clip_qkv, note="0 = off")
         if self.clip_qkv and self.attention == "mla":
-            raise _mbad("clip_qkv", self.clip_qkv, "clipping q/k/v is defined for attention='gqa' only")
+            raise bad(MODEL, "clip_qkv", self.clip_qkv, "clipping q/k/v is defined for attention='gqa' only")
         cap = self.attn_logit_softcap
         # NOTE: a cap that rounds to 0 in fp32 would turn c·tanh(x/c) into 0·nan
-        if not (isinstance(cap, (int, float)) and math.isfinite(cap) and (cap == 0 or cap >= 1.2e-38)):
-            raise _mbad("attn_logit_softcap", cap, "expected 0 (off) or a finite number >= 1.2e-38 (fp32's smallest "
-                        "normal number)")
+        if not (math.isfinite(cap) and (cap == 0 or cap >= 1.2e-38)):
+            raise bad(MODEL, "attn_logit_softcap", cap, "expected 0 (off) or a finite number >= 1.2e-38 (fp32's "
+                      "smallest normal number)")
 
     def _check_moe_layers(self) -> None:
         layers = self.moe_layers
         if layers is None:
             return
         if self.moe is None:
-            raise _mbad("moe_layers", layers, "a dense model (moe=None) has no MoE layers; expected None")
+            raise bad(MODEL, "moe_layers", layers, "a dense model (moe=None) has no MoE layers; expected None")
         if not layers:
-            raise _mbad("moe_layers", layers, "expected at least one MoE layer (moe=None makes every FFN dense)")
+            raise bad(MODEL, "moe_layers", layers, "expected at least one MoE layer (moe=None makes every FFN dense)")
         outside = [i for i in layers if not 0 <= i < self.n_layers]
         if outside:
-            raise _mbad("moe_layers", layers, f"layer indices lie in 0 .. n_layers - 1 = {self.n_layers - 1}; "
-                        f"{outside} do not")
+            raise bad(MODEL, "moe_layers", layers, f"layer indices lie in 0 .. n_layers - 1 = {self.n_layers - 1}; "
+                      f"{outside} do not")
         twice = sorted({i for i in layers if layers.count(i) > 1})
         if twice:
-            raise _mbad("moe_layers", layers, f"lists layer(s) {twice} more than once")
+            raise bad(MODEL, "moe_layers", layers, f"lists layer(s) {twice} more than once")
         if self.first_k_dense != 0 or self.moe_every != 1:
-            raise _mbad("moe_layers", layers, f"it lists the MoE layers itself, so first_k_dense={self.first_k_dense} "
-                        f"and moe_every={self.moe_every} must keep their defaults 0 and 1")
+            raise bad(MODEL, "moe_layers", layers, f"it lists the MoE layers itself, so first_k_dense="
+                      f"{self.first_k_dense} and moe_every={self.moe_every} must keep their defaults 0 and 1")
         object.__setattr__(self, "moe_layers", tuple(sorted(layers)))  # a set of layers: one spelling
 
     def _check_rope_scaling(self) -> None:
@@ -612,20 +572,20 @@ class ModelConfig:
         rs = self.rope_scaling
         if rs is None:
             return
-        if not isinstance(rs, dict) or rs.get("type") not in SCALING_KEYS:
-            raise _mbad("rope_scaling", rs, f"expected None or a dict with type in {sorted(SCALING_KEYS)}")
+        if rs.get("type") not in SCALING_KEYS:
+            raise bad(MODEL, "rope_scaling", rs, f"expected None or a dict with type in {sorted(SCALING_KEYS)}")
         allowed = SCALING_KEYS[rs["type"]]
         unknown = sorted(set(rs) - set(allowed) - {"type"})
         if unknown:
-            raise _mbad("rope_scaling", rs, f"unknown keys {unknown}; {rs['type']} takes {sorted(allowed)}")
+            raise bad(MODEL, "rope_scaling", rs, f"unknown keys {unknown}; {rs['type']} takes {sorted(allowed)}")
         missing = [k for k in ("factor", "original_max_seq_len") if k in allowed and k not in rs]
         if missing:
-            raise _mbad("rope_scaling", rs, f"{rs['type']} needs {missing}")
+            raise bad(MODEL, "rope_scaling", rs, f"{rs['type']} needs {missing}")
         for key in ("factor", "original_max_seq_len", "beta_fast", "beta_slow", "mscale", "mscale_all_dim",
                     "attention_factor"):
             v = rs.get(key)
             if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0):
-                raise _mbad("rope_scaling", rs, f"{key} must be a number > 0")
+                raise bad(MODEL, "rope_scaling", rs, f"{key} must be a number > 0")
 
     # ---- derived -----------------------------------------------------------------------------
     def is_moe_layer(self, i: int) -> bool:
@@ -719,7 +679,7 @@ def apply_overrides(base: ModelConfig, overrides: dict[str, Any] | None) -> Mode
             else:
                 moe = MoEConfig.from_dict({"d_model": overrides.get("d_model", base.d_model), **moe})
         elif moe is not None and not isinstance(moe, MoEConfig):
-            raise _mbad("moe", moe, "expected None (every FFN dense), a MoEConfig or a mapping of its fields")
+            raise bad(MODEL, "moe", moe, "expected None (every FFN dense), a MoEConfig or a mapping of its fields")
         overrides["moe"] = moe
         if moe is None:
             overrides.setdefault("moe_layers", None)

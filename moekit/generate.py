@@ -6,7 +6,6 @@ preallocated KV cache.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -15,6 +14,7 @@ import torch
 from moekit.model import MoETransformer, padded_causal_mask, padded_positions
 from moekit.moe.backends import gather_decoding
 from moekit.nn.kv_cache import KVCache, StaticKVCache
+from moekit.validate import check_float, check_int
 
 
 @dataclass
@@ -43,15 +43,13 @@ def sample(logits_BV: torch.Tensor, temperature: float, top_k: int | None, top_p
 
 
 def _check(max_new_tokens, temperature, top_k, top_p):
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens={max_new_tokens!r} is invalid: expected an int >= 0")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0 \
-            or not math.isfinite(temperature):
-        raise ValueError(f"temperature={temperature!r} is invalid: expected a finite number >= 0 (0 = greedy)")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k={top_k!r} is invalid: expected an int >= 1")
-    if top_p is not None and not 0 < top_p <= 1:  # NaN fails too
-        raise ValueError(f"top_p={top_p!r} is invalid: expected 0 < top_p <= 1")
+    """The sampling settings; the errors name the keyword argument (owner "")."""
+    check_int("", "max_new_tokens", max_new_tokens, 0)
+    check_float("", "temperature", temperature, note="0 = greedy")
+    if top_k is not None:
+        check_int("", "top_k", top_k, 1)
+    if top_p is not None:
+        check_float("", "top_p", top_p, 0, 1, above=True)
 
 
 def _prompt_rows(prompts) -> list[list[int]]:

@@ -43,6 +43,7 @@ from moekit.insight.common import (LoadedModel, default_seq_len, load_for_analys
 from moekit.insight.routing import collect_routing
 from moekit.model import MoETransformer
 from moekit.moe.layer import MoELayer
+from moekit.validate import FLAG, bad, check_choice, check_int
 
 METHODS = ("drop", "merge")
 SIMILARITIES = ("router-logits", "router-rows", "weights")
@@ -66,22 +67,16 @@ class PruneConfig:
     data: str | None = None  # None: the data the run was trained on
 
     def __post_init__(self) -> None:
-        def bad(name, allowed):
-            return ValueError(f"--{name.replace('_', '-')}={getattr(self, name)!r} is invalid: {allowed}")
-
         for name in ("num_experts", "calib_tokens", "eval_tokens", "batch_size"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise bad(name, "expected an integer >= 1")
-        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int)
-                                       or not 1 <= self.top_k <= self.num_experts):
-            raise bad("top_k", f"expected an integer in [1, {self.num_experts}] (the target expert count)")
-        if self.method not in METHODS:
-            raise bad("method", f"allowed {', '.join(METHODS)}")
-        if self.similarity not in SIMILARITIES:
-            raise bad("similarity", f"allowed {', '.join(SIMILARITIES)}")
-        if self.calib_split not in SPLITS:
-            raise bad("calib_split", f"allowed {', '.join(SPLITS)}")
+            check_int(FLAG, name, getattr(self, name), 1)
+        if self.top_k is not None:
+            check_int(FLAG, "top_k", self.top_k, 1)
+            if self.top_k > self.num_experts:
+                raise bad(FLAG, "top_k", self.top_k, f"expected an int in [1, {self.num_experts}] (the target expert "
+                          f"count)")
+        check_choice(FLAG, "method", self.method, METHODS)
+        check_choice(FLAG, "similarity", self.similarity, SIMILARITIES)
+        check_choice(FLAG, "calib_split", self.calib_split, SPLITS)
 
 
 @dataclass

@@ -24,7 +24,6 @@ balancing loss can move the router (and with identical experts the task loss giv
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -34,6 +33,7 @@ from moekit import checkpoint as ckpt_io
 from moekit.config import MoEConfig, ModelConfig
 from moekit.insight.common import prepare_out_dir, write_marker
 from moekit.model import MoETransformer, count_parameters
+from moekit.validate import bad, check_choice, check_float, check_int
 
 NOISE_KINDS = ("multiplicative", "additive")
 # The balancing of moekit's own MoE presets (tiny, small): the standard load-balancing loss and the
@@ -59,27 +59,19 @@ class UpcycleConfig:
     moe_overrides: dict | None = None  # other MoEConfig fields of the new layers (router, balancing, capacity)
 
     def __post_init__(self) -> None:
-        def bad(name, allowed):
-            return ValueError(f"UpcycleConfig.{name}={getattr(self, name)!r} is invalid: {allowed}")
-
+        owner = "UpcycleConfig"
         for name, minimum in (("num_experts", 2), ("top_k", 1), ("moe_every", 1), ("first_k_dense", 0)):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-                raise bad(name, f"expected an integer >= {minimum}")
+            check_int(owner, name, getattr(self, name), minimum)
         if self.top_k > self.num_experts:
-            raise bad("top_k", f"expected 1 <= top_k <= num_experts={self.num_experts}")
-        if not (isinstance(self.noise_std, (int, float)) and math.isfinite(self.noise_std) and self.noise_std >= 0):
-            raise bad("noise_std", "expected a finite number >= 0")
-        if self.noise_kind not in NOISE_KINDS:
-            raise bad("noise_kind", f"allowed {', '.join(NOISE_KINDS)}")
-        if self.router_init_std is not None and not (isinstance(self.router_init_std, (int, float))
-                                                     and math.isfinite(self.router_init_std)
-                                                     and self.router_init_std >= 0):
-            raise bad("router_init_std", "expected None (the model's init_std) or a finite number >= 0")
+            raise bad(owner, "top_k", self.top_k, f"expected 1 <= top_k <= num_experts={self.num_experts}")
+        check_float(owner, "noise_std", self.noise_std)
+        check_choice(owner, "noise_kind", self.noise_kind, NOISE_KINDS)
+        if self.router_init_std is not None:
+            check_float(owner, "router_init_std", self.router_init_std, note="None: the model's init_std")
         fixed = sorted(set(self.moe_overrides or {}) & set(_FIXED_FIELDS))
         if fixed:
-            raise bad("moe_overrides", f"{fixed} follow from the dense FFN and the expert count; allowed are "
-                      f"the other MoEConfig fields (router, balancing, capacity, ...)")
+            raise bad(owner, "moe_overrides", self.moe_overrides, f"{fixed} follow from the dense FFN and the expert "
+                      f"count; allowed are the other MoEConfig fields (router, balancing, capacity, ...)")
 
 
 @dataclass

@@ -40,6 +40,7 @@ from moekit.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer, train_b
 from moekit.train.data import eval_batches, get_batch, load_tokens, open_corpus, tokenizer_texts
 from moekit.train.metrics import MetricsLog, collapsed_experts, layer_metrics
 from moekit.train.warmstart import check_init_checkpoint
+from moekit.validate import FLAG, bad, check_choice, check_float, check_int
 
 
 @dataclass(frozen=True)
@@ -80,36 +81,25 @@ class TrainConfig:
     init_from: str | None = None  # start from this checkpoint's weights, fresh optimizer (moekit.train.warmstart)
 
     def __post_init__(self) -> None:
-        def bad(field, allowed):
-            return ValueError(f"--{field.replace('_', '-')}={getattr(self, field)!r} is invalid: {allowed}")
-
         check_field_types(self)  # e.g. lr=True or miniature="false" from a hand-edited train_config.json
-
+        # the errors name the command-line flags (--batch-size=0 is invalid: ...)
         for f in ("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "log_every", "save_every",
                   "keep_last", "eval_tokens", "ep"):
-            v = getattr(self, f)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise bad(f, "expected an integer >= 1")
+            check_int(FLAG, f, getattr(self, f), 1)
         if self.warmup is None:
             object.__setattr__(self, "warmup", min(50, self.steps // 10))
-        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
-            raise bad("warmup", "expected an integer >= 0")
-        for f in ("lr", "beta1", "beta2"):
-            if not 0 < getattr(self, f) < (1 if f != "lr" else math.inf):  # NaN fails too
-                raise bad(f, "expected a number > 0" + (" and < 1" if f != "lr" else ""))
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise bad("min_lr_ratio", "expected 0 <= value <= 1")
+        check_int(FLAG, "warmup", self.warmup, 0)
+        check_float(FLAG, "lr", self.lr, above=True)
+        for f in ("beta1", "beta2"):
+            check_float(FLAG, f, getattr(self, f), 0, 1, above=True, below=True)
+        check_float(FLAG, "min_lr_ratio", self.min_lr_ratio, 0, 1)
         for f in ("weight_decay", "grad_clip"):
-            v = getattr(self, f)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-                raise bad(f, "expected a finite number >= 0")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise bad("seed", "expected an integer >= 0")
-        if self.dtype not in ("fp32", "bf16"):
-            raise bad("dtype", "allowed: 'fp32', 'bf16'")
+            check_float(FLAG, f, getattr(self, f))
+        check_int(FLAG, "seed", self.seed, 0)
+        check_choice(FLAG, "dtype", self.dtype, ("fp32", "bf16"))
         for f in self.PATH_FIELDS:
             if getattr(self, f) == "":
-                raise bad(f, "expected a path (an empty one would mean the current directory)")
+                raise bad(FLAG, f, "", "expected a path (an empty one would mean the current directory)")
         # the saved config is read by eval, inspect, prune and --resume from any directory
         for f, value in self.absolute_paths({f: getattr(self, f) for f in self.PATH_FIELDS}).items():
             object.__setattr__(self, f, value)
