@@ -24,6 +24,7 @@ from moekit.cpu import gemm as cpu_gemm
 from moekit.moe.backends import chooser
 from moekit.moe.layer import MoELayer, RoutingStats
 from moekit.nn.attention import build_attention
+from moekit.nn.initialize import init_weights
 from moekit.nn.kv_cache import KVCache
 from moekit.nn.loss import cross_entropy, linear_cross_entropy, torch_mm
 from moekit.nn.mlp import MLP
@@ -116,38 +117,13 @@ class MoETransformer(nn.Module):
         if self.accelerated:
             cpu_gemm.accelerate(self, chooser.onednn_for)
 
-    @torch.no_grad()
     def init_weights(self) -> None:
-        """All initialisation, in one place.
-
-        * Embeddings and every linear weight: N(0, init_std²) (GPT-2 / Mixtral / DeepSeek use 0.02);
-        * the output projections of attention and of every FFN (``o_proj``, ``down_proj``, the
-          experts' ``w_out``): N(0, (init_std / sqrt(2 · n_layers))²), GPT-2's residual scaling, so
-          the residual stream's variance does not grow with depth;
-        * biases zero, norm weights one, the routers' selection bias zero.
-        """
+        """All initialisation: :func:`moekit.nn.initialize.init_weights` (GPT-2's scheme) with the config's
+        ``init_std``, the output projections into the residual stream at init_std / sqrt(2 · n_layers),
+        and the routers' gates at the MoE config's own ``init_std``."""
         cfg = self.cfg
-        std, out_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.n_layers)
-        for name, module in self.named_modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                is_out = name.endswith(("o_proj", "down_proj"))
-                nn.init.normal_(module.weight, std=out_std if is_out else std)
-                if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
-            elif hasattr(module, "weight") and module.__class__.__name__ in ("RMSNorm", "LayerNorm"):
-                nn.init.ones_(module.weight)
-                if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, MoELayer):
-                module.router.reset_parameters()
-                if hasattr(module.router, "expert_bias"):
-                    module.router.expert_bias.zero_()
-                    module.router.load_since_update.zero_()
-                nn.init.normal_(module.experts.w_in, std=std)
-                nn.init.normal_(module.experts.w_out, std=out_std)
-                for b in (module.experts.b_in, module.experts.b_out):
-                    if b is not None:
-                        nn.init.zeros_(b)
+        init_weights(self, cfg.init_std, out_std=cfg.init_std / math.sqrt(2 * cfg.n_layers),
+                     router_std=cfg.moe.init_std if cfg.moe is not None else None)
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin tables for the given positions, in fp32 (fp64 for an fp64 model)."""

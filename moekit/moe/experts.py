@@ -22,6 +22,7 @@ from moekit.moe.backends.base import ExpertWeights
 from moekit.moe.backends.gather import gather_experts
 from moekit.moe.backends.registry import get as get_backend
 from moekit.moe.dispatch import DispatchPlan
+from moekit.nn.initialize import init_weights
 
 __all__ = ["Experts", "gather_experts"]
 
@@ -49,11 +50,7 @@ class Experts(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        nn.init.normal_(self.w_in, std=self.cfg.init_std)
-        nn.init.normal_(self.w_out, std=self.cfg.init_std)
-        for b in (self.b_in, self.b_out):
-            if b is not None:
-                nn.init.zeros_(b)
+        init_weights(self, self.cfg.init_std)
 
     def backend_for(self, x_TD: torch.Tensor, decode_step: bool = False) -> str:
         """The backend that runs these tokens (see :func:`moekit.moe.backends.chooser.expert_backend`);

@@ -24,6 +24,7 @@ from moekit.moe.dispatcher import LocalDispatcher, TokenDispatcher
 from moekit.moe.experts import Experts, gather_experts
 from moekit.moe.losses import load_balancing_loss, router_z_loss, sequence_balance_loss
 from moekit.moe.routers import ExpertChoiceRouter, RouterOutput, build_router
+from moekit.nn.initialize import init_weights
 from moekit.nn.mlp import MLP
 
 
@@ -86,14 +87,13 @@ class MoELayer(nn.Module):
         return None if isinstance(self.dispatcher, LocalDispatcher) else self.dispatcher
 
     def reset_parameters(self) -> None:
-        """Every weight N(0, init_std²), biases zero (the routers' balancing state is left as it is)."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, std=self.cfg.init_std)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-        self.router.reset_parameters()
-        self.experts.reset_parameters()
+        """:func:`moekit.nn.initialize.init_weights` at the config's ``init_std``, every weight alike.
+
+        NOTE: the shared and dense experts are drawn before the router and the routed experts, the
+        order every seeded layer has been built with (tests/test_init.py)."""
+        for part in (self.shared, self.shared_gate, self.dense, self.router, self.experts):
+            if part is not None:
+                init_weights(part, self.cfg.init_std)
 
     # ---- routing -----------------------------------------------------------------------------
     def route(self, x_TD: torch.Tensor) -> tuple[RouterOutput, DispatchPlan]:

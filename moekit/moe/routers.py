@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moekit.config import MoEConfig
+from moekit.nn.initialize import init_weights
 
 
 @dataclass
@@ -80,7 +81,7 @@ class Router(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        nn.init.normal_(self.weight_ED, std=self.cfg.init_std)
+        init_weights(self, self.cfg.init_std)
 
     def _apply(self, fn, recurse=True):
         # NOTE: model.to(bf16) must not round the selection bias or the load counts (a 1e-3 update
