@@ -40,7 +40,7 @@ from moekit import checkpoint as ckpt_io
 from moekit.config import MoEConfig
 from moekit.insight.common import (LoadedModel, default_seq_len, load_for_analysis, open_text, prepare_out_dir,
                                    require_moe, split_tokens, windows, write_marker)
-from moekit.insight.routing import collect_routing
+from moekit.insight.routing import collect_routing, token_progress
 from moekit.model import MoETransformer
 from moekit.moe.layer import MoELayer
 from moekit.validate import FLAG, bad, check_choice, check_int
@@ -271,8 +271,8 @@ def prune_model(model: MoETransformer, groups: dict[int, list[list[int]]], usage
 
 
 def prune(model_path: str | Path, out: str | Path, cfg: PruneConfig, overwrite: bool = False,
-          loaded: LoadedModel | None = None) -> PruneResult:
-    """``moekit prune``: see the module docstring."""
+          loaded: LoadedModel | None = None, progress: bool = False) -> PruneResult:
+    """``moekit prune``: see the module docstring. ``progress``: a bar on stderr for each pass over text."""
     from moekit.train.loop import evaluate
 
     loaded = loaded or load_for_analysis(model_path)
@@ -287,7 +287,9 @@ def prune(model_path: str | Path, out: str | Path, cfg: PruneConfig, overwrite: 
 
     # 1. Calibrate: the routed load of every expert (and the router logits for MC-SMoE grouping).
     keep_logits = cfg.method == "merge" and cfg.similarity == "router-logits"
-    routing = collect_routing(model, windows(calib, cfg.batch_size, seq_len, cfg.calib_tokens), keep_logits=keep_logits)
+    with token_progress(model, "calibration", cfg.calib_tokens, progress):
+        routing = collect_routing(model, windows(calib, cfg.batch_size, seq_len, cfg.calib_tokens),
+                                  keep_logits=keep_logits)
     # 2. Group the experts of every layer.
     groups, usage = {}, {}
     for i, lr in routing.layers.items():
@@ -299,8 +301,10 @@ def prune(model_path: str | Path, out: str | Path, cfg: PruneConfig, overwrite: 
             groups[i] = plan_merge(usage[i], cfg.num_experts, sim)
     # 3. Build the smaller model, 4. measure both on the validation split.
     pruned = prune_model(model, groups, usage, new_moe, cfg.align)
-    before = evaluate(model, val, cfg.batch_size, seq_len, cfg.eval_tokens)
-    after = evaluate(pruned, val, cfg.batch_size, seq_len, cfg.eval_tokens)
+    with token_progress(model, "validation before", cfg.eval_tokens, progress):
+        before = evaluate(model, val, cfg.batch_size, seq_len, cfg.eval_tokens)
+    with token_progress(pruned, "validation after", cfg.eval_tokens, progress):
+        after = evaluate(pruned, val, cfg.batch_size, seq_len, cfg.eval_tokens)
     path = ckpt_io.save_checkpoint(out, 0, pruned, pruned.cfg, loaded.tokenizer, loaded.train_cfg or None)
     result = PruneResult(path, cfg.method, model.cfg.moe.num_experts, new_moe.num_experts, model.cfg.moe.top_k,
                          new_moe.top_k, before["loss"], after["loss"], after["tokens"], groups,

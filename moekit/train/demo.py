@@ -13,6 +13,7 @@ validation loss, in steps, FLOPs and seconds, or says plainly that it did not.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -105,9 +106,9 @@ def run_demo(out: str | Path | None = None, quick: bool = False, overwrite: bool
         raise ValueError(f"demo directory {out} already exists; choose another --out or pass --overwrite")
     out.mkdir(parents=True, exist_ok=True)
     for name, cfg in demo_configs(out, quick, seed).items():
-        if progress:
+        if progress:  # on stderr with the bars: stdout holds the result alone
             print(f"training {name} ({cfg.preset}) for {cfg.steps} steps of {cfg.tokens_per_step} tokens -> {cfg.out}",
-                  flush=True)
+                  file=sys.stderr, flush=True)
         train(cfg, overwrite=overwrite, progress=progress)
     summary = summarize(out)
     summary["quick"] = quick

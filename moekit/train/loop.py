@@ -295,6 +295,9 @@ class TrainResult:
     interrupted: bool
     val_step: int | None = None
     exit_code: int = 0  # 128 + the signal that stopped the run (130: SIGINT), else 0
+    tokens: int = 0  # training tokens of all the steps run, a resumed run's earlier ones included
+    elapsed_s: float = 0.0  # seconds spent in training steps, likewise
+    skipped_nonfinite: int = 0
 
 
 def _eval_sums(model, tokens, batch_size, seq_len, max_tokens, autocast_dtype, dims, should_stop):
@@ -722,4 +725,4 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progr
             if stop.signal is not None:
                 break
     return TrainResult(run.out, run.step, run.last_loss, run.last_val, stop.signal is not None, run.last_val_step,
-                       stop.exit_code)
+                       stop.exit_code, run.tokens, run.elapsed, run.skipped)
