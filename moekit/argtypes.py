@@ -1,9 +1,10 @@
-"""Checked argument types for every ``moekit`` command line.
+"""Checked argument types, the help layout and the progress switch of every ``moekit`` command line.
 
 An argparse ``type=`` that refuses a bad value makes argparse itself name the flag the user typed
 (``argument --batch-size: expected an integer >= 1, got '0'``, exit 2) before any work starts. Each
 checker carries ``bad_example``, a value it refuses, so a test can try every numeric option of every
-verb (tests/test_cli_args.py).
+verb (tests/test_cli_args.py). :class:`HelpFormatter` shows each option's default after its help and
+keeps the examples of an epilog as written; every option has a help text (tests/test_cli_ux.py).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import math
 import re
+import sys
 from typing import Callable
 
 
@@ -51,3 +53,28 @@ def number(minimum: float | None = None, maximum: float | None = None, *, above:
 
 POSITIVE = int_at_least(1)
 NON_NEGATIVE = int_at_least(0)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """``(default: X)`` after an option's help unless the help already states its default in words (an
+    option whose default depends on the run, the model or the machine says so in its help); off-by-default
+    flags and options without a default (None) show none. Descriptions and epilogs keep their lines."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        off = action.default is None or action.default is False or action.default is argparse.SUPPRESS  # (0 shows)
+        if "default" in text or off or not action.option_strings:
+            return text
+        return text + " (default: %(default)s)"
+
+
+def add_verb(sub, name: str, help: str, examples: list[str], description: str | None = None) -> argparse.ArgumentParser:
+    """A ``moekit`` sub-command whose help shows each option's default and ends with ``examples``."""
+    return sub.add_parser(name, help=help, description=description or help[:1].upper() + help[1:] + ".",
+                          epilog="examples:\n" + "\n".join(f"  {e}" for e in examples), formatter_class=HelpFormatter)
+
+
+def progress_enabled(no_progress: bool) -> bool:
+    """Progress bars on stderr: on unless ``--no-progress`` or stderr is not a terminal (a log file or a
+    pipe gets only the results)."""
+    return not no_progress and sys.stderr.isatty()

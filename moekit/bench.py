@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 import moekit
-from moekit.argtypes import NON_NEGATIVE, POSITIVE
+from moekit.argtypes import NON_NEGATIVE, POSITIVE, HelpFormatter
 from moekit.config import MoEConfig
 from moekit.cpu import options as cpu_options
 from moekit.cpu.machine import cpu_model
@@ -419,7 +419,9 @@ def parse_shapes(text: str) -> tuple[Shape, ...]:
 
 
 def build_parser(prog: str = "moekit bench layer") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog,
+    p = argparse.ArgumentParser(prog=prog, formatter_class=HelpFormatter,
+                                epilog="examples:\n  moekit bench layer --quick\n  moekit bench layer --dtype bf16 "
+                                       "--shapes '512,1408,8,2' --no-memory",
                                 description="MoELayer vs a dense SwiGLU FFN of equal active FLOPs on this machine: "
                                             "forward and forward+backward time and peak step memory, as JSON on "
                                             "stdout, with the CPU model, threads and GEMM backend.")
@@ -431,7 +433,7 @@ def build_parser(prog: str = "moekit bench layer") -> argparse.ArgumentParser:
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
                    help="bf16: every side under torch.autocast('cpu', bfloat16)")
-    p.add_argument("--seed", type=NON_NEGATIVE, default=0)
+    p.add_argument("--seed", type=NON_NEGATIVE, default=0, help="seed of the weights and inputs")
     p.add_argument("--gemm", choices=gemm.BACKENDS,
                    help="fp32 GEMM of both sides (default: $MOEKIT_GEMM, else auto: oneDNN where it runs, else the "
                         "BLAS of torch.mm); the report's 'gemm' names the one used")

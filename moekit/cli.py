@@ -1,5 +1,6 @@
 """``moekit <verb>``: a thin command line; every verb calls a library function.
 
+    moekit                            the verbs (moekit VERB --help: a verb's options, defaults and examples)
     moekit demo [--quick]             the main job: MoE vs dense with equal active parameters, measured
     moekit bench layer [options]      the layer benchmark, JSON on stdout
     moekit train [options]            train a model (moekit train --help)
@@ -20,9 +21,10 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
-from moekit.argtypes import NON_NEGATIVE, POSITIVE, number
+from moekit.argtypes import NON_NEGATIVE, POSITIVE, HelpFormatter, add_verb, number, progress_enabled
 
 
 def _fmt(n: int) -> str:
@@ -72,16 +74,50 @@ def _benchmark_name(text: str) -> str:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.benchmark is None:  # `moekit bench`: what there is to run
+        args.print_help()
+        return 0
     from moekit import bench
 
     return bench.main(args.rest)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, sec = divmod(round(seconds), 60)
+    return f"{minutes}m{sec:02d}s" if minutes < 60 else f"{minutes // 60}h{minutes % 60:02d}m"
+
+
+def demo_summary(summary: dict) -> str:
+    """``moekit demo``'s closing lines: both runs' figures, the verdict, where the files are."""
+    out, dense = Path(summary["out"]), summary["dense"]
+    lines = [f"moekit demo: an MoE against a dense model with the same active parameters"
+             f"{' (--quick)' if summary.get('quick') else ''}, in {out}"]
+    for name in ("dense", "moe"):
+        r = summary[name]
+        lines.append(f"  {name:5s} {_fmt(r['total_params']):>7s} parameters ({_fmt(r['active_params'])} active): "
+                     f"validation loss {r['final_val_loss']:.3f} after {r['steps']} steps, {r['flops']:.2e} FLOPs, "
+                     f"{_duration(r['seconds'])}")
+    hit = summary.get("moe_at_dense_final_loss")
+    if hit:
+        lines.append(f"  The MoE reached the dense model's final validation loss ({dense['final_val_loss']:.3f}) at "
+                     f"step {hit['steps']:.0f}: {hit['steps_ratio']:.2f}x the steps, {hit['flops_ratio']:.2f}x the "
+                     f"FLOPs, {hit['seconds_ratio']:.2f}x the time of the dense model.")
+    else:
+        lines.append(f"  The MoE did not reach the dense model's final validation loss ({dense['final_val_loss']:.3f}) "
+                     f"in {summary['moe']['steps']} steps.")
+    lines += [f"  figures   {out / 'summary.json'}, {summary['plot']} (validation loss against FLOPs and time)",
+              f"  runs      {out / 'dense'}, {out / 'moe'} (checkpoints, metrics.jsonl)",
+              f"next: moekit inspect --model {out / 'moe'}   (what the experts learned)"]
+    return "\n".join(lines)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from moekit.train.demo import run_demo
 
     summary = run_demo(args.out, quick=args.quick, overwrite=args.overwrite, progress=not args.no_progress)
-    print(json.dumps(summary, indent=2))
+    print(json.dumps(summary, indent=2) if args.json else demo_summary(summary))
     return 0
 
 
@@ -125,20 +161,59 @@ def _train_config(args: argparse.Namespace):
     return wanted
 
 
+def train_summary(result, cfg, seconds: float) -> str:
+    """``moekit train``'s closing lines: what ran, the losses, where the files are, what to run next."""
+    from moekit import checkpoint as ckpt_io
+    from moekit.config import ModelConfig
+    from moekit.model import count_parameters
+
+    run = Path(result.run_dir)
+    mcfg = ModelConfig.from_dict(json.loads((run / "model_config.json").read_text()))
+    count = count_parameters(mcfg)
+    lines = [f"moekit train: {run}, preset {cfg.preset}{' (miniature)' if cfg.miniature else ''}: "
+             f"{_fmt(count.total)} parameters, {_fmt(count.active)} active"]
+    if result.interrupted:
+        lines.append(f"  stopped at step {result.step} of {cfg.steps} (interrupted); continue with: moekit train "
+                     f"--out {run} --resume")
+    speed = f" ({result.tokens / result.elapsed_s:,.0f} tokens/s)" if result.elapsed_s else ""
+    lines.append(f"  {result.step} steps, {_fmt(result.tokens)} tokens in {_duration(result.elapsed_s)} of training"
+                 f"{speed}; this command took {_duration(seconds)}")
+    losses = [f"loss {result.final_loss:.4f} at the last step" if result.final_loss is not None else
+              "no step run (the run had already finished)"]
+    if result.val_loss is not None:
+        losses.append(f"validation loss {result.val_loss:.4f} at step {result.val_step}")
+    if result.skipped_nonfinite:
+        losses.append(f"{result.skipped_nonfinite} non-finite steps skipped")
+    lines.append("  " + "; ".join(losses))
+    latest = ckpt_io.latest_checkpoint(run)
+    lines += [f"  checkpoint {latest if latest is not None else '(none)'}",
+              f"  metrics    {run / 'metrics.jsonl'}   (curves: moekit plot {run})",
+              f"  summary    {run / 'summary.json'}"]
+    nxt = [f'moekit generate --model {run} --prompt "..."']
+    if mcfg.moe is not None:
+        nxt.append(f"moekit inspect --model {run}")
+    lines.append("next: " + "   ".join(nxt))
+    return "\n".join(lines)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    from moekit.dist import shutdown
     from moekit.train import train
 
-    from moekit.dist import shutdown
-
+    t0 = time.perf_counter()
     try:
-        result = train(_train_config(args), resume=args.resume, overwrite=args.overwrite,
-                       progress=not args.no_progress)
+        cfg = _train_config(args)
+        result = train(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
     finally:
         shutdown()
+    if int(os.environ.get("RANK", "0")) != 0:
+        return result.exit_code
     summary = {"run_dir": str(result.run_dir), "step": result.step, "loss": result.final_loss,
-               "val_loss": result.val_loss, "val_step": result.val_step, "interrupted": result.interrupted}
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps(summary))
+               "val_loss": result.val_loss, "val_step": result.val_step, "interrupted": result.interrupted,
+               "tokens": result.tokens, "train_seconds": result.elapsed_s,
+               "skipped_nonfinite": result.skipped_nonfinite}
+    (Path(result.run_dir) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(json.dumps(summary) if args.json else train_summary(result, cfg, time.perf_counter() - t0))
     return result.exit_code  # 130 after Ctrl-C: `moekit train && moekit eval` stops there
 
 
@@ -146,6 +221,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
     from moekit.checkpoint import load_model
+    from moekit.insight.routing import token_progress
     from moekit.train import evaluate
     from moekit.train.data import load_tokens, open_corpus
 
@@ -162,7 +238,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if seq_len > model.cfg.max_seq_len:
         raise ValueError(f"--seq-len={seq_len} exceeds the model's max_seq_len={model.cfg.max_seq_len}")
     tokens = load_tokens(open_corpus(data, train_cfg.get("val_fraction", 0.02)), tokenizer, splits=("val",))
-    result = evaluate(model, tokens.val, batch_size, seq_len, max_tokens, autocast_dtype)
+    with token_progress(model, "validation", max_tokens, progress_enabled(args.no_progress)):
+        result = evaluate(model, tokens.val, batch_size, seq_len, max_tokens, autocast_dtype)
     print(json.dumps({**result, "batch_size": batch_size, "seq_len": seq_len}))
     return 0
 
@@ -184,35 +261,108 @@ def _model_and_tokenizer(path: Path):
     return model, tokenizer
 
 
+class _TextStream:
+    """``generate``'s ``on_token`` for one prompt: with ``echo`` each token's text to stdout as it comes (a
+    character split over several byte tokens once whole), the stop token left out; times the first token
+    and the whole generation."""
+
+    def __init__(self, tokenizer, stop: list[int], echo: bool):
+        self.tokenizer, self.stop, self.echo = tokenizer, stop, echo
+        self.ids: list[int] = []
+        self.shown = ""
+        self.t0 = time.perf_counter()
+        self.first_s: float | None = None  # seconds to the first token: the prefill (and a compile)
+        self.seconds = 0.0
+
+    def __call__(self, step_tokens: list[int]) -> None:
+        if step_tokens[0] < 0:  # the row has finished
+            return
+        if self.first_s is None:
+            self.first_s = time.perf_counter() - self.t0
+        if step_tokens[0] in self.stop:  # the stop token is not text
+            return
+        self.ids.append(step_tokens[0])
+        if not self.echo:
+            return
+        text = self.tokenizer.decode(self.ids)
+        if not text.endswith("\ufffd") and text.startswith(self.shown):
+            sys.stdout.write(text[len(self.shown):])
+            sys.stdout.flush()
+            self.shown = text
+
+    def finish(self) -> str:
+        """The whole continuation (what is left of it written out, then a newline)."""
+        self.seconds = time.perf_counter() - self.t0
+        text = self.tokenizer.decode(self.ids)
+        if self.echo:
+            sys.stdout.write(text[len(self.shown):] + "\n")
+            sys.stdout.flush()
+        return text
+
+
+def _dim(text: str) -> str:
+    """``text`` dimmed when stdout is a terminal that takes colours (https://no-color.org: NO_COLOR unsets them)."""
+    if sys.stdout.isatty() and not os.environ.get("NO_COLOR"):
+        return f"\033[2m{text}\033[0m"
+    return text
+
+
+def whitespace_note(text: str) -> str | None:
+    """A line saying what an invisible continuation is (none for text with something to see)."""
+    if text.strip():
+        return None
+    if not text:
+        return "the model generated no text (it ended its text at once)"
+    names = {" ": "space", "\n": "newline", "\t": "tab", "\r": "carriage return"}
+    counts: dict[str, int] = {}
+    for ch in text:
+        name = names.get(ch, f"{ch!r}")
+        counts[name] = counts.get(name, 0) + 1
+    parts = ", ".join(f"{n} {name}{'s' if n > 1 and name in names.values() else ''}" for name, n in counts.items())
+    shown = repr(text) if len(text) <= 40 else repr(text[:40])[:-1] + "...'"
+    return f"the continuation is whitespace only: {len(text)} characters ({parts}): {shown}"
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
+    import random
+
     from moekit.generate import generate
 
     model, tokenizer = _model_and_tokenizer(Path(args.model))
     prompt = tokenizer.encode(args.prompt)
     stop = [tokenizer.eot_id] if getattr(tokenizer, "eot_id", None) is not None else []
-    ids: list[int] = []
-    shown = ""
-
-    def stream(step_tokens: list[int]) -> None:
-        nonlocal shown
-        if step_tokens[0] < 0 or step_tokens[0] in stop:  # a finished row; the stop token is not text
-            return
-        ids.append(step_tokens[0])
-        text = tokenizer.decode(ids)
-        if not text.endswith("\ufffd") and text.startswith(shown):  # wait for a whole UTF-8 character
-            sys.stdout.write(text[len(shown):])
-            sys.stdout.flush()
-            shown = text
-
-    res = generate(model, [prompt], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                   top_p=args.top_p, seed=args.seed, stop_tokens=stop, on_token=None if args.json else stream,
-                   compile=args.compile)
+    greedy = args.temperature == 0
+    # a drawn seed, reported: any sampled output can be had again with --seed
+    seed = None if greedy else args.seed if args.seed is not None else random.randrange(2**31)
+    top_k = args.top_k or None
+    if not args.json:
+        sys.stdout.write(_dim(args.prompt))
+        sys.stdout.flush()
+    stream = _TextStream(tokenizer, stop, echo=not args.json)
+    try:
+        res = generate(model, [prompt], args.max_new_tokens, temperature=args.temperature, top_k=top_k,
+                       top_p=args.top_p, seed=seed, stop_tokens=stop, on_token=stream, compile=args.compile)
+    except BaseException:
+        if not args.json:  # the error (or Ctrl-C) is said on a line of its own
+            sys.stdout.write("\n")
+        raise
+    text = stream.finish()
+    settings = "greedy (--temperature 0)" if greedy else (
+        f"sampled: temperature {args.temperature:g}, top-k {top_k or 'off'}, top-p {args.top_p or 'off'}, "
+        f"seed {seed} (--seed {seed} repeats it)")
     if args.json:
-        text_ids = res.tokens[0][:-1] if res.finished[0] else res.tokens[0]
-        print(json.dumps({"prompt_ids": prompt, "ids": res.tokens[0], "text": tokenizer.decode(text_ids),
-                          "stopped": res.finished[0]}))
+        print(json.dumps({"prompt_ids": prompt, "ids": res.tokens[0], "text": text, "stopped": res.finished[0],
+                          "sampling": {"temperature": args.temperature, "top_k": top_k, "top_p": args.top_p,
+                                       "seed": seed}}))
     else:
-        sys.stdout.write(tokenizer.decode(ids)[len(shown):] + "\n")
+        note = whitespace_note(text)
+        if note:
+            print(f"moekit: {note}", file=sys.stderr)
+    n = len(res.tokens[0])
+    first = f", the first after {stream.first_s:.2f} s" if stream.first_s else ""
+    end = "the model ended its text" if res.finished[0] else f"--max-new-tokens {args.max_new_tokens} reached"
+    print(f"moekit: {n} tokens in {stream.seconds:.2f} s ({n / stream.seconds:.1f} tokens/s{first}); {end}; {settings}",
+          file=sys.stderr)
     return 0
 
 
@@ -227,7 +377,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         raise ValueError(f"--out {out} exists and is not empty (or not a directory); choose an empty or new directory")
     if args.from_hf:
         src = Path(args.from_hf)
-        model = from_pretrained(src)
+        model = from_pretrained(src, progress=progress_enabled(args.no_progress))
         tok = load_hf_tokenizer(src)  # moekit's byte tokenizer comes back as itself
         if tok is None:
             print(f"moekit: note: {src} has no tokenizer.json; the checkpoint has none (eval and generate need one)",
@@ -242,110 +392,188 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_train_parser(sub) -> None:
+    import dataclasses
+
+    from moekit.train import TrainConfig
+
+    default = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+
+    def d(field: str) -> str:  # TrainConfig's default: the flags default to None so --resume sees what was given
+        return f"(default: {default[field]})"
+
+    p = add_verb(sub, "train", "train a model (default: the small preset on the embedded corpus)", [
+        "moekit train --preset small --steps 600 --out runs/small",
+        "moekit train --preset small --miniature --steps 100 --out runs/mini   # a CPU-sized sibling, for a try",
+        "moekit train --data my_texts/ --tokenizer bpe --out runs/mine",
+        "moekit train --out runs/small --resume --steps 1000                  # continue, with a longer schedule",
+    ], description="Train a model: AdamW, linear warmup then cosine decay, periodic validation and checkpoints. "
+                   "Ends with a short summary\n(--json: the same as JSON, also written to <out>/summary.json). "
+                   "Under torchrun every process runs it (--ep: expert parallelism).")
+    g = p.add_argument_group("model")
+    g.add_argument("--preset", help=f"model preset (moekit presets lists them) {d('preset')}")
+    g.add_argument("--miniature", action="store_true", default=None,
+                   help="a CPU-sized sibling of the preset: the same architecture at small widths")
+    g.add_argument("--set", action="append", metavar="FIELD=VALUE",
+                   help="override a model field of the preset, e.g. --set n_layers=6 --set moe.top_k=4 (repeatable; "
+                        "default: the preset as it is)")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", help="text file, directory of text files, or JSONL with a 'text' field (default: the "
+                                  "embedded corpus, the Python standard library's source)")
+    g.add_argument("--tokenizer", help=f"'byte', 'bpe' (trained on the data), or a path to a tokenizer.json "
+                                       f"{d('tokenizer')}")
+    g.add_argument("--vocab-size", dest="vocab_size", type=POSITIVE,
+                   help=f"BPE vocabulary size (--tokenizer bpe) {d('vocab_size')}")
+    g.add_argument("--seq-len", dest="seq_len", type=POSITIVE, help=f"tokens per training sequence {d('seq_len')}")
+    g.add_argument("--batch-size", dest="batch_size", type=POSITIVE,
+                   help=f"sequences per micro-batch, over all processes (each takes an equal share) {d('batch_size')}")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--steps", type=POSITIVE, help=f"optimizer steps {d('steps')}")
+    g.add_argument("--lr", type=number(0, above=True),
+                   help=f"peak learning rate, reached after --warmup, then cosine decay to {default['min_lr_ratio']}"
+                        f"·lr {d('lr')}")
+    g.add_argument("--warmup", type=NON_NEGATIVE, help="linear warmup steps, at most --steps (default: min(50, "
+                                                       "steps // 10))")
+    g.add_argument("--weight-decay", dest="weight_decay", type=number(0),
+                   help=f"AdamW's decoupled weight decay (none on norms, biases and embeddings) {d('weight_decay')}")
+    g.add_argument("--grad-clip", dest="grad_clip", type=number(0),
+                   help=f"clip the gradient norm to this; 0 = off {d('grad_clip')}")
+    g.add_argument("--grad-accum", dest="grad_accum", type=POSITIVE,
+                   help=f"micro-batches per optimizer step (tokens a step: batch size x seq len x this) "
+                        f"{d('grad_accum')}")
+    g.add_argument("--seed", type=NON_NEGATIVE, help=f"seed of the initial weights and the batch order {d('seed')}")
+    g.add_argument("--skip-nonfinite", dest="skip_nonfinite", action="store_true", default=None,
+                   help="skip (and count) a step whose loss or gradient is NaN/inf instead of stopping")
+    g = p.add_argument_group("compute")
+    g.add_argument("--device", help=f"cpu, cuda or cuda:N {d('device')}")
+    g.add_argument("--dtype", choices=["fp32", "bf16"], help=f"fp32, or bf16 autocast {d('dtype')}")
+    g.add_argument("--compile", action="store_true", default=None,
+                   help="run the model through torch.compile (a one-off compile before the first step)")
+    g.add_argument("--ep", type=POSITIVE, help=f"expert-parallel degree under torchrun (divides the process count "
+                                               f"and the expert count) {d('ep')}")
+    g = p.add_argument_group("checkpoints")
+    g.add_argument("--out", default=default["out"],
+                   help="run directory: checkpoints, metrics.jsonl, summary.json (never overwritten without "
+                        "--overwrite)")
+    g.add_argument("--save-every", dest="save_every", type=POSITIVE,
+                   help=f"a checkpoint every N steps and at the end {d('save_every')}")
+    g.add_argument("--keep-last", dest="keep_last", type=POSITIVE,
+                   help=f"checkpoints kept on disk, the newest {d('keep_last')}")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    g.add_argument("--init-from", dest="init_from", metavar="CKPT",
+                   help="start from this checkpoint's weights (e.g. moekit upcycle's output): fresh optimizer and "
+                        "schedule; the model built from --preset/--set must have the same tensor shapes (default: "
+                        "random initial weights)")
+    g = p.add_argument_group("output")
+    g.add_argument("--eval-every", dest="eval_every", type=POSITIVE,
+                   help=f"validation loss every N steps and at the end {d('eval_every')}")
+    g.add_argument("--eval-tokens", dest="eval_tokens", type=POSITIVE,
+                   help=f"validation tokens per evaluation {d('eval_tokens')}")
+    g.add_argument("--log-every", dest="log_every", type=POSITIVE,
+                   help=f"a metrics.jsonl record every N steps {d('log_every')}")
+    g.add_argument("--no-progress", dest="no_progress", action="store_true", help="no progress bar")
+    g.add_argument("--json", action="store_true", help="print the result as one line of JSON instead of the summary")
+    p.set_defaults(fn=cmd_train)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from moekit import __version__
 
-    parser = argparse.ArgumentParser(prog="moekit", description="Sparse Mixture-of-Experts toolkit")
-    parser.add_argument("--version", action="version", version=f"moekit {__version__}")
+    parser = argparse.ArgumentParser(
+        prog="moekit", formatter_class=HelpFormatter,
+        description="Sparse Mixture-of-Experts toolkit: train, compare, inspect, convert and prune MoE models.\n"
+                    "Start with `moekit demo --quick`: an MoE against a dense model of equal active parameters.",
+        epilog="Each verb has its own help with examples: moekit VERB --help.")
+    parser.add_argument("--version", action="version", version=f"moekit {__version__}",
+                        help="print the version and exit")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
 
-    p = sub.add_parser("demo", help="the main job: train an MoE and a dense model with equal active parameters")
+    p = add_verb(sub, "demo", "the main job: train an MoE and a dense model with equal active parameters", [
+        "moekit demo --quick            # a few minutes",
+        "moekit demo --out runs/demo    # the full comparison, about fifteen minutes on 2 CPU cores",
+    ], description="Train an MoE and a dense model with the same active parameters, tokens and schedule, and say "
+                   "how much sooner\nthe MoE reached the dense model's final validation loss. Writes summary.json, "
+                   "loss.png and both runs.")
     p.add_argument("--quick", action="store_true", help="a few minutes instead of about fifteen")
-    p.add_argument("--out", help="output directory (default runs/demo-<time>)")
+    p.add_argument("--out", help="output directory (default: runs/demo-<time>)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    p.add_argument("--no-progress", dest="no_progress", action="store_true")
+    p.add_argument("--no-progress", dest="no_progress", action="store_true", help="no progress bars")
+    p.add_argument("--json", action="store_true", help="print summary.json instead of the summary")
     p.set_defaults(fn=cmd_demo)
 
-    p = sub.add_parser("bench", help="time the MoE layer against a dense FFN on this machine (JSON)",
-                       description="moekit bench layer: the MoE layer against a dense SwiGLU FFN of equal active "
-                                   "FLOPs on this machine, as JSON (moekit bench layer --help). The project's "
-                                   "other benchmarks (transformers comparisons, training step, generation, expert "
-                                   "parallelism, the suite) are scripts in the repository: python "
-                                   "benchmarks/{layer,train,generate,ep,suite}.py.")
-    p.add_argument("benchmark", metavar="layer", type=_benchmark_name, help="the benchmark (one: layer)")
+    p = add_verb(sub, "bench", "time the MoE layer against a dense FFN on this machine (JSON)", [
+        "moekit bench layer --quick",
+        "moekit bench layer --shapes '512,1408,8,2' --dtype bf16",
+    ], description="Benchmarks. In the package:\n"
+                   "  layer   the MoE layer against a dense SwiGLU FFN of equal active FLOPs on this machine, as JSON\n"
+                   "          (moekit bench layer --help)\n"
+                   "In a checkout of the moekit repository, as scripts: python benchmarks/NAME.py with NAME one of\n"
+                   "  train, generate, ep, suite   (training step, generation, expert parallelism, all of them)")
+    p.add_argument("benchmark", metavar="layer", nargs="?", type=_benchmark_name,
+                   help="the benchmark (one: layer); without it, this help")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="its options (moekit bench layer --help)")
-    p.set_defaults(fn=cmd_bench)
+    p.set_defaults(fn=cmd_bench, print_help=p.print_help)
 
-    p = sub.add_parser("params", help="total and active parameters of a preset")
-    p.add_argument("preset")
-    p.add_argument("--json", action="store_true")
+    p = add_verb(sub, "params", "total and active parameters of a preset", [
+        "moekit params deepseek-v3", "moekit params mixtral-8x7b --json"])
+    p.add_argument("preset", help="a preset name (moekit presets lists them)")
+    p.add_argument("--json", action="store_true", help="print the counts and the published figures as JSON")
     p.set_defaults(fn=cmd_params)
 
-    p = sub.add_parser("train", help="train a model (default: the small preset on the embedded corpus)")
-    p.add_argument("--preset", help="model preset (moekit presets lists them); default small")
-    p.add_argument("--miniature", action="store_true", default=None,
-                   help="a CPU-sized sibling of the preset, same architecture")
-    p.add_argument("--data", help="text file, directory of text files, or JSONL with a 'text' field")
-    p.add_argument("--out", default="runs/train", help="run directory (never overwritten without --overwrite)")
-    p.add_argument("--steps", type=POSITIVE)
-    p.add_argument("--seed", type=NON_NEGATIVE)
-    p.add_argument("--batch-size", dest="batch_size", type=POSITIVE,
-                   help="sequences per micro-batch, over all processes (each takes an equal share)")
-    p.add_argument("--ep", type=POSITIVE, help="expert-parallel degree under torchrun (divides the process count "
-                   "and the expert count); default 1")
-    p.add_argument("--seq-len", dest="seq_len", type=POSITIVE)
-    p.add_argument("--grad-accum", dest="grad_accum", type=POSITIVE)
-    p.add_argument("--lr", type=number(0, above=True))
-    p.add_argument("--warmup", type=NON_NEGATIVE, help="linear warmup steps (default min(50, steps // 10)); "
-                   "at most --steps")
-    p.add_argument("--weight-decay", dest="weight_decay", type=number(0))
-    p.add_argument("--grad-clip", dest="grad_clip", type=number(0), help="gradient norm clip; 0 = off")
-    p.add_argument("--dtype", choices=["fp32", "bf16"])
-    p.add_argument("--device", help="cpu (default), cuda or cuda:N")
-    p.add_argument("--compile", action="store_true", default=None)
-    p.add_argument("--tokenizer", help="'byte' (default), 'bpe', or a path to a tokenizer.json")
-    p.add_argument("--vocab-size", dest="vocab_size", type=POSITIVE, help="BPE vocabulary size")
-    p.add_argument("--eval-every", dest="eval_every", type=POSITIVE)
-    p.add_argument("--eval-tokens", dest="eval_tokens", type=POSITIVE)
-    p.add_argument("--log-every", dest="log_every", type=POSITIVE)
-    p.add_argument("--save-every", dest="save_every", type=POSITIVE)
-    p.add_argument("--keep-last", dest="keep_last", type=POSITIVE)
-    p.add_argument("--set", action="append", metavar="FIELD=VALUE",
-                   help="override a model field of the preset, e.g. --set n_layers=6 --set moe.top_k=4 (repeatable)")
-    p.add_argument("--init-from", dest="init_from", metavar="CKPT",
-                   help="start from this checkpoint's weights (e.g. moekit upcycle's output): fresh optimizer and "
-                        "schedule; the model built from --preset/--set must have the same tensor shapes")
-    p.add_argument("--skip-nonfinite", dest="skip_nonfinite", action="store_true", default=None,
-                   help="skip (and count) a step whose loss or gradient is NaN/inf instead of stopping")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
-    p.add_argument("--no-progress", dest="no_progress", action="store_true", help="no progress bar")
-    p.set_defaults(fn=cmd_train)
+    _add_train_parser(sub)
 
-    p = sub.add_parser("eval", help="validation loss of a checkpoint (JSON: loss, ppl, tokens)")
+    p = add_verb(sub, "eval", "validation loss of a checkpoint (JSON: loss, ppl, tokens)", [
+        "moekit eval --model runs/small",
+        "moekit eval --model runs/small --data other.txt --max-tokens 131072"])
     p.add_argument("--model", required=True, help="a checkpoint or run directory")
-    p.add_argument("--data", help="default: the data the model was trained on")
+    p.add_argument("--data", help="text to evaluate (its validation split); default: the data the model was trained on")
     p.add_argument("--seq-len", dest="seq_len", type=POSITIVE, help="default: the run's training sequence length")
     p.add_argument("--batch-size", dest="batch_size", type=POSITIVE,
                    help="default: the run's batch size (with a capacity factor the loss depends on it)")
     p.add_argument("--max-tokens", dest="max_tokens", type=POSITIVE,
                    help="validation tokens (default: the run's --eval-tokens, so the figure equals its val_loss)")
+    p.add_argument("--no-progress", dest="no_progress", action="store_true", help="no progress bar")
     p.set_defaults(fn=cmd_eval)
 
-    p = sub.add_parser("generate", help="continue a prompt with a trained model (streams text)")
-    p.add_argument("--model", required=True, help="a checkpoint or run directory")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", dest="max_new_tokens", type=POSITIVE, default=128)
-    p.add_argument("--temperature", type=number(0), default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", dest="top_k", type=POSITIVE)
-    p.add_argument("--top-p", dest="top_p", type=number(0, 1, above=True))
-    p.add_argument("--seed", type=NON_NEGATIVE)
-    p.add_argument("--json", action="store_true", help="print the token ids and the text as JSON")
+    p = add_verb(sub, "generate", "continue a prompt with a trained model (streams text)", [
+        'moekit generate --model runs/demo/moe --prompt "def fib(n):" --max-new-tokens 80',
+        'moekit generate --model runs/small --prompt "import os" --temperature 0    # greedy',
+        'moekit generate --model runs/small --prompt "class " --seed 1 --json       # token ids and text as JSON',
+    ], description="Continue a prompt: the prompt is echoed (dimmed on a terminal), the continuation streams as it "
+                   "is produced,\nand the sampling settings and tokens/s follow on stderr.\n\n"
+                   "Sampling is the default (temperature 0.8, top-k 50): greedy decoding (--temperature 0) of a "
+                   "small model\noften repeats one token, e.g. a run of spaces, and shows nothing readable. Without "
+                   "--seed a random seed is\ndrawn and reported, so any output can be repeated.")
+    p.add_argument("--model", required=True, help="a checkpoint or run directory, or a Hugging Face model directory")
+    p.add_argument("--prompt", required=True, help="the text to continue")
+    p.add_argument("--max-new-tokens", dest="max_new_tokens", type=POSITIVE, default=128,
+                   help="tokens to generate at most (fewer when the model ends its text)")
+    p.add_argument("--temperature", type=number(0), default=0.8, help="sampling temperature; 0 = greedy")
+    p.add_argument("--top-k", dest="top_k", type=NON_NEGATIVE, default=50,
+                   help="sample among the k most likely tokens; 0 = all")
+    p.add_argument("--top-p", dest="top_p", type=number(0, 1, above=True),
+                   help="sample among the most likely tokens holding this probability (nucleus); default: off")
+    p.add_argument("--seed", type=NON_NEGATIVE, help="sampling seed (default: a random one, reported on stderr)")
+    p.add_argument("--json", action="store_true", help="print the token ids and the text as JSON (no streaming)")
     p.add_argument("--compile", action="store_true",
                    help="decode through torch.compile with a static KV cache: 2-2.9x tokens/s in fp32 on a "
                         "2-core CPU after a one-off compile of several seconds (pays for long generations)")
     p.set_defaults(fn=cmd_generate)
 
-    p = sub.add_parser("convert", help="Hugging Face directory <-> moekit checkpoint")
+    p = add_verb(sub, "convert", "Hugging Face directory <-> moekit checkpoint", [
+        "moekit convert --from-hf ~/models/Mixtral-8x7B --out runs/mixtral",
+        "moekit convert --to-hf runs/small --out hf/small"])
     way = p.add_mutually_exclusive_group(required=True)
     way.add_argument("--from-hf", dest="from_hf", metavar="DIR", help="a Hugging Face model directory")
     way.add_argument("--to-hf", dest="to_hf", metavar="DIR", help="a moekit checkpoint or run directory")
     p.add_argument("--out", required=True, help="a new or empty directory")
     p.add_argument("--architecture", help="with --to-hf: force one (default: the first that fits)")
+    p.add_argument("--no-progress", dest="no_progress", action="store_true", help="no progress bar")
     p.set_defaults(fn=cmd_convert)
 
-    p = sub.add_parser("presets", help="list the presets")
+    p = add_verb(sub, "presets", "list the presets with their parameter counts", ["moekit presets"])
     p.set_defaults(fn=cmd_presets)
 
     from moekit.insight.cli import add_parsers as add_insight_parsers
@@ -357,8 +585,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.verb is None:  # no verb: the main job on its defaults
-        args = parser.parse_args([*(["--debug"] if args.debug else []), "demo"])
+    if args.verb is None:  # no verb: what there is to do (the demo is `moekit demo`)
+        parser.print_help()
+        return 0
     try:
         return args.fn(args)
     except (ValueError, OSError, FloatingPointError) as err:

@@ -220,7 +220,7 @@ def test_a_run_on_a_relative_data_path_evaluates_and_resumes_from_elsewhere(tmp_
     out = capsys.readouterr()
     assert json.loads(out.out)["tokens"] > 0
     assert f"--data {work / 'input.txt'} is one document: validating on its last 10%" in out.err
-    assert main(["train", "--out", str(work / "run"), "--resume", "--steps", "6", "--no-progress"]) == 0
+    assert main(["train", "--out", str(work / "run"), "--resume", "--steps", "6", "--no-progress", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["step"] == 6
 
 

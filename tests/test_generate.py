@@ -104,15 +104,17 @@ def test_cli_generate_on_a_trained_run(tmp_path, monkeypatch):
     train(TrainConfig(preset="tiny", data=str(data), out=str(tmp_path / "run"), steps=3, batch_size=2, seq_len=32,
                       eval_every=3, eval_tokens=64, val_fraction=0.5), progress=False)
     run = [sys.executable, "-m", "moekit", "generate", "--model", str(tmp_path / "run"), "--prompt", "hello"]
-    res = subprocess.run([*run, "--max-new-tokens", "6", "--json"], capture_output=True, text=True)
+    res = subprocess.run([*run, "--max-new-tokens", "6", "--json", "--temperature", "0"], capture_output=True,
+                         text=True)
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
     assert out["prompt_ids"] == list(b"hello") and len(out["ids"]) == 6
-    compiled = subprocess.run([*run, "--max-new-tokens", "6", "--json", "--compile"], capture_output=True, text=True)
+    compiled = subprocess.run([*run, "--max-new-tokens", "6", "--json", "--compile", "--temperature", "0"],
+                              capture_output=True, text=True)
     assert compiled.returncode == 0, compiled.stderr
     assert json.loads(compiled.stdout)["ids"] == out["ids"]  # greedy: the compiled path picks the same tokens
-    streamed = subprocess.run([*run, "--max-new-tokens", "6"], capture_output=True, text=True)
-    assert streamed.returncode == 0 and streamed.stdout == out["text"] + "\n"
+    streamed = subprocess.run([*run, "--max-new-tokens", "6", "--temperature", "0"], capture_output=True, text=True)
+    assert streamed.returncode == 0 and streamed.stdout == "hello" + out["text"] + "\n"  # the prompt, then the text
     too_long = subprocess.run([*run, "--max-new-tokens", "1000"], capture_output=True, text=True)
     assert too_long.returncode == 2 and "max_seq_len" in too_long.stderr and "Traceback" not in too_long.stderr
 
@@ -190,7 +192,7 @@ def test_cli_prints_no_stop_token(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(gen_module, "generate", fake_generate)
     assert main(["generate", "--model", str(tmp_path / "run"), "--prompt", "x"]) == 0
-    assert capsys.readouterr().out == "hi\n"
+    assert capsys.readouterr().out == "xhi\n"  # the prompt echoed, then the text
     assert main(["generate", "--model", str(tmp_path / "run"), "--prompt", "x", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["text"] == "hi" and out["stopped"] is True and out["ids"] == ids

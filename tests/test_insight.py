@@ -368,7 +368,7 @@ def test_prune_cli_both_methods_and_errors(runs, tmp_path, capsys, monkeypatch):
     small = ["--calib-tokens", 512, "--eval-tokens", 512]
     for method in ("drop", "merge"):
         code, res, err = _run(capsys, "prune", "--model", runs["moe"], "--experts", 4, "--method", method,
-                              "--out", tmp_path / method, *small)
+                              "--out", tmp_path / method, *small, "--json")
         assert code == 0, err
         assert res["num_experts_before"] == 8 and res["num_experts_after"] == 4 and res["top_k_after"] == 2
         assert math.isfinite(res["val_loss_before"]) and math.isfinite(res["val_loss_after"])
@@ -385,7 +385,7 @@ def test_prune_cli_both_methods_and_errors(runs, tmp_path, capsys, monkeypatch):
         with torch.no_grad():
             assert torch.isfinite(model(torch.randint(0, 256, (2, 16))).logits).all()
     code, res, err = _run(capsys, "prune", "--model", runs["moe"], "--experts", 1, "--top-k", 1, "--method", "drop",
-                          "--out", tmp_path / "one", *small)
+                          "--out", tmp_path / "one", *small, "--json")
     assert code == 0 and res["top_k_after"] == 1, err
     errors = {
         "dense model (ModelConfig.moe=None): prune needs": ("--model", runs["dense"], "--experts", 2),

@@ -52,7 +52,7 @@ def test_a_model_too_large_for_the_machine_is_refused_with_the_figures(tmp_path)
 def test_ctrl_c_says_so_at_once_saves_and_exits_130(tmp_path, corpus_dir):
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "moekit", *BASE, "--steps", "100000", "--save-every", "100000",
-                             "--eval-every", "100000", "--data", str(corpus_dir), "--out", str(out)],
+                             "--eval-every", "100000", "--data", str(corpus_dir), "--out", str(out), "--json"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not (out / "train_config.json").is_file() and time.time() < deadline and proc.poll() is None:
@@ -100,7 +100,7 @@ def test_resume_refuses_flags_it_would_ignore_and_says_what_it_changes(tmp_path,
     assert ckpt_io.latest_checkpoint(out).name == "ckpt-00000002"  # nothing ran
     # a flag equal to the run's own value is fine; the ones that may change are applied and named
     os.chdir(tmp_path)
-    res = _cli("train", "--out", str(out), "--resume", "--steps", "4", "--batch-size", "2", "--no-progress")
+    res = _cli("train", "--out", str(out), "--resume", "--steps", "4", "--batch-size", "2", "--no-progress", "--json")
     assert res.returncode == 0, res.stderr
     assert "resuming" in res.stderr and "--steps 2 -> 4" in res.stderr
     assert json.loads(res.stdout)["step"] == 4
@@ -113,7 +113,7 @@ def test_resume_of_a_run_stopped_before_its_first_checkpoint_starts_it_again(tmp
         import shutil
 
         shutil.rmtree(ckpt)
-    res = _cli("train", "--out", str(tmp_path / "run"), "--resume", "--no-progress")
+    res = _cli("train", "--out", str(tmp_path / "run"), "--resume", "--no-progress", "--json")
     assert res.returncode == 0, res.stderr
     assert "no checkpoint yet; starting it again from step 0" in res.stderr
     assert json.loads(res.stdout)["step"] == 3
@@ -178,7 +178,7 @@ def test_a_second_resume_keeps_what_the_first_changed(tmp_path, corpus_dir):
     out = tmp_path / "run"
     assert _cli(*BASE, "--data", str(corpus_dir), "--out", str(out), "--steps", "2").returncode == 0
     assert _cli("train", "--out", str(out), "--resume", "--steps", "4", "--no-progress").returncode == 0
-    res = _cli("train", "--out", str(out), "--resume", "--no-progress")  # finished at 4: nothing left to do
+    res = _cli("train", "--out", str(out), "--resume", "--no-progress", "--json")  # finished at 4: nothing to do
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["step"] == 4
 

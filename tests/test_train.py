@@ -237,7 +237,7 @@ def test_cli_bad_inputs(tmp_path, corpus_dir):
 def test_cli_train_then_eval(tmp_path, corpus_dir):
     out = tmp_path / "run"
     args = ["train", "--preset", "tiny", "--data", str(corpus_dir), "--out", str(out), "--steps", "6",
-            "--batch-size", "2", "--seq-len", "32", "--eval-every", "3", "--no-progress"]
+            "--batch-size", "2", "--seq-len", "32", "--eval-every", "3", "--no-progress", "--json"]
     res = _cli(*args)
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["step"] == 6
