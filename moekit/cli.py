@@ -558,8 +558,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=NON_NEGATIVE, help="sampling seed (default: a random one, reported on stderr)")
     p.add_argument("--json", action="store_true", help="print the token ids and the text as JSON (no streaming)")
     p.add_argument("--compile", action="store_true",
-                   help="decode through torch.compile with a static KV cache: 2-2.9x tokens/s in fp32 on a "
-                        "2-core CPU after a one-off compile of several seconds (pays for long generations)")
+                   help="decode through torch.compile with a static KV cache: faster decode steps after a one-off "
+                        "compile of several seconds, which pays for long generations (figures: docs/performance.md)")
     p.set_defaults(fn=cmd_generate)
 
     p = add_verb(sub, "convert", "Hugging Face directory <-> moekit checkpoint", [
