@@ -5,7 +5,8 @@ from __future__ import annotations
 from moekit.cpu.options import EXPERT_BACKENDS
 from moekit.moe.backends.base import ExpertBackend
 
-NAMES = (*EXPERT_BACKENDS[1:], "gather")  # every backend by name ("auto" is a request, not a backend)
+# every backend by name ("auto" is a request, not a backend); "quantized": asked for by quantized experts only
+NAMES = (*EXPERT_BACKENDS[1:], "gather", "quantized")
 _backends: dict[str, ExpertBackend] = {}
 
 
@@ -21,6 +22,8 @@ def get(name: str) -> ExpertBackend:
             from moekit.moe.backends.grouped_mm import GroupedMMBackend as cls
         elif name == "gather":
             from moekit.moe.backends.gather import GatherBackend as cls
+        elif name == "quantized":
+            from moekit.moe.backends.quantized import QuantizedBackend as cls
         else:
             raise ValueError(f"expert backend {name!r} is unknown; allowed: {', '.join(NAMES)}")
         backend = _backends.setdefault(name, cls())

@@ -1,0 +1,1 @@
+"""Weight-only quantization: int8 / int4 experts (and optionally linears) for CPU inference."""
