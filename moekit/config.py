@@ -440,6 +440,9 @@ class ModelConfig:
     ``sandwich_norm`` (Grok-1): a norm after attention and after the FFN as well as before.
     ``embedding_multiplier``, ``logit_multiplier`` and ``attn_logit_softcap`` (Grok-1: √d, 1/√3·…,
     30) scale the embeddings, the output logits and cap attention logits with c·tanh(x/c).
+    µP (Granite): ``residual_multiplier`` scales each block's attention and FFN output before it joins
+    the residual stream; ``attention_multiplier`` is the attention scores' scale (None: 1/√head_dim).
+    ``attn_out_bias``: a bias on the attention output projection (Granite with attention_bias).
     ``rope_scaling``: None, ``{"type": "linear", "factor": s}`` (position interpolation) or
     ``{"type": "yarn", "factor": s, "original_max_seq_len": L, ...}`` (YaRN; optional beta_fast,
     beta_slow, mscale, mscale_all_dim, attention_factor, truncate as in transformers' rope_parameters).
@@ -454,6 +457,7 @@ class ModelConfig:
     max_seq_len: int = 2048
     attention: str = "gqa"
     qkv_bias: bool = False
+    attn_out_bias: bool = False
     qk_norm: str | None = None
     clip_qkv: float = 0.0
     # MLA
@@ -482,6 +486,8 @@ class ModelConfig:
     embedding_multiplier: float = 1.0
     logit_multiplier: float = 1.0
     attn_logit_softcap: float = 0.0
+    residual_multiplier: float = 1.0
+    attention_multiplier: float | None = None
     init_std: float = 0.02
 
     def __post_init__(self) -> None:
@@ -535,8 +541,16 @@ class ModelConfig:
             check_int(MODEL, "ffn_hidden", self.ffn_hidden, 1)
         if self.parallel_residual_mlp and self.moe is None:
             raise bad(MODEL, "parallel_residual_mlp", True, "needs a moe config")
-        for name in ("embedding_multiplier", "logit_multiplier", "init_std"):
+        for name in ("embedding_multiplier", "logit_multiplier", "residual_multiplier", "init_std"):
             check_float(MODEL, name, getattr(self, name), above=True)
+        if self.attention_multiplier is not None:
+            check_float(MODEL, "attention_multiplier", self.attention_multiplier, above=True,
+                        note="None = 1/sqrt(head_dim)")
+            if self.attention == "mla":
+                raise bad(MODEL, "attention_multiplier", self.attention_multiplier,
+                          "an explicit attention scale is defined for attention='gqa' only (None with 'mla')")
+        if self.attn_out_bias and self.attention == "mla":
+            raise bad(MODEL, "attn_out_bias", True, "an output-projection bias is defined for attention='gqa' only")
         check_float(MODEL, "clip_qkv", self.clip_qkv, note="0 = off")
         if self.clip_qkv and self.attention == "mla":
             raise bad(MODEL, "clip_qkv", self.clip_qkv, "clipping q/k/v is defined for attention='gqa' only")
@@ -810,6 +824,17 @@ def _presets() -> dict[str, Preset]:
         vocab_size=50304, d_model=2048, n_layers=16, n_heads=16, max_seq_len=4096, qk_norm="full", norm_eps=1e-5,
         moe=_moe(2048, 1024, 64, 8, normalize_weights=False, aux_loss_coef=0.01, z_loss_coef=1e-3)),
         "Muennighoff et al. 2024, OLMoE-1B-7B-0924 config.json", "6.9B", "1.3B")
+
+    # Granite 3.0 MoE: µP multipliers, softmax over the top-8 logits, tied embeddings
+    granite = dict(vocab_size=49155, n_kv_heads=8, max_seq_len=4096, tie_embeddings=True, embedding_multiplier=12.0,
+                   logit_multiplier=1 / 6.0, residual_multiplier=0.22, attention_multiplier=0.015625)
+    granite_note = "the name's active figure leaves out the embedding ({})"
+    p["granite-3.0-3b-a800m"] = Preset(ModelConfig(
+        d_model=1536, n_layers=32, n_heads=24, **granite, moe=_moe(1536, 512, 40, 8, softmax_order="after")),
+        "IBM, granite-3.0-3b-a800m-base config.json", "3.3B", None, granite_note.format("807M without, 883M with"))
+    p["granite-3.0-1b-a400m"] = Preset(ModelConfig(
+        d_model=1024, n_layers=24, n_heads=16, **granite, moe=_moe(1024, 512, 32, 8, softmax_order="after")),
+        "IBM, granite-3.0-1b-a400m-base config.json", "1.3B", None, granite_note.format("378M without, 429M with"))
     return p
 
 

@@ -69,21 +69,25 @@ class Block(nn.Module):
         """``mask``: the attention mask; ``token_mask`` [B, S] (bool, True = real token): the MoE layer
         routes the real tokens only, so padding takes no expert capacity (see :meth:`MoELayer.forward`)."""
         cfg = self.cfg
+        r = cfg.residual_multiplier  # µP (Granite): branch outputs scaled before they join the stream
         h = self.attn(self.attn_norm(x_BSD), cos, sin, cache, mask)
         if cfg.sandwich_norm:
             h = self.post_attn_norm(h)
+        if r != 1.0:
+            h = h * r
         if cfg.parallel_residual_mlp and self.is_moe:
             # Arctic: the MoE reads the block input, the residual MLP the post-attention stream.
             attended = x_BSD + h
             res = self.ffn(self.ffn_norm(x_BSD), token_mask)
-            return attended + self.residual_mlp(self.residual_norm(attended)) + res.output, res
+            mlp = self.residual_mlp(self.residual_norm(attended))
+            return (attended + (mlp + res.output) * r if r != 1.0 else attended + mlp + res.output), res
         x_BSD = x_BSD + h
         ffn_in = self.ffn_norm(x_BSD)
         res = self.ffn(ffn_in, token_mask) if self.is_moe else None
         y = res.output if res is not None else self.ffn(ffn_in)
         if cfg.sandwich_norm:
             y = self.post_ffn_norm(y)
-        return x_BSD + y, res
+        return x_BSD + (y * r if r != 1.0 else y), res
 
 
 def padded_positions(valid_BT: torch.Tensor) -> torch.Tensor:

@@ -50,6 +50,12 @@ BASES = {  # a model each family expresses, with the family's own features switc
         ffn_hidden=40, moe=MoEConfig(d_model=32, expert_hidden=12, num_experts=8, top_k=2, router="sigmoid",
                                      n_group=4, topk_group=2, num_shared_experts=1, routed_scaling_factor=2.5)),
 }
+GRANITE_MUP = dict(qkv_bias=True, attn_out_bias=True, embedding_multiplier=2.0, logit_multiplier=0.4,
+                   residual_multiplier=0.5, attention_multiplier=0.2)
+BASES["GraniteMoeForCausalLM"] = _gqa(MoEConfig(d_model=32, expert_hidden=16, num_experts=4, top_k=2,
+                                                softmax_order="after"), **GRANITE_MUP)
+BASES["GraniteMoeSharedForCausalLM"] = _gqa(MoEConfig(d_model=32, expert_hidden=16, num_experts=4, top_k=2,
+                                                      num_shared_experts=1, shared_expert_hidden=24), **GRANITE_MUP)
 
 
 def moe(**kw):
@@ -162,6 +168,10 @@ PERTURBATIONS = [
     ("ModelConfig.embedding_multiplier", "2", model(embedding_multiplier=2.0)),
     ("ModelConfig.logit_multiplier", "0.5", model(logit_multiplier=0.5)),
     ("ModelConfig.attn_logit_softcap", "5", model(attn_logit_softcap=5.0)),
+    ("ModelConfig.attn_out_bias", "flip", lambda c: model(attn_out_bias=not c.attn_out_bias)(c)),
+    ("ModelConfig.residual_multiplier", "0.7", model(residual_multiplier=0.7)),
+    ("ModelConfig.attention_multiplier", "0.3", model(attention_multiplier=0.3)),
+    ("ModelConfig.attention_multiplier", "None", model(attention_multiplier=None)),
     ("ModelConfig.init_std", "0.05", model(init_std=0.05)),
 ]
 

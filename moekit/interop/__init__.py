@@ -14,14 +14,15 @@ from pathlib import Path
 
 import torch
 
-from moekit.interop import dbrx, deepseek, mixtral, mlp_experts
+from moekit.interop import dbrx, deepseek, granite, mixtral, mlp_experts
 from moekit.interop.export import restore_config, to_hf
 from moekit.interop.keymap import InteropError, SafetensorsDir, load_with_keymap
 from moekit.model import MoETransformer
 
 FAMILIES = {mixtral.ARCHITECTURE: mixtral, dbrx.ARCHITECTURE: dbrx,
             **{a: mlp_experts for a in mlp_experts.ARCHITECTURES},
-            **{a: deepseek for a in deepseek.ARCHITECTURES}}
+            **{a: deepseek for a in deepseek.ARCHITECTURES},
+            **{a: granite for a in granite.ARCHITECTURES}}
 
 
 def _read_config(path: Path) -> dict:

@@ -17,6 +17,7 @@ moekit -> HF -> moekit restores the same ModelConfig exactly.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable
 
 from moekit.config import MoEConfig, ModelConfig
@@ -69,6 +70,19 @@ def _no_groups(a: ModelConfig, b: ModelConfig) -> bool:
     return a.moe.n_group == b.moe.n_group == 1
 
 
+def _same_logit_scale(a: ModelConfig, b: ModelConfig) -> bool:
+    """Granite divides by logits_scaling = 1 / logit_multiplier: the inverse of an inverse may differ
+    in the last bit."""
+    return math.isclose(a.logit_multiplier, b.logit_multiplier, rel_tol=1e-12)
+
+
+def _same_attention_scale(a: ModelConfig, b: ModelConfig) -> bool:
+    """attention_multiplier=None is 1/sqrt(head_dim), which a family with an explicit scale writes out."""
+    def scale(c: ModelConfig) -> float:
+        return c.attention_multiplier if c.attention_multiplier is not None else 1.0 / math.sqrt(c.head_dim)
+    return a.attention == b.attention == "gqa" and math.isclose(scale(a), scale(b), rel_tol=1e-12)
+
+
 # Fields whose value may differ from what the family reads back, and when that is harmless. Every
 # other field is part of the forward and must read back equal.
 MODEL_FIELDS: dict[str, Harmless] = {
@@ -78,6 +92,8 @@ MODEL_FIELDS: dict[str, Harmless] = {
     "moe_every": _same_moe_layers,
     "first_k_dense": _same_moe_layers,
     "moe_layers": _same_moe_layers,
+    "logit_multiplier": _same_logit_scale,
+    "attention_multiplier": _same_attention_scale,
     **{f: _both("mla") for f in ("n_kv_heads", "head_dim", "qkv_bias")},
     **{f: _both("gqa") for f in ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")},
 }

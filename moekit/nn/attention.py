@@ -59,7 +59,8 @@ class GroupedQueryAttention(nn.Module):
         self.q_proj = nn.Linear(D, H * Dh, bias=cfg.qkv_bias)
         self.k_proj = nn.Linear(D, G * Dh, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(D, G * Dh, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(H * Dh, D, bias=False)
+        self.o_proj = nn.Linear(H * Dh, D, bias=cfg.attn_out_bias)
+        self.scale = cfg.attention_multiplier if cfg.attention_multiplier is not None else 1.0 / math.sqrt(Dh)
         if cfg.qk_norm == "head":
             self.q_norm, self.k_norm = RMSNorm(Dh, cfg.norm_eps), RMSNorm(Dh, cfg.norm_eps)
         elif cfg.qk_norm == "full":
@@ -86,7 +87,7 @@ class GroupedQueryAttention(nn.Module):
         k = apply_rope(k, cos, sin, cfg.rope_interleave)
         if cache is not None:
             k, v = cache.update(k, v)
-        out = sdpa(q, k, v, 1.0 / math.sqrt(Dh), cfg.attn_logit_softcap, mask)
+        out = sdpa(q, k, v, self.scale, cfg.attn_logit_softcap, mask)
         return self.o_proj(out.transpose(1, 2).reshape(B, S, H * Dh))
 
 

@@ -1,0 +1,158 @@
+"""The newer Hugging Face MoE families: tiny random transformers models built and saved locally,
+loaded by moekit (logits within 1e-4 in fp32, equal greedy continuations), exported back (transformers
+loads the export with the same logits) and the presets of their published shapes."""
+
+import math
+
+import pytest
+import torch
+
+import moekit
+from moekit.interop import InteropError, to_hf
+from moekit.model import count_parameters
+from moekit.presets import PRESETS, matches_published
+
+transformers = pytest.importorskip("transformers")
+
+V = 96  # vocabulary
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _build(cfg_name: str, model_name: str, **kw):
+    cfg = getattr(transformers, cfg_name)(vocab_size=V, max_position_embeddings=128, initializer_range=0.15,
+                                          eos_token_id=None, bos_token_id=None, pad_token_id=None, **kw)
+    torch.manual_seed(0)
+    hf = getattr(transformers, model_name)(cfg).eval()
+    with torch.no_grad():  # norms and biases away from their init, so that a wrong mapping shows
+        for name, p in hf.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(0.2 * torch.randn_like(p))
+    return hf
+
+
+def _check_import(hf, path, prompt_len=6, new=12):
+    hf.save_pretrained(path)
+    ours = moekit.from_pretrained(path)
+    ids = torch.randint(0, V, (2, 15), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        diff = (hf(ids).logits - ours(ids).logits).abs().max().item()
+    assert diff < 1e-4
+    prompt = ids[:1, :prompt_len]
+    theirs = hf.generate(prompt, max_new_tokens=new, do_sample=False, pad_token_id=0)[0, prompt_len:].tolist()
+    assert moekit.generate(ours, prompt, new).tokens[0] == theirs
+    return ours
+
+
+def _check_export(ours, out, arch):
+    assert to_hf(ours, out, arch) == arch
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(hf).__name__ == arch
+    ids = torch.randint(0, V, (2, 11), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert (hf(ids).logits - ours(ids).logits).abs().max().item() < 1e-4
+    back = moekit.from_pretrained(out)
+    assert back.cfg == ours.cfg
+    torch.testing.assert_close(back(ids).logits, ours(ids).logits, rtol=0, atol=0)
+
+
+# ---- Granite MoE and Granite MoE Shared ----------------------------------------------------------
+GRANITE = dict(hidden_size=48, intermediate_size=20, num_hidden_layers=3, num_attention_heads=6,
+               num_key_value_heads=2, num_local_experts=5, num_experts_per_tok=3, attention_bias=True,
+               embedding_multiplier=3.0, logits_scaling=2.5, residual_multiplier=0.6, attention_multiplier=0.3,
+               rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": 5000.0})
+
+
+@pytest.mark.parametrize("arch, kw", [
+    ("GraniteMoe", {}),
+    ("GraniteMoe", {"attention_bias": False, "tie_word_embeddings": True}),
+    ("GraniteMoeShared", {"shared_intermediate_size": 28}),
+    ("GraniteMoeShared", {"shared_intermediate_size": 0}),
+], ids=["granite", "granite-tied-nobias", "granite-shared", "granite-shared-0"])
+def test_granite_import_greedy_and_export(tmp_path, arch, kw):
+    hf = _build(f"{arch}Config", f"{arch}ForCausalLM", **{**GRANITE, **kw})
+    ours = _check_import(hf, tmp_path / "hf")
+    cfg = ours.cfg
+    assert (cfg.residual_multiplier, cfg.attention_multiplier, cfg.embedding_multiplier) == (0.6, 0.3, 3.0)
+    assert cfg.logit_multiplier == pytest.approx(1 / 2.5)
+    assert cfg.moe.shared_hidden == kw.get("shared_intermediate_size", 0)
+    _check_export(ours, tmp_path / "out", f"{arch}ForCausalLM")
+
+
+@pytest.mark.parametrize("field, value", [("residual_multiplier", 1.0), ("attention_multiplier", None),
+                                          ("attn_out_bias", False)])
+def test_granite_multipliers_and_output_bias_matter(tmp_path, field, value):
+    """Each µP setting (and the output-projection bias) moves the logits: none is read and ignored."""
+    hf = _build("GraniteMoeConfig", "GraniteMoeForCausalLM", **GRANITE)
+    hf.save_pretrained(tmp_path / "hf")
+    ours = moekit.from_pretrained(tmp_path / "hf")
+    other = moekit.MoETransformer(ours.cfg.replace(**{field: value})).eval()
+    other.load_state_dict(ours.state_dict(), strict=False)
+    ids = torch.randint(0, V, (1, 9))
+    with torch.no_grad():
+        assert (other(ids).logits - ours(ids).logits).abs().max().item() > 1e-3
+
+
+def test_moekit_model_with_default_scale_exports_to_granite(tmp_path):
+    """A moekit model (attention scale 1/√head_dim, no µP) is a Granite model with those numbers written out."""
+    cfg = moekit.ModelConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64,
+                             moe=moekit.MoEConfig(d_model=32, expert_hidden=16, num_experts=4, top_k=2))
+    torch.manual_seed(0)
+    m = moekit.MoETransformer(cfg).eval()
+    _check_export(m, tmp_path / "out", "GraniteMoeForCausalLM")
+    hf_cfg = (tmp_path / "out" / "config.json").read_text()
+    assert f'"attention_multiplier": {1 / math.sqrt(8)}' in hf_cfg
+
+
+@pytest.mark.parametrize("change, named", [
+    (dict(qkv_bias=True), "ModelConfig.attn_out_bias"),  # one attention_bias switch: the output bias would appear
+    (dict(qk_norm="head"), "ModelConfig.qk_norm"),
+    (dict(first_k_dense=1, ffn_hidden=24), "ModelConfig.first_k_dense"),
+])
+def test_granite_refuses_what_it_cannot_express(tmp_path, change, named):
+    cfg = moekit.ModelConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=4, max_seq_len=64,
+                             moe=moekit.MoEConfig(d_model=32, expert_hidden=16, num_experts=4, top_k=2), **change)
+    with pytest.raises(ValueError, match=f"{named}="):
+        to_hf(moekit.MoETransformer(cfg), tmp_path / "out", "GraniteMoeForCausalLM")
+    assert not (tmp_path / "out").exists()
+
+
+def test_new_model_fields_are_validated():
+    base = dict(vocab_size=V, d_model=32, n_layers=1, n_heads=4, ffn_hidden=24)
+    for field, value in (("residual_multiplier", 0.0), ("attention_multiplier", -1.0),
+                         ("attention_multiplier", float("inf"))):
+        with pytest.raises(ValueError, match=f"ModelConfig.{field}"):
+            moekit.ModelConfig(**base, **{field: value})
+    mla = dict(attention="mla", kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8)
+    for field, value in (("attention_multiplier", 0.1), ("attn_out_bias", True)):
+        with pytest.raises(ValueError, match=f"ModelConfig.{field}"):
+            moekit.ModelConfig(**base, **mla, **{field: value})
+
+
+def test_granite_config_without_logits_scaling_is_refused_by_name(tmp_path):
+    hf = _build("GraniteMoeConfig", "GraniteMoeForCausalLM", **GRANITE)
+    hf.save_pretrained(tmp_path / "hf")
+    path = tmp_path / "hf" / "config.json"
+    path.write_text(path.read_text().replace('"logits_scaling": 2.5', '"logits_scaling": 0'))
+    with pytest.raises(InteropError, match="logits_scaling=0"):
+        moekit.from_pretrained(tmp_path / "hf")
+
+
+# ---- presets ----------------------------------------------------------------------------------
+def test_granite_preset_counts():
+    """granite-3.0-3b-a800m by independent arithmetic, and the published 3.3B total."""
+    d, heads, kv, layers, E, K, F, vocab = 1536, 24, 8, 32, 40, 8, 512, 49155
+    attn = d * d + 2 * d * (kv * d // heads) + d * d
+    expert = 3 * d * F
+    total = layers * (attn + E * expert + E * d + 2 * d) + vocab * d + d  # tied head
+    count = count_parameters(PRESETS["granite-3.0-3b-a800m"].config)
+    assert (count.total, count.active) == (total, total - layers * (E - K) * expert)
+    for name in ("granite-3.0-3b-a800m", "granite-3.0-1b-a400m"):
+        preset = PRESETS[name]
+        assert matches_published(count_parameters(preset.config).total, preset.published_total)
