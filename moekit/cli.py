@@ -432,6 +432,8 @@ def _add_train_parser(sub) -> None:
     g.add_argument("--lr", type=number(0, above=True),
                    help=f"peak learning rate, reached after --warmup, then cosine decay to {default['min_lr_ratio']}"
                         f"·lr {d('lr')}")
+    g.add_argument("--router-lr-mult", dest="router_lr_mult", type=number(0, above=True),
+                   help=f"the routers' learning rate is --lr times this (their own param group) {d('router_lr_mult')}")
     g.add_argument("--warmup", type=NON_NEGATIVE, help="linear warmup steps, at most --steps (default: min(50, "
                                                        "steps // 10))")
     g.add_argument("--weight-decay", dest="weight_decay", type=number(0),
@@ -579,6 +581,9 @@ def build_parser() -> argparse.ArgumentParser:
     from moekit.insight.cli import add_parsers as add_insight_parsers
 
     add_insight_parsers(sub)  # inspect, plot, upcycle, prune
+    from moekit.serve.cli import add_parser as add_serve_parser
+
+    add_serve_parser(sub)
     return parser
 
 

@@ -22,8 +22,9 @@ from typing import Any
 from moekit.nn.activations import ACTIVATIONS, is_gated  # ACTIVATIONS: the allowed names, kept importable here
 from moekit.validate import bad, check_choice, check_float, check_int
 
-ROUTERS = ("softmax_topk", "switch", "noisy_topk", "sigmoid", "expert_choice", "soft")
-TOKEN_CHOICE_ROUTERS = ("softmax_topk", "switch", "noisy_topk", "sigmoid")
+ROUTERS = ("softmax_topk", "switch", "noisy_topk", "sigmoid", "expert_choice", "soft", "top_p")
+TOKEN_CHOICE_ROUTERS = ("softmax_topk", "switch", "noisy_topk", "sigmoid", "top_p")
+NULL_EXPERT_OUTPUTS = ("zero", "identity")
 DROP_POLICIES = ("position", "score")
 SOFTMAX_ORDERS = ("before", "after")
 GROUP_SCORES = ("max", "top2_sum")
@@ -179,6 +180,8 @@ class MoEConfig:
         ``expert_choice`` each expert picks its top-C tokens (Zhou et al. 2022).
         ``soft``          dense soft gating, every expert weighted by the softmax (Jacobs et al. 1991);
                           requires ``top_k == num_experts``.
+        ``top_p``         threshold routing (Huang et al. 2024): the most probable experts until their
+                          probabilities sum to ``top_p_threshold``, at most ``top_k`` of them.
         normalize_weights: renormalise the chosen weights to sum to 1 (Mixtral, Qwen3-MoE, DeepSeek-V3)
             or not (OLMoE, Qwen2-MoE, DeepSeek-V2). normalize_p: the renormalisation divides by the
             p-norm of the chosen weights, ||w||_p = (Σ w_i^p)^(1/p); 1 (the sum) everywhere but DBRX,
@@ -197,6 +200,8 @@ class MoEConfig:
             perfect balance = 1) or ``"hf_compat"`` (transformers' Mixtral value, balance = K).
         z_loss_coef: ST-MoE router z-loss.  seq_aux_loss_coef: DeepSeek-V3 sequence-wise loss.
         bias_update_rate: gamma of the DeepSeek-V3 aux-loss-free bias update (token-choice routers).
+        router_entropy_coef: the dynamic loss of Huang et al. 2024, mean_t of the entropy of the router
+            distribution (it makes the router decisive, so ``top_p`` picks fewer experts).
 
     Capacity
         capacity_factor: None = dropless; a number gives each expert ceil(cf·T·K/E) slots in training.
@@ -209,6 +214,10 @@ class MoEConfig:
         num_shared_experts, shared_expert_hidden: experts every token uses (DeepSeekMoE); their hidden
             width defaults to ``expert_hidden``. shared_expert_gate: scale them by sigmoid(x·w)
             (Qwen2-MoE).  dense_hidden: a dense FFN in parallel with the MoE (Arctic), 0 = none.
+        num_null_experts: m zero-computation experts routed like the others (AdaMoE, Zeng et al. 2024;
+            LongCat-Flash): the router scores E + m experts, the balance losses count all of them, and an
+            assignment to one costs no FLOPs and no dispatch. null_expert: what one returns, ``"zero"``
+            (AdaMoE) or ``"identity"`` (the token itself, weighted: LongCat-Flash).
         How the experts run (the expert backend) is a run-time choice, not part of the config:
         :mod:`moekit.moe.backends`. Saved configs that still carry ``expert_impl`` load (it is dropped).
     """
@@ -241,6 +250,10 @@ class MoEConfig:
     shared_expert_gate: bool = False
     dense_hidden: int = 0
     init_std: float = 0.02
+    top_p_threshold: float = 0.4
+    router_entropy_coef: float = 0.0
+    num_null_experts: int = 0
+    null_expert: str = "zero"
 
     def __post_init__(self) -> None:
         check_field_types(self)
@@ -329,11 +342,37 @@ class MoEConfig:
             raise bad(MOE, "shared_expert_gate", True, "a shared-expert gate needs num_shared_experts >= 1")
         check_int(MOE, "dense_hidden", self.dense_hidden, 0)
         check_float(MOE, "init_std", self.init_std, above=True)
+        self._check_routing_options()
+
+    def _check_routing_options(self) -> None:
+        """The fields of threshold routing, the entropy loss and the null experts."""
+        check_float(MOE, "top_p_threshold", self.top_p_threshold, 0, 1, above=True,
+                    note="the probability mass a token's experts must reach")
+        check_float(MOE, "router_entropy_coef", self.router_entropy_coef, note="0 = off")
+        check_int(MOE, "num_null_experts", self.num_null_experts, 0)
+        check_choice(MOE, "null_expert", self.null_expert, NULL_EXPERT_OUTPUTS)
+        if self.router == "top_p":
+            for name, off in (("n_group", 1), ("bias_update_rate", 0.0), ("seq_aux_loss_coef", 0.0)):
+                if getattr(self, name) != off:
+                    raise bad(MOE, name, getattr(self, name), f"router='top_p' selects by cumulative probability; "
+                              f"{name} must be {off!r} with it")
+        if self.num_null_experts:
+            if self.router not in ("softmax_topk", "sigmoid", "top_p"):
+                raise bad(MOE, "num_null_experts", self.num_null_experts,
+                          f"null experts need router 'softmax_topk', 'sigmoid' or 'top_p', not {self.router!r}")
+            if self.n_group > 1:
+                raise bad(MOE, "num_null_experts", self.num_null_experts,
+                          "null experts belong to no expert group: use n_group=1 with them")
 
     # ---- derived -----------------------------------------------------------------------------
     @property
     def is_token_choice(self) -> bool:
         return self.router in TOKEN_CHOICE_ROUTERS
+
+    @property
+    def num_routed(self) -> int:
+        """Experts the router scores: the E computed ones, then the null ones (ids E .. E+m-1)."""
+        return self.num_experts + self.num_null_experts
 
     @property
     def gated(self) -> bool:
@@ -345,14 +384,15 @@ class MoEConfig:
         return self.num_shared_experts * (self.shared_expert_hidden or self.expert_hidden)
 
     def capacity(self, num_tokens: int, training: bool) -> int | None:
-        """Slots per expert: ceil(cf · T · K / E), at most T; None when dropless."""
+        """Slots per expert: ceil(cf · T · K / (E + m)), at most T; None when dropless. With m null
+        experts a balanced router gives each of the E + m experts T·K/(E + m) assignments."""
         cf = self.capacity_factor
         if not training and self.eval_capacity_factor != "same":
             cf = self.eval_capacity_factor
         if cf is None:
             return None
         # exact rational arithmetic: float error would make ceil(1.1 · 100 / 11) = 11
-        slots = math.ceil(Fraction(str(cf)) * num_tokens * self.top_k / self.num_experts)
+        slots = math.ceil(Fraction(str(cf)) * num_tokens * self.top_k / self.num_routed)
         return min(num_tokens, max(1, slots))
 
     def fine_grained(self, m: int) -> "MoEConfig":

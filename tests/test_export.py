@@ -121,6 +121,16 @@ PERTURBATIONS = [
                                                            num_shared_experts=c.moe.num_shared_experts or 1)(c)),
     ("MoEConfig.dense_hidden", "16", moe(dense_hidden=16)),
     ("MoEConfig.init_std", "0.05", moe(init_std=0.05)),
+    ("MoEConfig.router", "top_p", moe(router="top_p", n_group=1, topk_group=1, bias_update_rate=0.0,
+                                      seq_aux_loss_coef=0.0)),
+    ("MoEConfig.top_p_threshold", "0.6", moe(top_p_threshold=0.6)),
+    ("MoEConfig.top_p_threshold", "top_p", moe(router="top_p", top_p_threshold=0.6, n_group=1, topk_group=1,
+                                               bias_update_rate=0.0, seq_aux_loss_coef=0.0), "MoEConfig.router"),
+    ("MoEConfig.router_entropy_coef", "1e-4", moe(router_entropy_coef=1e-4)),
+    ("MoEConfig.num_null_experts", "2", moe(num_null_experts=2)),
+    ("MoEConfig.null_expert", "identity", moe(null_expert="identity")),
+    ("MoEConfig.null_expert", "identity-null", moe(null_expert="identity", num_null_experts=1),
+     "MoEConfig.num_null_experts"),
     ("ModelConfig.vocab_size", "80", model(vocab_size=80)),
     ("ModelConfig.d_model", "48", lambda c: c.replace(d_model=48, head_dim=None, moe=c.moe.replace(d_model=48))),
     ("ModelConfig.n_layers", "+1", lambda c: model(n_layers=c.n_layers + 1)(c)),
@@ -208,7 +218,7 @@ def _randomised(cfg: ModelConfig, seed: int = 0) -> moekit.MoETransformer:
         if cfg.moe is not None and cfg.moe.router == "sigmoid":
             for layer in m.layers:
                 if hasattr(layer.ffn, "router"):
-                    layer.ffn.router.expert_bias.copy_(torch.randn(cfg.moe.num_experts) * 0.3)
+                    layer.ffn.router.expert_bias.copy_(torch.randn(cfg.moe.num_routed) * 0.3)
     return m
 
 

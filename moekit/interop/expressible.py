@@ -83,6 +83,16 @@ def _same_attention_scale(a: ModelConfig, b: ModelConfig) -> bool:
     return a.attention == b.attention == "gqa" and math.isclose(scale(a), scale(b), rel_tol=1e-12)
 
 
+def _no_top_p(a: ModelConfig, b: ModelConfig) -> bool:
+    """The threshold acts only in router='top_p'."""
+    return "top_p" not in (a.moe.router, b.moe.router)
+
+
+def _no_null_experts(a: ModelConfig, b: ModelConfig) -> bool:
+    """What a null expert returns matters only where there are null experts."""
+    return a.moe.num_null_experts == b.moe.num_null_experts == 0
+
+
 # Fields whose value may differ from what the family reads back, and when that is harmless. Every
 # other field is part of the forward and must read back equal.
 MODEL_FIELDS: dict[str, Harmless] = {
@@ -99,7 +109,9 @@ MODEL_FIELDS: dict[str, Harmless] = {
 }
 MOE_FIELDS: dict[str, Harmless] = {
     **{f: _always for f in ("aux_loss_coef", "lb_convention", "z_loss_coef", "seq_aux_loss_coef", "bias_update_rate",
-                            "router_jitter", "init_std")},
+                            "router_jitter", "init_std", "router_entropy_coef")},
+    "top_p_threshold": _no_top_p,
+    "null_expert": _no_null_experts,
     **{f: _dropless_in_eval for f in ("capacity_factor", "eval_capacity_factor", "drop_policy")},
     "softmax_order": _renormalised_by_sum,
     "num_shared_experts": _same_shared_width,
@@ -118,6 +130,7 @@ _REASONS = {
     "routed_scaling_factor": "{arch} does not scale the routed weights (only DeepSeek-V3 has routed_scaling_factor)",
     "router": "{arch} routes with router={back!r}",
     "moe": "{arch} is a Mixture-of-Experts family",
+    "num_null_experts": "{arch} has no zero-computation (null) experts: every routed expert is an MLP",
     **{f: "written and read back, the MoE layers are {back_layers}, not {mine_layers}: {arch} cannot spell this "
           "layout" for f in ("moe_layers", "moe_every", "first_k_dense")},
 }

@@ -4,8 +4,9 @@ Legend: T tokens, E experts, K experts per token, N = number of assignments (T·
 E·C for expert choice), C slots per expert.
 
 The plan lists every (token, expert, weight) assignment sorted by expert, kept ones first: expert
-e's kept assignments are rows ``offsets[e-1]:offsets[e]`` and the dropped ones (capacity overflow)
-follow after ``offsets[-1]``. Experts then run on contiguous slices (a grouped GEMM); nothing of
+e's kept assignments are rows ``offsets[e-1]:offsets[e]`` and the rest follow after ``offsets[-1]``:
+the dropped ones (capacity overflow), the choices of null experts (ids >= E: nothing to compute) and
+the slots a variable-k router left unused (``active_TK`` False; no assignment at all). Experts then run on contiguous slices (a grouped GEMM); nothing of
 shape [T, E, C] is ever built.
 """
 
@@ -20,8 +21,8 @@ import torch
 class DispatchPlan:
     token_ids_N: torch.Tensor  # int64, the token of each assignment, sorted by expert (kept first)
     weights_N: torch.Tensor  # fp32 combine weight of each assignment (carries the router's gradient)
-    counts_E: torch.Tensor  # int64 kept assignments per expert
-    routed_E: torch.Tensor  # int64 assignments per expert before capacity dropping
+    counts_E: torch.Tensor  # int64 kept assignments per computed expert [E]
+    routed_E: torch.Tensor  # int64 assignments per expert before capacity dropping [E + null experts]
     num_tokens: int
     # token choice only: position of assignment (t, k) in the sorted order, for a gather-based combine
     order_N: torch.Tensor | None = None
@@ -37,34 +38,53 @@ class DispatchPlan:
 
 def plan_token_choice(expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor, num_experts: int,
                       capacity: int | None = None, priority_TK: torch.Tensor | None = None,
-                      drop_policy: str = "position") -> DispatchPlan:
+                      drop_policy: str = "position", active_TK: torch.Tensor | None = None,
+                      num_null_experts: int = 0) -> DispatchPlan:
     """Groups the T·K assignments by expert and drops those beyond ``capacity`` per expert.
 
     Within an expert, assignments keep token order (a stable sort of the flat index t·K + k), so the
     ``position`` policy keeps the earliest tokens (Switch, GShard). The ``score`` policy keeps those
     with the highest ``priority_TK`` (router probability of that choice): a per-assignment variant of
     V-MoE's batch-priority routing (which ranks whole tokens and fills first choices first).
+    ``active_TK`` (bool): only the slots it marks are assignments (a variable number of experts per
+    token, e.g. top-p routing); the others count nowhere. Ids ``num_experts .. num_experts +
+    num_null_experts - 1`` are null experts: counted in ``routed_E``, never computed nor dropped.
     """
     T, K = expert_ids_TK.shape
+    E = num_experts
     flat_expert_N = expert_ids_TK.reshape(-1)
     flat_weight_N = weights_TK.reshape(-1)
-    routed_E = torch.bincount(flat_expert_N, minlength=num_experts)
+    if active_TK is None:
+        routed_E = torch.bincount(flat_expert_N, minlength=E + num_null_experts)
+    else:  # (index_add_, not boolean indexing: no host sync)
+        routed_E = torch.zeros(E + num_null_experts, dtype=torch.long, device=flat_expert_N.device)
+        routed_E.index_add_(0, flat_expert_N, active_TK.reshape(-1).long())
+    # The sort key: the expert for an assignment the experts compute, E (behind all of them) otherwise.
+    key_N = flat_expert_N
+    if active_TK is not None or num_null_experts:
+        computed_N = flat_expert_N < E
+        if active_TK is not None:
+            computed_N = computed_N & active_TK.reshape(-1)
+        key_N = torch.where(computed_N, flat_expert_N, E)
+    routed_here_E = routed_E[:E]  # assignments of the computed experts
 
     if capacity is not None and drop_policy == "score":
         # Two stable sorts: by descending priority, then by expert -> priority order within experts.
         by_priority_N = torch.argsort(priority_TK.reshape(-1).detach(), descending=True, stable=True)
-        order_N = by_priority_N[torch.argsort(flat_expert_N[by_priority_N], stable=True)]
+        order_N = by_priority_N[torch.argsort(key_N[by_priority_N], stable=True)]
     else:
-        order_N = torch.argsort(flat_expert_N, stable=True)
+        order_N = torch.argsort(key_N, stable=True)
 
     if capacity is None:
-        counts_E = routed_E
+        counts_E = routed_here_E
     else:
-        sorted_expert_N = flat_expert_N[order_N]
-        starts_E = routed_E.cumsum(0) - routed_E
-        rank_N = torch.arange(T * K, device=expert_ids_TK.device) - starts_E[sorted_expert_N]
-        kept_N = rank_N < capacity
-        counts_E = routed_E.clamp(max=capacity)
+        sorted_key_N = key_N[order_N]
+        # rank of each assignment inside its expert's run (the rows behind every expert: no capacity)
+        bucket_B = torch.cat([routed_here_E, (T * K - routed_here_E.sum()).view(1)])
+        starts_B = bucket_B.cumsum(0) - bucket_B
+        rank_N = torch.arange(T * K, device=expert_ids_TK.device) - starts_B[sorted_key_N]
+        kept_N = (rank_N < capacity) & (sorted_key_N < E)
+        counts_E = routed_here_E.clamp(max=capacity)
         # Move the dropped assignments behind every kept one; the sort is stable so the kept order
         # (and the dropped one) is preserved.
         order_N = order_N[torch.argsort((~kept_N).to(torch.int8), stable=True)]

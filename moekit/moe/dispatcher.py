@@ -60,7 +60,7 @@ class LocalDispatcher(TokenDispatcher):
     def plan(self, r: RouterOutput, cfg: MoEConfig, training: bool) -> DispatchPlan:
         capacity = cfg.capacity(r.expert_ids_TK.shape[0], training)
         return plan_token_choice(r.expert_ids_TK, r.weights_TK, cfg.num_experts, capacity, r.priority_TK,
-                                 cfg.drop_policy)
+                                 cfg.drop_policy, r.active_TK, cfg.num_null_experts)
 
     def run(self, experts: nn.Module, x_TD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         return experts(x_TD, plan)

@@ -22,7 +22,7 @@ from moekit.config import MoEConfig
 from moekit.moe.dispatch import DispatchPlan, plan_expert_choice
 from moekit.moe.dispatcher import LocalDispatcher, TokenDispatcher
 from moekit.moe.experts import Experts, gather_experts
-from moekit.moe.losses import load_balancing_loss, router_z_loss, sequence_balance_loss
+from moekit.moe.losses import load_balancing_loss, router_entropy_loss, router_z_loss, sequence_balance_loss
 from moekit.moe.routers import ExpertChoiceRouter, RouterOutput, build_router
 from moekit.nn.initialize import init_weights
 from moekit.nn.mlp import MLP
@@ -39,6 +39,10 @@ class RoutingStats:
     dropped_fraction: torch.Tensor  # () dropped assignments / all assignments (expert choice: tokens)
     router_entropy: torch.Tensor  # () mean over tokens of the entropy of the router distribution (nats)
     max_load_ratio: torch.Tensor  # () max / mean of tokens_per_expert (1 = perfect balance)
+    # compute per token: experts actually computed for a token (null experts and dropped assignments
+    # excluded), its mean over tokens and the histogram of tokens over 0, 1, ..., max (K; E for expert choice)
+    experts_per_token: torch.Tensor  # ()
+    experts_per_token_hist: torch.Tensor  # [max + 1] tokens
 
     def to_dict(self) -> dict[str, float | list[float]]:
         return {k: (v.tolist() if v.dim() else v.item()) for k, v in self.__dict__.items()}
@@ -77,7 +81,21 @@ class MoELayer(nn.Module):
         # where the experts live (a plain attribute, no state): moekit.dist.ep.shard_experts installs
         # the expert-parallel all-to-all one
         self.dispatcher: TokenDispatcher = LocalDispatcher()
+        self.routing_replay = None  # a moekit.moe.replay.RoutingReplay while one records or replays
         self.reset_parameters()
+
+    def __setattr__(self, name, value):
+        # NOTE: the expert-parallel dispatcher plans every slot of every token as an assignment of a
+        # computed expert; the options that break that are refused when it is installed.
+        if name == "dispatcher" and not isinstance(value, LocalDispatcher) and "cfg" in self.__dict__:
+            cfg = self.cfg
+            for field_name, value_now, off in (("router", cfg.router, "a fixed top-k router"),
+                                               ("num_null_experts", cfg.num_null_experts, "0")):
+                if (field_name == "router" and value_now == "top_p") or (field_name != "router" and value_now):
+                    raise ValueError(f"MoEConfig.{field_name}={value_now!r} is not supported under expert "
+                                     f"parallelism (a variable number of computed experts per token); use {off} "
+                                     f"or --ep 1")
+        super().__setattr__(name, value)
 
     @property
     def ep(self):
@@ -102,7 +120,14 @@ class MoELayer(nn.Module):
         if isinstance(self.router, ExpertChoiceRouter):  # each expert picks among this batch's tokens
             r = self.router(x_TD, cfg.capacity(T, self.training))
             return r, plan_expert_choice(r.token_ids_EC, r.weights_EC, T)
-        r = self.router(x_TD, topk=self.experts.topk_for(x_TD))  # (the expert backend's top-k)
+        replay = self.routing_replay
+        self.router.forced = None if replay is None else replay.forced(self)
+        try:
+            r = self.router(x_TD, topk=self.experts.topk_for(x_TD))  # (the expert backend's top-k)
+        finally:
+            self.router.forced = None
+        if replay is not None:
+            replay.observe(self, r)
         plan = self.dispatcher.plan(r, cfg, self.training)  # capacity: over the batch the experts see
         if self.training and cfg.bias_update_rate > 0:
             self.router.record_load(r.expert_ids_TK)
@@ -147,7 +172,7 @@ class MoELayer(nn.Module):
         res = self._run(x, x_TD if rows_R is None else x_TD.index_select(0, rows_R), mask, rows_R)
         out_TD = res.output
         if rows_R is not None:  # scatter the real rows back among the padding (zero routed output)
-            T, E = x_TD.shape[0], cfg.num_experts
+            T, E = x_TD.shape[0], cfg.num_routed
             out_TD = out_TD.new_zeros(T, cfg.d_model).index_copy(0, rows_R, out_TD)
             res.router_logits = res.router_logits.new_zeros(T, E).index_copy(0, rows_R, res.router_logits)
         res.output = self._residual_experts(x_TD, out_TD).view(x.shape).to(x.dtype)
@@ -159,20 +184,31 @@ class MoELayer(nn.Module):
         input) and runs their experts; the output is the routed experts' alone, [R, D]."""
         r, plan = self.route(x_RD)
         out_RD = self.dispatcher.run(self.experts, x_RD, plan)
+        if self.cfg.num_null_experts and self.cfg.null_expert == "identity":
+            out_RD = out_RD + self._identity_experts(x_RD, r)
         aux_loss, terms = self._aux_losses(x, r, plan, mask, rows_R)
         return MoEOutput(out_RD, aux_loss, self._stats(r, plan), terms, r.logits_TE)
+
+    def _identity_experts(self, x_RD: torch.Tensor, r: RouterOutput) -> torch.Tensor:
+        """LongCat-Flash's zero-computation experts: a token's null choices return the token, weighted."""
+        null_TK = r.expert_ids_TK >= self.cfg.num_experts
+        if r.active_TK is not None:
+            null_TK = null_TK & r.active_TK
+        w_T = (r.weights_TK * null_TK).sum(dim=-1, keepdim=True)
+        return w_T.to(x_RD.dtype) * x_RD
 
     def _all_padding(self, x: torch.Tensor, x_TD: torch.Tensor) -> MoEOutput:
         res = self._empty(x)
         res.output = self._residual_experts(x_TD, torch.zeros_like(x_TD)).view(x.shape).to(x.dtype)
-        res.router_logits = x_TD.new_zeros(x_TD.shape[0], self.cfg.num_experts, dtype=torch.float32)
+        res.router_logits = x_TD.new_zeros(x_TD.shape[0], self.cfg.num_routed, dtype=torch.float32)
         return res
 
     def _decoding(self, x_TD: torch.Tensor) -> bool:
         """Inside the compiled decode step (:func:`moekit.moe.backends.gather_decoding`) the loop path's
         host sync cannot run: a dropless token-choice layer holding all its experts may take the gather
         backend there, when the chooser picks it."""
-        return (self.experts.decoding and self.dispatcher.holds_all_experts
+        return (self.experts.decoding and self.dispatcher.holds_all_experts and self.routing_replay is None
+                and self.cfg.num_null_experts == 0
                 and not isinstance(self.router, ExpertChoiceRouter) and self.cfg.capacity(1, self.training) is None
                 and self.experts.backend_for(x_TD, decode_step=True) == "gather")
 
@@ -195,14 +231,17 @@ class MoELayer(nn.Module):
         total = r.logits_TE.new_zeros(())
         if cfg.aux_loss_coef > 0:
             terms["load_balancing"] = load_balancing_loss(r.probs_TE, plan.routed_E, cfg.top_k, cfg.lb_convention,
-                                                          self.dispatcher.batch_sums)
+                                                          self.dispatcher.batch_sums, variable_k=cfg.router == "top_p")
             total = total + cfg.aux_loss_coef * terms["load_balancing"]
         if cfg.z_loss_coef > 0:
             terms["z_loss"] = router_z_loss(r.logits_TE)
             total = total + cfg.z_loss_coef * terms["z_loss"]
+        if cfg.router_entropy_coef > 0:
+            terms["router_entropy"] = router_entropy_loss(r.probs_TE)
+            total = total + cfg.router_entropy_coef * terms["router_entropy"]
         if cfg.seq_aux_loss_coef > 0:
             S = x.shape[-2] if x.dim() >= 3 else x.numel() // cfg.d_model
-            E, K = cfg.num_experts, cfg.top_k
+            E, K = cfg.num_routed, cfg.top_k
             probs_TE, expert_ids_TK, mask_BS = r.probs_TE, r.expert_ids_TK, None
             if rows_R is not None:  # back to [B, S] sequences, the padding masked out
                 T = seq_mask.numel()
@@ -221,29 +260,41 @@ class MoELayer(nn.Module):
         if plan.order_N is not None:
             K = N // T
             kept_N = torch.arange(N, device=kept_E.device) < kept_E.sum()
-            kept_TK = torch.empty_like(kept_N)
-            kept_TK[plan.order_N] = kept_N
-            dropped_tokens = (~kept_TK.view(T, K).any(dim=1)).sum()
-            dropped_assign = plan.routed_E.sum() - kept_E.sum()
-            dropped_fraction = dropped_assign.float() / N
+            computed_TK = torch.empty_like(kept_N)
+            computed_TK[plan.order_N] = kept_N
+            computed_TK = computed_TK.view(T, K)
+            served_TK = computed_TK  # a token whose assignments were all dropped is carried by the residual
+            if self.cfg.num_null_experts:  # a null choice is served (it costs nothing), never dropped
+                null_TK = r.expert_ids_TK >= self.cfg.num_experts
+                served_TK = computed_TK | (null_TK if r.active_TK is None else null_TK & r.active_TK)
+            dropped_tokens = (~served_TK.any(dim=1)).sum()
+            dropped_assign = plan.routed_E[:self.cfg.num_experts].sum() - kept_E.sum()
+            dropped_fraction = dropped_assign.float() / (N if r.active_TK is None else plan.routed_E.sum().clamp_min(1))
+            per_token_T, most = computed_TK.sum(dim=1), K
         else:  # expert choice: a token no expert picked is dropped
             picked_T = torch.zeros(T, dtype=torch.bool, device=kept_E.device)
             picked_T[plan.token_ids_N] = True
             dropped_tokens = (~picked_T).sum()
             dropped_assign = torch.zeros((), dtype=torch.long, device=kept_E.device)
             dropped_fraction = dropped_tokens.float() / T
+            per_token_T, most = torch.bincount(plan.token_ids_N, minlength=T), self.cfg.num_experts
         p_TE = r.probs_TE.float()
         entropy = -(p_TE * torch.log(p_TE.clamp_min(1e-30))).sum(dim=-1).mean()
         load_E = kept_E.float()
         return RoutingStats(kept_E, plan.routed_E, dropped_assign, dropped_tokens, dropped_fraction, entropy,
-                            load_E.max() / load_E.mean().clamp_min(1e-30))
+                            load_E.max() / load_E.mean().clamp_min(1e-30), per_token_T.float().mean(),
+                            torch.bincount(per_token_T, minlength=most + 1))
 
     def _empty(self, x: torch.Tensor) -> MoEOutput:
-        E = self.cfg.num_experts
+        cfg = self.cfg
+        E = cfg.num_experts
         zero_E = torch.zeros(E, dtype=torch.long, device=x.device)
         zero = torch.zeros((), device=x.device)
-        stats = RoutingStats(zero_E, zero_E.clone(), zero.long(), zero.long(), zero, zero, zero)
-        return MoEOutput(torch.zeros_like(x), zero.clone(), stats, {}, x.new_zeros(0, E, dtype=torch.float32))
+        most = cfg.top_k if cfg.is_token_choice else E
+        stats = RoutingStats(zero_E, torch.zeros(cfg.num_routed, dtype=torch.long, device=x.device), zero.long(),
+                             zero.long(), zero, zero, zero, zero.clone(),
+                             torch.zeros(most + 1, dtype=torch.long, device=x.device))
+        return MoEOutput(torch.zeros_like(x), zero.clone(), stats, {}, x.new_zeros(0, cfg.num_routed, dtype=torch.float32))
 
     # ---- balancing ---------------------------------------------------------------------------
     @torch.no_grad()

@@ -15,7 +15,7 @@ def _fp32(t: torch.Tensor) -> torch.Tensor:
 
 
 def load_balancing_loss(probs_TE: torch.Tensor, routed_E: torch.Tensor, top_k: int,
-                        convention: str = "standard", batch_sums=None) -> torch.Tensor:
+                        convention: str = "standard", batch_sums=None, variable_k: bool = False) -> torch.Tensor:
     """L = E · Σ_i f_i · P_i  (Shazeer et al. 2017; Switch, Fedus et al. 2021 eq. 4-6; GShard).
 
     P_i = mean_t p_{t,i} (differentiable); f_i = c_i / (T·K) with c_i the assignments routed to
@@ -26,12 +26,15 @@ def load_balancing_loss(probs_TE: torch.Tensor, routed_E: torch.Tensor, top_k: i
     concatenates all layers' tokens before the formula; per layer the two agree.
     ``batch_sums(Σ_t p_t, routed_E, T)``: returns the batch-wide ones when the batch is spread over
     processes (the layer passes its dispatcher's :meth:`~moekit.moe.dispatcher.TokenDispatcher.batch_sums`).
+    ``variable_k`` (top-p routing, a varying number of experts per token): the standard f_i divides by
+    the assignments made, Σ_j c_j, in place of T·K, so balance still gives 1. With null experts E
+    counts them too: they are balanced like the others (AdaMoE).
     """
     T, E = probs_TE.shape
     sum_E = _fp32(probs_TE).sum(dim=0)
     if batch_sums is not None:
         sum_E, routed_E, T = batch_sums(sum_E, routed_E, T)
-    denom = T if convention == "hf_compat" else T * top_k
+    denom = T if convention == "hf_compat" else (routed_E.sum().clamp_min(1) if variable_k else T * top_k)
     P_E = sum_E / T
     f_E = routed_E.to(P_E.dtype) / denom
     return E * torch.sum(f_E * P_E)
@@ -40,6 +43,14 @@ def load_balancing_loss(probs_TE: torch.Tensor, routed_E: torch.Tensor, top_k: i
 def router_z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
     """ST-MoE router z-loss (Zoph et al. 2022 eq. 5): mean_t (logsumexp_j z_{t,j})²."""
     return torch.logsumexp(_fp32(logits_TE), dim=-1).square().mean()
+
+
+def router_entropy_loss(probs_TE: torch.Tensor) -> torch.Tensor:
+    """The dynamic loss of top-p routing (Huang et al. 2024 eq. 7): L_d = mean_t -Σ_i P_{t,i} log P_{t,i},
+    the entropy of the router distribution (nats). Minimising it sharpens the distribution, so fewer
+    experts reach the threshold: without it the router could spread P to activate many experts."""
+    p_TE = _fp32(probs_TE)
+    return -(p_TE * torch.log(p_TE.clamp_min(1e-30))).sum(dim=-1).mean()
 
 
 def sequence_balance_loss(probs_BSE: torch.Tensor, expert_ids_BSK: torch.Tensor,

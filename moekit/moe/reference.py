@@ -7,13 +7,16 @@ a matrix-vector product per assignment, and each loss is written out from its pa
 Random draws (Switch jitter, noisy-gating noise) are made with the same calls in the same order as
 the fast path, so a test that seeds both gets the same noise. A token mask leaves the masked-out
 tokens (padding) out of everything but the shared and dense experts: the rest is computed over the
-list of real tokens, as if the padding had never been there.
+list of real tokens, as if the padding had never been there. Top-p routing walks each token's sorted
+probabilities until their sum reaches the threshold; null experts are routed and counted like the
+others but never enter an expert queue (no capacity, no computation; ``identity`` adds w·x).
+A router's ``forced`` choice (routing replay) replaces the selection, weights still from the scores.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +35,7 @@ class ReferenceOutput:
     dropped_assignments: int
     dropped_tokens: int
     assignments: list[tuple[int, int]]  # kept (token, expert) pairs (token: index into the flattened input)
+    experts_per_token: list[int] = field(default_factory=list)  # experts computed per routed token
 
 
 def _mlp(x_D, w_in_HD, w_out_DF, b_in, b_out, act):
@@ -48,7 +52,7 @@ def _top(values: list[float], k: int) -> list[int]:
 
 
 def _choose(cfg: MoEConfig, sel: list[float]) -> list[int]:
-    E = cfg.num_experts
+    E = len(sel)
     allowed = list(range(E))
     if cfg.n_group > 1:
         size = E // cfg.n_group
@@ -68,6 +72,7 @@ def reference_forward(layer, x: torch.Tensor, mask: torch.Tensor | None = None) 
     cfg: MoEConfig = layer.cfg
     router, experts = layer.router, layer.experts
     E, K, D = cfg.num_experts, cfg.top_k, cfg.d_model
+    E_r = cfg.num_routed  # scored experts: E computed ones, then the null ones
     x_all = x.reshape(-1, D)
     # The routed tokens: every one, or the real ones. Below, t indexes them; rows[t] is the input row.
     rows = list(range(x_all.shape[0])) if mask is None else mask.reshape(-1).nonzero().flatten().tolist()
@@ -89,7 +94,8 @@ def reference_forward(layer, x: torch.Tensor, mask: torch.Tensor | None = None) 
     # Per-token scores: probabilities (softmax) or sigmoid scores.
     probs = []  # the distribution the balance losses average (list of [E] tensors)
     routes = []  # per token: list of (expert, weight tensor, priority float)
-    bias = router.expert_bias.tolist() if hasattr(router, "expert_bias") else [0.0] * E
+    bias = router.expert_bias.tolist() if hasattr(router, "expert_bias") else [0.0] * E_r
+    forced = router.forced
     for t in range(T):
         z = sel_logits[t]
         ez = torch.exp(z - z.max())
@@ -105,15 +111,27 @@ def reference_forward(layer, x: torch.Tensor, mask: torch.Tensor | None = None) 
             routes.append([(e, s[e] * cfg.routed_scaling_factor, float(s[e].detach())) for e in range(E)])
             continue
         sel_values = z.tolist() if cfg.router == "noisy_topk" else (s.detach() + 0).tolist()
-        chosen = _choose(cfg, [sel_values[e] + bias[e] for e in range(E)])
+        if forced is not None:
+            chosen = forced.expert_ids_TK[t].tolist()
+            if forced.active_TK is not None:
+                chosen = [e for e, on in zip(chosen, forced.active_TK[t].tolist()) if on]
+        elif cfg.router == "top_p":  # the most probable experts until their mass reaches p, at most K
+            chosen, mass = [], 0.0
+            for e in _top(sel_values, K):
+                if mass >= cfg.top_p_threshold:
+                    break
+                chosen.append(e)
+                mass += sel_values[e]
+        else:
+            chosen = _choose(cfg, [sel_values[e] + bias[e] for e in range(E_r)])
         if cfg.router == "noisy_topk":
             ek = torch.stack([torch.exp(z[e] - z.max()) for e in chosen])
-            w = [ek[i] / ek.sum() for i in range(K)]
+            w = [ek[i] / ek.sum() for i in range(len(chosen))]
         elif cfg.router == "switch":
             w = [s[chosen[0]]]
         elif cfg.softmax_order == "after":
             ek = torch.stack([torch.exp(z[e] - z.max()) for e in chosen])
-            w = [ek[i] / ek.sum() for i in range(K)]
+            w = [ek[i] / ek.sum() for i in range(len(chosen))]
         else:
             w = [s[e] for e in chosen]
             if cfg.normalize_weights:
@@ -132,13 +150,13 @@ def reference_forward(layer, x: torch.Tensor, mask: torch.Tensor | None = None) 
         routed = [C] * E
     else:
         capacity = cfg.capacity(T, layer.training)
-        queues: list[list] = [[] for _ in range(E)]
+        queues: list[list] = [[] for _ in range(E_r)]
         for t in range(T):
             for e, w, prio in routes[t]:
                 queues[e].append((t, e, w, prio))
         routed = [len(q) for q in queues]
         kept = []
-        for q in queues:
+        for q in queues[:E]:  # null experts' queues: no capacity, nothing to compute
             if capacity is not None and cfg.drop_policy == "score":
                 q = sorted(q, key=lambda a: -a[3])
             kept.extend((t, e, w) for t, e, w, _ in (q if capacity is None else q[:capacity]))
@@ -147,6 +165,11 @@ def reference_forward(layer, x: torch.Tensor, mask: torch.Tensor | None = None) 
     out = [x.new_zeros(D) for _ in range(x_all.shape[0])]  # every input row; padding gets no routed expert
     b_in = experts.b_in
     b_out = experts.b_out
+    if cfg.router != "expert_choice" and cfg.null_expert == "identity":
+        for t in range(T):
+            for e, w, _ in routes[t]:
+                if e >= E:
+                    out[rows[t]] = out[rows[t]] + w.to(x.dtype) * x_TD[t]
     for t, e, w in kept:
         y = _mlp(x_TD[t], experts.w_in[e], experts.w_out[e], None if b_in is None else b_in[e],
                  None if b_out is None else b_out[e], cfg.activation)
@@ -168,11 +191,13 @@ def reference_forward(layer, x: torch.Tensor, mask: torch.Tensor | None = None) 
     # Auxiliary losses, from their formulas.
     terms: dict[str, torch.Tensor] = {}  # none when no token is routed (the fast path's empty result)
     if T and cfg.aux_loss_coef > 0:
-        denom = T if cfg.lb_convention == "hf_compat" else T * K
-        P = [sum(probs[t][e] for t in range(T)) / T for e in range(E)]
-        terms["load_balancing"] = E * sum((routed[e] / denom) * P[e] for e in range(E))
+        denom = T if cfg.lb_convention == "hf_compat" else (sum(routed) if cfg.router == "top_p" else T * K)
+        P = [sum(probs[t][e] for t in range(T)) / T for e in range(E_r)]
+        terms["load_balancing"] = E_r * sum((routed[e] / denom) * P[e] for e in range(E_r))
     if T and cfg.z_loss_coef > 0:
         terms["z_loss"] = sum(torch.log(torch.exp(logits[t]).sum()) ** 2 for t in range(T)) / T
+    if T and cfg.router_entropy_coef > 0:
+        terms["router_entropy"] = sum(-sum(p * torch.log(p) for p in probs[t]) for t in range(T)) / T
     if T and cfg.seq_aux_loss_coef > 0:
         S_in = x.shape[-2] if x.dim() >= 3 else x_all.shape[0]
         per_seq = []
@@ -182,18 +207,21 @@ def reference_forward(layer, x: torch.Tensor, mask: torch.Tensor | None = None) 
             if S == 0:
                 continue
             loss_b = 0
-            for e in range(E):
+            for e in range(E_r):
                 hits = sum(1 for t in toks for ee, _, _ in routes[t] if ee == e)
-                f = E / (K * S) * hits
+                f = E_r / (K * S) * hits
                 P = sum(probs[t][e] for t in toks) / S
                 loss_b = loss_b + f * P
             per_seq.append(loss_b)
         terms["seq_balance"] = sum(per_seq) / len(per_seq)
-    coefs = {"load_balancing": cfg.aux_loss_coef, "z_loss": cfg.z_loss_coef, "seq_balance": cfg.seq_aux_loss_coef}
+    coefs = {"load_balancing": cfg.aux_loss_coef, "z_loss": cfg.z_loss_coef, "seq_balance": cfg.seq_aux_loss_coef,
+             "router_entropy": cfg.router_entropy_coef}
     aux = sum((coefs[k] * v for k, v in terms.items()), logits.new_zeros(()))
 
     kept_counts = [sum(1 for _, e, _ in kept if e == i) for i in range(E)]
-    kept_tokens = {t for t, _, _ in kept}
-    return ReferenceOutput(output, aux, terms, kept_counts, routed, sum(routed) - len(kept)
-                           if cfg.router != "expert_choice" else 0, T - len(kept_tokens),
-                           [(rows[t], e) for t, e, _ in kept])
+    served = {t for t, _, _ in kept}
+    if cfg.router != "expert_choice":  # a null choice serves its token (it is never dropped)
+        served |= {t for t in range(T) for e, _, _ in routes[t] if e >= E}
+    return ReferenceOutput(output, aux, terms, kept_counts, routed, sum(routed[:E]) - len(kept)
+                           if cfg.router != "expert_choice" else 0, T - len(served),
+                           [(rows[t], e) for t, e, _ in kept], [sum(1 for tt, _, _ in kept if tt == t) for t in range(T)])

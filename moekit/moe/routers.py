@@ -9,6 +9,12 @@ selection bias of DeepSeek-V3's aux-loss-free balancing (``expert_bias``, zeros 
 the load counted in training passes since the last update. They select with ``torch.topk`` unless the
 caller hands in another top-k (``forward(x, topk=...)``: the layer passes its expert backend's, e.g.
 the C++ one, which breaks ties to the lower index as the reference does).
+
+With ``num_null_experts`` m > 0 a router scores E + m experts (ids E .. E+m-1 are the null ones) and
+selects among all of them; the layer leaves the null choices out of the dispatch plan. The ``top_p``
+router chooses a variable number of experts: it fills K slots and marks the ones in use in
+``active_TK``. A router whose ``forced`` choice is set (routing replay, :mod:`moekit.moe.replay`)
+takes those expert ids instead of selecting and computes their weights from its current scores.
 """
 
 from __future__ import annotations
@@ -33,6 +39,15 @@ class RouterOutput:
     priority_TK: torch.Tensor | None = None  # token choice: unbiased score of each choice (score drop policy)
     token_ids_EC: torch.Tensor | None = None  # expert choice: chosen tokens per expert
     weights_EC: torch.Tensor | None = None  # expert choice: their combine weights (fp32)
+    active_TK: torch.Tensor | None = None  # token choice, bool: the slots in use (None: all; top_p leaves some out)
+
+
+@dataclass
+class ForcedChoice:
+    """Expert ids (and slots in use) a router takes instead of selecting its own (routing replay)."""
+
+    expert_ids_TK: torch.Tensor
+    active_TK: torch.Tensor | None = None
 
 
 def group_limited_mask(scores_TE: torch.Tensor, n_group: int, topk_group: int, group_score: str) -> torch.Tensor:
@@ -72,12 +87,13 @@ class Router(nn.Module):
     def __init__(self, cfg: MoEConfig):
         super().__init__()
         self.cfg = cfg
-        self.weight_ED = nn.Parameter(torch.empty(cfg.num_experts, cfg.d_model))
+        self.weight_ED = nn.Parameter(torch.empty(cfg.num_routed, cfg.d_model))  # E routed + m null experts
         if cfg.is_token_choice:
             # Aux-loss-free balancing (DeepSeek-V3 §2.1.2): selection-only bias and the load counted
             # in training forward passes since the last update.
-            self.register_buffer("expert_bias", torch.zeros(cfg.num_experts))
-            self.register_buffer("load_since_update", torch.zeros(cfg.num_experts))
+            self.register_buffer("expert_bias", torch.zeros(cfg.num_routed))
+            self.register_buffer("load_since_update", torch.zeros(cfg.num_routed))
+        self.forced: ForcedChoice | None = None  # set by the layer for one call (routing replay)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -108,6 +124,9 @@ class Router(nn.Module):
         Returns (expert_ids_TK, unbiased scores of the chosen experts): the bias picks, never weighs.
         """
         cfg = self.cfg
+        if self.forced is not None:
+            expert_ids_TK = self.forced_ids(scores_TE)
+            return expert_ids_TK, scores_TE.gather(1, expert_ids_TK)
         # The bias is zeros unless updated or loaded (DeepSeek-V3's e_score_correction_bias).
         select_TE = scores_TE + self.expert_bias
         if cfg.n_group > 1:
@@ -115,6 +134,16 @@ class Router(nn.Module):
             select_TE = select_TE.masked_fill(~mask_TE, float("-inf"))
         expert_ids_TK = (topk or topk_indices)(select_TE, cfg.top_k)
         return expert_ids_TK, scores_TE.gather(1, expert_ids_TK)
+
+    def forced_ids(self, scores_TE: torch.Tensor) -> torch.Tensor:
+        """The forced expert ids, checked against this call's tokens."""
+        ids_TK = self.forced.expert_ids_TK
+        T, E = scores_TE.shape
+        if ids_TK.dim() != 2 or ids_TK.shape[0] != T or ids_TK.shape[1] != self.cfg.top_k:
+            raise ValueError(f"routing replay: the recorded choice has shape {tuple(ids_TK.shape)}, but this call "
+                             f"routes {T} tokens to top_k={self.cfg.top_k} experts; replay needs the recorded "
+                             f"pass's inputs (same tokens, same padding) in the same order")
+        return ids_TK.to(scores_TE.device)
 
     def finish_weights(self, weights_TK: torch.Tensor) -> torch.Tensor:
         if self.cfg.normalize_weights and self.cfg.softmax_order == "before":
@@ -130,7 +159,7 @@ class Router(nn.Module):
     @torch.no_grad()
     def record_load(self, expert_ids_TK: torch.Tensor) -> None:
         """Counts a training pass's routed assignments per expert (for the bias update)."""
-        self.load_since_update += torch.bincount(expert_ids_TK.flatten(), minlength=self.cfg.num_experts)
+        self.load_since_update += torch.bincount(expert_ids_TK.flatten(), minlength=self.cfg.num_routed)
 
     @torch.no_grad()
     def update_bias(self, load_E: torch.Tensor | None = None) -> None:
@@ -224,6 +253,69 @@ class SigmoidRouter(Router):
         return RouterOutput(logits_TE, probs_TE, expert_ids_TK, self.finish_weights(chosen_TK), chosen_TK)
 
 
+class TopPRouter(Router):
+    """Top-p (threshold) routing (Huang et al. 2024, "Harder Tasks Need More Experts: Dynamic Routing
+    in MoE Models", eq. 3-5).
+
+    P = softmax(x·W_r); with the experts sorted by descending P (I_1, I_2, ...), token t takes
+    t_k = min{ k : Σ_{j<=k} P_{I_j} >= p } experts, p = ``top_p_threshold``, at most K = ``top_k``:
+    slot k is in use when the probability mass of the slots before it is below p, so the first always
+    is. The weights are the chosen P (the paper's form: ``normalize_weights=False``; with True they are
+    renormalised over the slots in use), times ``routed_scaling_factor``. The slots past a token's
+    t_k keep the next-ranked experts' ids, weight 0, ``active_TK`` False: no assignment. The paper
+    pairs it with the dynamic loss, the router entropy (``router_entropy_coef``, β = 1e-4 there).
+    """
+
+    def forward(self, x_TD: torch.Tensor, topk: TopK | None = None) -> RouterOutput:
+        logits_TE = self.logits(x_TD)
+        probs_TE = logits_TE.softmax(dim=-1)
+        if self.forced is not None:
+            expert_ids_TK = self.forced_ids(probs_TE)
+            active_TK = self.forced.active_TK
+            if active_TK is None:
+                active_TK = torch.ones_like(expert_ids_TK, dtype=torch.bool)
+            chosen_TK = probs_TE.gather(1, expert_ids_TK)
+        else:
+            expert_ids_TK = (topk or topk_indices)(probs_TE, self.cfg.top_k)
+            chosen_TK = probs_TE.gather(1, expert_ids_TK)
+            # mass of the slots before each one (exclusive cumulative sum); the selection takes no gradient
+            before_TK = chosen_TK.detach().cumsum(dim=-1) - chosen_TK.detach()
+            active_TK = before_TK < self.cfg.top_p_threshold
+        weights_TK = self.finish_weights(chosen_TK.masked_fill(~active_TK, 0.0))
+        return RouterOutput(logits_TE, probs_TE, expert_ids_TK, weights_TK, chosen_TK, active_TK=active_TK)
+
+
+class SparseMixerRouter(Router):
+    """PhiMoE's SparseMixer routing at inference (Liu et al. 2024, arXiv 2409.12136; transformers'
+    ``sparsemixer`` with ``training=False``), for K rounds (PhiMoE: K = 2).
+
+    Round k takes the best remaining logit m (the experts chosen before are out); experts whose logit
+    lies more than 2·``sparsemixer_eps`` below m, relative to max(|z_j|, m), are masked; the weight is
+    the chosen expert's softmax over the unmasked remaining logits.
+    NOTE: training runs the same deterministic choice with plain gradients through these weights;
+    PhiMoE's training-time Gumbel sampling and its Heun's-method gradient estimator are not reproduced.
+    """
+
+    def forward(self, x_TD: torch.Tensor, topk: TopK | None = None) -> RouterOutput:
+        logits_TE = self.logits(x_TD)
+        scores_TE = logits_TE
+        ids, weights = [], []
+        for _ in range(self.cfg.top_k):
+            with torch.no_grad():
+                best_T1, best_id_T1 = scores_TE.max(dim=-1, keepdim=True)
+                factor_TE = logits_TE.abs().clamp(min=best_T1)
+                masked_TE = (best_T1 - logits_TE) / factor_TE > 2 * self.cfg.sparsemixer_eps
+            if self.forced is not None:
+                best_id_T1 = self.forced_ids(logits_TE)[:, len(ids), None]
+            gates_TE = scores_TE.masked_fill(masked_TE, float("-inf")).softmax(dim=-1)
+            ids.append(best_id_T1)
+            weights.append(gates_TE.gather(1, best_id_T1))
+            scores_TE = scores_TE.scatter(1, best_id_T1, float("-inf"))
+        expert_ids_TK, weights_TK = torch.cat(ids, dim=1), torch.cat(weights, dim=1)
+        return RouterOutput(logits_TE, logits_TE.softmax(dim=-1), expert_ids_TK, self.finish_weights(weights_TK),
+                            weights_TK.detach())
+
+
 class ExpertChoiceRouter(Router):
     """Expert-choice routing (Zhou et al. 2022 §3.2): S = softmax(x·W_g) over experts; each expert
     takes its top-C tokens by S (columns of S), weights = the chosen entries of S.
@@ -259,6 +351,8 @@ ROUTER_CLASSES: dict[str, type[Router]] = {
     "sigmoid": SigmoidRouter,
     "expert_choice": ExpertChoiceRouter,
     "soft": SoftRouter,
+    "sparsemixer": SparseMixerRouter,
+    "top_p": TopPRouter,
 }
 
 

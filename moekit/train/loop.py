@@ -79,6 +79,7 @@ class TrainConfig:
     skip_nonfinite: bool = False  # skip (and count) steps whose loss or gradient is not finite, instead of stopping
     ep: int = 1  # expert-parallel degree (under torchrun; divides the process count and the expert count)
     init_from: str | None = None  # start from this checkpoint's weights, fresh optimizer (moekit.train.warmstart)
+    router_lr_mult: float = 1.0  # the routers' learning rate is lr x this (their own optimizer param group)
 
     def __post_init__(self) -> None:
         check_field_types(self)  # e.g. lr=True or miniature="false" from a hand-edited train_config.json
@@ -93,6 +94,7 @@ class TrainConfig:
         for f in ("beta1", "beta2"):
             check_float(FLAG, f, getattr(self, f), 0, 1, above=True, below=True)
         check_float(FLAG, "min_lr_ratio", self.min_lr_ratio, 0, 1)
+        check_float(FLAG, "router_lr_mult", self.router_lr_mult, above=True)
         for f in ("weight_decay", "grad_clip"):
             check_float(FLAG, f, getattr(self, f))
         check_int(FLAG, "seed", self.seed, 0)
@@ -136,17 +138,32 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
 
 
 def param_groups(model: MoETransformer, cfg: TrainConfig) -> list[dict]:
-    """Weight decay on matrices only: never on norms or biases, on embeddings when configured."""
-    decay, no_decay = [], []
+    """Weight decay on matrices only: never on norms or biases, on embeddings when configured.
+
+    With ``router_lr_mult`` != 1 the routers' parameters (gate weights, noise weights) form a third
+    group whose ``lr_mult`` scales the scheduled learning rate, weight decay as the other matrices
+    (a lower router learning rate is the field's advice for routing stability). At 1 there are two
+    groups, as in checkpoints written before the option."""
+    from moekit.moe.routers import Router
+
+    router_ids = set()
+    if cfg.router_lr_mult != 1.0:
+        router_ids = {id(p) for m in model.modules() if isinstance(m, Router) for p in m.parameters()}
+    decay, no_decay, router = [], [], []
     embed_ids = {id(model.embed.weight)}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.dim() < 2 or (id(p) in embed_ids and not cfg.decay_embeddings):
+        if id(p) in router_ids:
+            router.append(p)
+        elif p.dim() < 2 or (id(p) in embed_ids and not cfg.decay_embeddings):
             no_decay.append(p)
         else:
             decay.append(p)
-    return [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if router:
+        groups.append({"params": router, "weight_decay": cfg.weight_decay, "lr_mult": cfg.router_lr_mult})
+    return groups
 
 
 def model_config_for(cfg: TrainConfig, vocab_size: int) -> ModelConfig:
@@ -594,7 +611,7 @@ def _train_step(run: _Run, step: int) -> _Step:
     t0 = time.perf_counter()
     lr = lr_at(cfg, step)
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_mult", 1.0)
     loss_sum, ce_sum, outs = 0.0, 0.0, []
     for micro in range(cfg.grad_accum):
         x, y = get_batch(run.data.train, cfg.batch_size, cfg.seq_len, cfg.seed, step, micro)

@@ -6,6 +6,8 @@ import json
 import os
 from pathlib import Path
 
+import torch
+
 
 COLLAPSE_LOW, COLLAPSE_HIGH = 0.1, 3.0  # of the uniform share 1/E
 
@@ -41,12 +43,22 @@ def layer_metrics(outs) -> dict:
             "dropped_frac": dropped,
             "max_load_ratio": max(frac) * len(frac),
             "router_entropy": sum(float(o.routing[layer].router_entropy) for o in outs) / len(outs),
+            **_experts_per_token(outs, layer),
         }
         collapse = collapsed_experts(frac)
         if collapse:
             rec[f"moe_{layer}"]["collapse"] = collapse
             rec.setdefault("collapsed_layers", []).append(layer)
     return rec
+
+
+def _experts_per_token(outs, layer) -> dict:
+    """Compute per token over the step's micro-batches: the mean number of experts computed for a token
+    (null experts and dropped assignments excluded) and the token counts for 0, 1, ..., max experts."""
+    hist = sum(o.routing[layer].experts_per_token_hist.double() for o in outs)
+    tokens = float(hist.sum())
+    mean = float((hist * torch.arange(len(hist), dtype=torch.float64)).sum()) / tokens if tokens else 0.0
+    return {"experts_per_token": mean, "experts_per_token_hist": [int(n) for n in hist.tolist()]}
 
 
 class MetricsLog:
