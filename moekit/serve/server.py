@@ -1,0 +1,75 @@
+"""Loading a model for serving and running the HTTP server (uvicorn).
+
+    moekit serve --model runs/small --port 8000
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from moekit.serve.app import ServerState, build_app
+from moekit.serve.engine import Engine
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+log = logging.getLogger("moekit.serve")
+
+
+def chat_template_of(model_dir: Path) -> tuple[str | None, str, str]:
+    """(chat template, bos token, eos token) from a Hugging Face ``tokenizer_config.json`` beside the
+    model; (None, "", "") when there is none (moekit's own checkpoints have no template)."""
+    path = Path(model_dir) / "tokenizer_config.json"
+    if not path.is_file():
+        return None, "", ""
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from None
+
+    def token(name):
+        t = cfg.get(name) or ""
+        return t.get("content", "") if isinstance(t, dict) else str(t)
+
+    template = cfg.get("chat_template")
+    if isinstance(template, list):  # several named templates: the default one
+        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    return (template if isinstance(template, str) else None), token("bos_token"), token("eos_token")
+
+
+def load_model_and_tokenizer(path: Path):
+    """A moekit checkpoint or run with its tokenizer, or a Hugging Face directory with its tokenizer.json."""
+    from moekit.checkpoint import load_model
+    from moekit.interop import from_pretrained, load_hf_tokenizer
+
+    if (path / "config.json").is_file() and not (path / "manifest.json").is_file():
+        model, tokenizer = from_pretrained(path), load_hf_tokenizer(path)
+    else:
+        model, tokenizer, _ = load_model(path)
+    if tokenizer is None:
+        raise ValueError(f"{path} has no tokenizer (tokenizer.json or tokenizer_config.json): serve needs one")
+    return model, tokenizer
+
+
+def load_state(model_dir: str | Path, dtype: str = "fp32", max_batch: int = 8, prefill_chunk: int = 256,
+               model_name: str | None = None) -> ServerState:
+    """A model directory (moekit checkpoint or run, or Hugging Face) with its tokenizer, behind an engine."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r} is invalid; allowed: {', '.join(DTYPES)}")
+    path = Path(model_dir)
+    model, tokenizer = load_model_and_tokenizer(path)
+    model = model.to(DTYPES[dtype]).eval()
+    template, bos, eos = chat_template_of(path)
+    engine = Engine(model, tokenizer, max_batch=max_batch, prefill_chunk=prefill_chunk)
+    return ServerState(engine, model_name or path.resolve().name, template, bos, eos)
+
+
+def run_server(state: ServerState, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
+    """Serves until SIGINT/SIGTERM; uvicorn then stops accepting connections and lets the open ones finish,
+    and the engine drains what is left before the process exits."""
+    import uvicorn
+
+    app = build_app(state, on_shutdown=lambda: state.engine.close(drain=True))
+    uvicorn.run(app, host=host, port=port, log_level=log_level)
