@@ -73,11 +73,13 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, model_cfg: ModelConfig, tokenizer,
                     train_cfg: dict | None = None, optimizer: torch.optim.Optimizer | None = None,
                     state: dict | None = None, keep_last: int | None = None,
-                    model_state: dict | None = None, optimizer_state: dict | None = None) -> Path:
+                    model_state: dict | None = None, optimizer_state: dict | None = None,
+                    extra_json: dict[str, Any] | None = None) -> Path:
     """Writes ``run_dir/ckpt-{step}`` atomically and keeps the newest ``keep_last`` checkpoints.
 
     ``model_state`` / ``optimizer_state`` replace ``model.state_dict()`` / ``optimizer.state_dict()``
-    (expert parallelism passes the states with the experts gathered whole)."""
+    (expert parallelism passes the states with the experts gathered whole). ``extra_json``: file name ->
+    data, more JSON files in the checkpoint (in the manifest like the rest; ``quant.json``)."""
     run_dir = Path(run_dir)
     final = run_dir / f"{PREFIX}{step:08d}"
     tmp = run_dir / f".tmp-{PREFIX}{step:08d}-{os.getpid()}"
@@ -88,6 +90,8 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, model_cfg:
     weights = {k: v.detach().contiguous().cpu() for k, v in (model_state or model.state_dict()).items()}
     save_file(weights, str(tmp / "model.safetensors"), metadata={"format": str(FORMAT)})
     _write_json(tmp / "config.json", {"format": FORMAT, "model": model_cfg.to_dict(), "train": train_cfg})
+    for name, data in (extra_json or {}).items():
+        _write_json(tmp / plain_name(name, tmp), data)
     if tokenizer is not None:
         tokenizer.save(tmp)
     if optimizer is not None:
@@ -230,8 +234,13 @@ def load_model(path: Path, dtype: torch.dtype | None = None):
         model_cfg = ModelConfig.from_dict(config["model"])
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"{ckpt / 'config.json'}: invalid model config: {err}") from None
-    model = MoETransformer(model_cfg)
-    load_weights(ckpt, model)
+    if (ckpt / "quant.json").is_file():  # weight-only quantized (moekit.quant.save_quantized)
+        from moekit.quant.checkpoint import load_quantized_weights
+
+        model = load_quantized_weights(ckpt, model_cfg)
+    else:
+        model = MoETransformer(model_cfg)
+        load_weights(ckpt, model)
     if dtype is not None:
         model = model.to(dtype)
     has_tokenizer = (ckpt / "tokenizer.json").is_file() or (ckpt / "tokenizer_config.json").is_file()

@@ -178,3 +178,129 @@ def test_quantized_linear_matches_reference(fmt):
         got, want = q(x), dequantized_linear(q)(x)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert (q.weight - lin.weight).abs().max() < 0.1
+
+
+# ---- whole models: quantize_model, checkpoints, quality ---------------------------------------------
+def _model(seed=0, init_std=0.1):
+    import moekit
+
+    torch.manual_seed(seed)
+    return moekit.MoETransformer(moekit.ModelConfig.from_name("tiny", init_std=init_std)).eval()
+
+
+def _batches():
+    from moekit.quant.quality import random_batches
+
+    return random_batches(256, batches=2, batch_size=2, seq_len=24)
+
+
+@pytest.mark.parametrize("fmt,linears", [("int8", False), ("int4", False), ("int4", True)])
+def test_quantize_model_matches_its_dequantized_twin(fmt, linears):
+    from moekit.quant import quantization_of, quantize_model
+
+    model = _model()
+    summary = quantize_model(model, fmt, group_size=32, linears=linears, act_dtype="input")
+    assert summary.experts == 2 and summary.bytes_after < summary.bytes_before / 3
+    assert (summary.linears > 0) == linears
+    assert quantization_of(model).format == fmt
+    assert not any(type(m).__name__ == "Experts" for m in model.modules())
+    ids = _batches()[0]
+    with torch.no_grad():
+        got, want = model(ids).logits, dequantize(model)(ids).logits
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="already quantized"):
+        quantize_model(model, fmt)
+
+
+def test_quantize_model_refuses_a_model_without_experts():
+    from moekit.quant import quantize_model
+
+    with pytest.raises(ValueError, match="no MoE experts"):
+        quantize_model(torch.nn.Sequential(torch.nn.Linear(64, 64)), "int8")
+
+
+def test_quality_int8_tiny_int4_larger_but_bounded():
+    import copy
+
+    from moekit.quant import quality, quantize_model
+
+    model, batches = _model(), _batches()
+    same = quality(model, copy.deepcopy(model), batches)
+    assert same.kl == pytest.approx(0, abs=1e-12) and same.top1_agreement == 1 and same.ppl_change == pytest.approx(0)
+    reports = {}
+    for fmt in ("int8", "int4"):
+        q = copy.deepcopy(model)
+        quantize_model(q, fmt)
+        reports[fmt] = quality(model, q, batches)
+    assert reports["int8"].kl < 3e-3 and reports["int8"].top1_agreement >= 0.97
+    assert reports["int8"].kl < reports["int4"].kl < 0.05
+    assert abs(reports["int4"].ppl_change) < 0.02
+    assert "KL" in reports["int4"].describe()
+
+
+@pytest.mark.parametrize("fmt,linears", [("int8", True), ("int4", False), ("int4", True)])
+def test_quantized_checkpoint_round_trip(tmp_path, fmt, linears):
+    import moekit
+    from moekit.quant import quantization_of, quantize_model, save_quantized
+
+    model = _model()
+    quantize_model(model, fmt, group_size=32, linears=linears)
+    ckpt = save_quantized(model, tmp_path / "q")
+    assert (ckpt / "quant.json").is_file()
+    loaded = moekit.from_pretrained(tmp_path / "q")
+    assert quantization_of(loaded) == quantization_of(model)
+    ids = _batches()[0]
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+    assert all(not t.is_meta for t in loaded.state_dict().values())
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "truncate", "quant_json"])
+def test_damaged_quantized_checkpoint_is_one_clear_error(tmp_path, damage):
+    import moekit
+    from moekit.checkpoint import CheckpointError
+    from moekit.quant import quantize_model, save_quantized
+
+    model = _model()
+    quantize_model(model, "int4")
+    ckpt = save_quantized(model, tmp_path / "q")
+    weights = ckpt / "model.safetensors"
+    if damage == "corrupt":
+        data = bytearray(weights.read_bytes())
+        data[-100] ^= 0xFF
+        weights.write_bytes(bytes(data))
+    elif damage == "truncate":
+        weights.write_bytes(weights.read_bytes()[:-1000])
+    else:
+        (ckpt / "quant.json").write_text('{"format": 1, "quant": {"format": "int3"}}\n')
+    with pytest.raises(CheckpointError, match=str(ckpt)):
+        moekit.from_pretrained(tmp_path / "q")
+
+
+def test_generate_on_a_quantized_model_equals_its_dequantized_twin():
+    import moekit
+    from moekit.quant import quantize_model
+
+    model = _model()
+    quantize_model(model, "int4", act_dtype="input")
+    prompts = [[1, 2, 3], [4, 5, 6]]
+    out = moekit.generate(model, prompts, max_new_tokens=6, temperature=0)
+    assert out.tokens == moekit.generate(dequantize(model), prompts, max_new_tokens=6, temperature=0).tokens
+    assert all(len(t) == 6 for t in out.tokens)
+
+
+def test_from_pretrained_quantizes_while_loading(tmp_path):
+    import moekit
+    from moekit.checkpoint import save_checkpoint
+    from moekit.quant import quantization_of, quantize_model
+
+    model = _model()
+    save_checkpoint(tmp_path / "run", 5, model, model.cfg, None)
+    q = moekit.from_pretrained(tmp_path / "run", quantize="int8")
+    assert quantization_of(q).format == "int8"
+    quantize_model(model, "int8")  # the same weights quantized in memory
+    ids = _batches()[0]
+    with torch.no_grad():
+        assert torch.equal(q(ids).logits, model(ids).logits)
+    with pytest.raises(ValueError, match="QuantConfig.format='int5'"):
+        moekit.from_pretrained(tmp_path / "run", quantize="int5")

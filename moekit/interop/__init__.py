@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from moekit.interop import dbrx, deepseek, granite, mixtral, mlp_experts
+from moekit.interop import dbrx, deepseek, granite, mixtral, mlp_experts, phimoe
 from moekit.interop.export import restore_config, to_hf
 from moekit.interop.keymap import InteropError, SafetensorsDir, load_with_keymap
 from moekit.model import MoETransformer
@@ -22,7 +22,7 @@ from moekit.model import MoETransformer
 FAMILIES = {mixtral.ARCHITECTURE: mixtral, dbrx.ARCHITECTURE: dbrx,
             **{a: mlp_experts for a in mlp_experts.ARCHITECTURES},
             **{a: deepseek for a in deepseek.ARCHITECTURES},
-            **{a: granite for a in granite.ARCHITECTURES}}
+            **{a: granite for a in granite.ARCHITECTURES}, phimoe.ARCHITECTURE: phimoe}
 
 
 def _read_config(path: Path) -> dict:
@@ -33,11 +33,30 @@ def _read_config(path: Path) -> dict:
         raise InteropError(f"{cfg_path} is not valid JSON: {err}") from None
 
 
-def from_pretrained(path: str | Path, dtype: torch.dtype | None = None, *, progress: bool = False) -> MoETransformer:
+def from_pretrained(path: str | Path, dtype: torch.dtype | None = None, *, progress: bool = False,
+                    quantize=None) -> MoETransformer:
     """A moekit model from a Hugging Face directory or a moekit checkpoint/run directory.
 
     ``dtype``: the parameters' dtype (e.g. ``torch.bfloat16``), converted while reading; None = fp32
-    whatever the files hold. ``progress``: a bar on stderr over the layers read from a Hugging Face directory."""
+    whatever the files hold. ``progress``: a bar on stderr over the layers read from a Hugging Face directory.
+    ``quantize``: ``"int8"`` / ``"int4"`` or a :class:`moekit.quant.QuantConfig`: the routed experts (and
+    with ``linears`` the linears) quantized once read, module by module (:func:`moekit.quant.quantize_model`);
+    a quantized checkpoint (``moekit quantize``) loads quantized without it."""
+    if quantize is None:
+        return _from_pretrained(path, dtype, progress)
+    from moekit.quant import QuantConfig, quantization_of, quantize_model
+
+    qcfg = quantize if isinstance(quantize, QuantConfig) else QuantConfig(quantize)  # a bad value fails before reading
+    model = _from_pretrained(path, dtype, progress)
+    have = quantization_of(model)
+    if have is None:
+        quantize_model(model, qcfg)
+    elif have.format != qcfg.format:
+        raise ValueError(f"quantize={qcfg.format!r}: {path} is already quantized ({have.describe()})")
+    return model
+
+
+def _from_pretrained(path: str | Path, dtype: torch.dtype | None, progress: bool) -> MoETransformer:
     from moekit.checkpoint import load_model
 
     from moekit.checkpoint import refuse_pickle
