@@ -176,7 +176,8 @@ def test_report_numbers_are_exact_on_forced_routing(tmp_path, capsys):
     assert sum(s["text_classes"].values()) == pytest.approx(1.0)
     # the page shows the collapse and links only images that exist
     html = (tmp_path / "index.html").read_text()
-    assert "Routing collapse" in html and "layer 0, expert 6: <b>starved</b>" in html
+    assert "Routing collapse" in html
+    assert re.search(r"layer 0: <b>hot</b>: 1 expert: .*>0</a> .*<b>starved</b>: 2 experts: .*>6</a>", html)
     srcs = _images_exist(tmp_path)
     assert {"load.png", "entropy.png", "coactivation_L0.png", "classes_L1.png"} <= set(srcs)
     assert "balance_over_training.png" not in srcs  # no metrics.jsonl given
