@@ -584,6 +584,9 @@ def build_parser() -> argparse.ArgumentParser:
     from moekit.serve.cli import add_parser as add_serve_parser
 
     add_serve_parser(sub)
+    from moekit.quant.cli import add_parser as add_quantize_parser
+
+    add_quantize_parser(sub)
     return parser
 
 

@@ -304,3 +304,57 @@ def test_from_pretrained_quantizes_while_loading(tmp_path):
         assert torch.equal(q(ids).logits, model(ids).logits)
     with pytest.raises(ValueError, match="QuantConfig.format='int5'"):
         moekit.from_pretrained(tmp_path / "run", quantize="int5")
+
+
+# ---- moekit quantize ---------------------------------------------------------------------------------
+def _saved_model(tmp_path):
+    from moekit.checkpoint import save_checkpoint
+    from moekit.tokenizer import ByteTokenizer
+
+    model = _model()
+    save_checkpoint(tmp_path / "run", 3, model, model.cfg, ByteTokenizer())
+    return model
+
+
+@pytest.mark.parametrize("extra", [[], ["--text", "TEXT"]])
+def test_cli_quantize_saves_and_prints_quality(tmp_path, capsys, extra):
+    import json
+
+    import moekit
+    from moekit.cli import main
+    from moekit.quant import quantization_of, quantize_model
+
+    model = _saved_model(tmp_path)
+    if extra:
+        text = tmp_path / "held_out.txt"
+        text.write_text("def add(a, b):\n    return a + b\n" * 40)
+        extra = ["--text", str(text)]
+    rc = main(["quantize", "--model", str(tmp_path / "run"), "--to", "int4", "--group-size", "64", "--out",
+               str(tmp_path / "q"), "--batches", "2", "--seq-len", "32", *extra])
+    assert rc == 0
+    captured = capsys.readouterr()
+    result = json.loads(captured.out.strip().splitlines()[-1])
+    assert result["quantization"]["format"] == "int4" and result["quantization"]["group_size"] == 64
+    assert 0 < result["quality"]["kl"] < 0.05 and 0.5 < result["quality"]["top1_agreement"] <= 1
+    assert result["quality"]["positions"] == 2 * 2 * 31
+    assert "top-1 agreement" in captured.err
+    loaded = moekit.from_pretrained(tmp_path / "q")
+    assert quantization_of(loaded).group_size == 64
+    quantize_model(model, "int4", group_size=64)
+    ids = _batches()[0]
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def test_cli_quantize_refuses_a_damaged_model_and_writes_nothing(tmp_path, capsys):
+    from moekit.cli import main
+
+    _saved_model(tmp_path)
+    ckpt = next((tmp_path / "run").glob("ckpt-*"))
+    weights = ckpt / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-500])
+    rc = main(["quantize", "--model", str(tmp_path / "run"), "--to", "int8", "--out", str(tmp_path / "q")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "model.safetensors is corrupt" in err and err.count("\n") == 1
+    assert not (tmp_path / "q").exists()
