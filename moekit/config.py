@@ -22,8 +22,8 @@ from typing import Any
 from moekit.nn.activations import ACTIVATIONS, is_gated  # ACTIVATIONS: the allowed names, kept importable here
 from moekit.validate import bad, check_choice, check_float, check_int
 
-ROUTERS = ("softmax_topk", "switch", "noisy_topk", "sigmoid", "expert_choice", "soft", "top_p")
-TOKEN_CHOICE_ROUTERS = ("softmax_topk", "switch", "noisy_topk", "sigmoid", "top_p")
+ROUTERS = ("softmax_topk", "switch", "noisy_topk", "sigmoid", "expert_choice", "soft", "top_p", "sparsemixer")
+TOKEN_CHOICE_ROUTERS = ("softmax_topk", "switch", "noisy_topk", "sigmoid", "top_p", "sparsemixer")
 NULL_EXPERT_OUTPUTS = ("zero", "identity")
 DROP_POLICIES = ("position", "score")
 SOFTMAX_ORDERS = ("before", "after")
@@ -180,6 +180,9 @@ class MoEConfig:
         ``expert_choice`` each expert picks its top-C tokens (Zhou et al. 2022).
         ``soft``          dense soft gating, every expert weighted by the softmax (Jacobs et al. 1991);
                           requires ``top_k == num_experts``.
+        ``sparsemixer``   PhiMoE's SparseMixer at inference: K rounds of the best remaining logit, each weighted
+                          by a softmax over the logits within 2·``sparsemixer_eps`` of it (relative); no
+                          renormalisation (``normalize_weights=False``).
         ``top_p``         threshold routing (Huang et al. 2024): the most probable experts until their
                           probabilities sum to ``top_p_threshold``, at most ``top_k`` of them.
         normalize_weights: renormalise the chosen weights to sum to 1 (Mixtral, Qwen3-MoE, DeepSeek-V3)
@@ -191,6 +194,7 @@ class MoEConfig:
             renormalisation, so it requires ``normalize_weights=True``.
         routed_scaling_factor: multiplies the chosen weights (DeepSeek-V2 16, V3 2.5).
         router_jitter: Switch multiplicative jitter eps on the router input, training only.
+        sparsemixer_eps: the mask threshold of ``sparsemixer`` (PhiMoE's router_jitter_noise, 0.01).
         n_group, topk_group: group-limited routing (DeepSeek-V2/V3): experts form ``n_group`` groups,
             only the best ``topk_group`` groups may be chosen. group_score: ``"max"`` (V2) or
             ``"top2_sum"`` (V3); defaults to top2_sum for ``sigmoid`` and max otherwise.
@@ -232,6 +236,7 @@ class MoEConfig:
     softmax_order: str = "before"
     routed_scaling_factor: float = 1.0
     router_jitter: float = 0.0
+    sparsemixer_eps: float = 0.01
     n_group: int = 1
     topk_group: int = 1
     group_score: str | None = None
@@ -291,6 +296,12 @@ class MoEConfig:
         check_float(MOE, "router_jitter", self.router_jitter)
         if self.router_jitter >= 1:
             raise bad(MOE, "router_jitter", self.router_jitter, "expected 0 <= router_jitter < 1")
+        check_float(MOE, "sparsemixer_eps", self.sparsemixer_eps, note="the relative gap a sparsemixer mask allows")
+        if self.router == "sparsemixer":
+            for name, off in (("normalize_weights", False), ("n_group", 1), ("bias_update_rate", 0.0)):
+                if getattr(self, name) != off:
+                    raise bad(MOE, name, getattr(self, name), f"router='sparsemixer' weights and selects by its masked "
+                              f"softmax alone; {name} must be {off!r} with it")
         check_int(MOE, "n_group", self.n_group, 1)
         if self.num_experts % self.n_group:
             raise bad(MOE, "n_group", self.n_group, f"must divide num_experts={self.num_experts}")
@@ -482,7 +493,8 @@ class ModelConfig:
     30) scale the embeddings, the output logits and cap attention logits with c·tanh(x/c).
     µP (Granite): ``residual_multiplier`` scales each block's attention and FFN output before it joins
     the residual stream; ``attention_multiplier`` is the attention scores' scale (None: 1/√head_dim).
-    ``attn_out_bias``: a bias on the attention output projection (Granite with attention_bias).
+    ``attn_out_bias``: a bias on the attention output projection (Granite, PhiMoE with attention_bias).
+    ``norm_bias`` (PhiMoE): LayerNorms with a bias.  ``lm_head_bias`` (PhiMoE): a bias on the untied output head.
     ``rope_scaling``: None, ``{"type": "linear", "factor": s}`` (position interpolation) or
     ``{"type": "yarn", "factor": s, "original_max_seq_len": L, ...}`` (YaRN; optional beta_fast,
     beta_slow, mscale, mscale_all_dim, attention_factor, truncate as in transformers' rope_parameters).
@@ -512,6 +524,7 @@ class ModelConfig:
     rope_scaling: dict | None = None
     norm: str = "rmsnorm"
     norm_eps: float = 1e-6
+    norm_bias: bool = False
     # FFN
     ffn_hidden: int = 0
     activation: str = "swiglu"
@@ -523,6 +536,7 @@ class ModelConfig:
     sandwich_norm: bool = False
     # embeddings and output
     tie_embeddings: bool = False
+    lm_head_bias: bool = False
     embedding_multiplier: float = 1.0
     logit_multiplier: float = 1.0
     attn_logit_softcap: float = 0.0
@@ -589,6 +603,12 @@ class ModelConfig:
             if self.attention == "mla":
                 raise bad(MODEL, "attention_multiplier", self.attention_multiplier,
                           "an explicit attention scale is defined for attention='gqa' only (None with 'mla')")
+        if self.norm_bias and (self.norm != "layernorm" or self.attention == "mla"):
+            raise bad(MODEL, "norm_bias", True, f"norm biases are defined for norm='layernorm' with attention='gqa' "
+                      f"(here norm={self.norm!r}, attention={self.attention!r})")
+        if self.lm_head_bias and self.tie_embeddings:
+            raise bad(MODEL, "lm_head_bias", True, "a tied head is the embedding matrix, with no bias "
+                      "(use tie_embeddings=False)")
         if self.attn_out_bias and self.attention == "mla":
             raise bad(MODEL, "attn_out_bias", True, "an output-projection bias is defined for attention='gqa' only")
         check_float(MODEL, "clip_qkv", self.clip_qkv, note="0 = off")
@@ -875,6 +895,13 @@ def _presets() -> dict[str, Preset]:
     p["granite-3.0-1b-a400m"] = Preset(ModelConfig(
         d_model=1024, n_layers=24, n_heads=16, **granite, moe=_moe(1024, 512, 32, 8, softmax_order="after")),
         "IBM, granite-3.0-1b-a400m-base config.json", "1.3B", None, granite_note.format("378M without, 429M with"))
+
+    p["phi-3.5-moe"] = Preset(ModelConfig(
+        vocab_size=32064, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, max_seq_len=131072, norm="layernorm",
+        norm_bias=True, norm_eps=1e-5, qkv_bias=True, attn_out_bias=True, lm_head_bias=True,
+        moe=_moe(4096, 6400, 16, 2, router="sparsemixer", normalize_weights=False, sparsemixer_eps=0.01)),
+        "Microsoft, Phi-3.5-MoE-instruct config.json", "41.9B", "6.6B",
+        "its longrope rope scaling (beyond 4096 positions) is not implemented: plain rope here")
     return p
 
 

@@ -50,18 +50,18 @@ class Block(nn.Module):
         self.cfg = cfg
         self.index = index
         self.is_moe = cfg.is_moe_layer(index)
-        self.attn_norm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
+        self.attn_norm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.norm_bias)
         self.attn = build_attention(cfg)
-        self.ffn_norm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
+        self.ffn_norm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.norm_bias)
         if self.is_moe:
             self.ffn = MoELayer(cfg.moe)
         else:
             self.ffn = MLP(cfg.d_model, cfg.ffn_hidden, cfg.activation)
         if cfg.sandwich_norm:
-            self.post_attn_norm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
-            self.post_ffn_norm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
+            self.post_attn_norm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.norm_bias)
+            self.post_ffn_norm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.norm_bias)
         if cfg.parallel_residual_mlp and self.is_moe:
-            self.residual_norm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
+            self.residual_norm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.norm_bias)
             self.residual_mlp = MLP(cfg.d_model, cfg.ffn_hidden, cfg.activation)
 
     def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None, mask=None,
@@ -112,8 +112,8 @@ class MoETransformer(nn.Module):
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
-        self.norm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
-        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.norm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.norm_bias)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=cfg.lm_head_bias)
         self.init_weights()
         # Dense fp32 CPU products (attention, dense FFNs, the head, the loss) on oneDNN where the chooser
         # says so; a dense model is left plain (and loads no native code) unless gemm='onednn' is asked for.
@@ -172,6 +172,8 @@ class MoETransformer(nn.Module):
         """Final norm and output projection (times Grok-1's output multiplier)."""
         h = self.norm(x)
         logits = cpu_gemm.linear(h, self.output_weight(), onednn=self._onednn(h))
+        if self.cfg.lm_head_bias:
+            logits = logits + self.lm_head.bias
         return logits * self.cfg.logit_multiplier if self.cfg.logit_multiplier != 1.0 else logits
 
     def _onednn(self, t: torch.Tensor) -> bool:
@@ -224,7 +226,7 @@ class MoETransformer(nn.Module):
                     terms[k] = terms.get(k, 0) + v
         if cache is not None:
             cache.pos += S
-        if targets is None or return_logits:
+        if targets is None or return_logits or cfg.lm_head_bias:  # the fused loss below has no head bias
             logits = self.head(x)
             out = ModelOutput(logits, aux, routing=routing, aux_terms=terms)
             if targets is not None:

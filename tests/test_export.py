@@ -56,6 +56,10 @@ BASES["GraniteMoeForCausalLM"] = _gqa(MoEConfig(d_model=32, expert_hidden=16, nu
                                                 softmax_order="after"), **GRANITE_MUP)
 BASES["GraniteMoeSharedForCausalLM"] = _gqa(MoEConfig(d_model=32, expert_hidden=16, num_experts=4, top_k=2,
                                                       num_shared_experts=1, shared_expert_hidden=24), **GRANITE_MUP)
+BASES["PhimoeForCausalLM"] = _gqa(MoEConfig(d_model=32, expert_hidden=16, num_experts=4, top_k=2, router="sparsemixer",
+                                            normalize_weights=False, sparsemixer_eps=0.2),
+                                  norm="layernorm", norm_bias=True, norm_eps=1e-5, qkv_bias=True, attn_out_bias=True,
+                                  lm_head_bias=True)
 
 
 def moe(**kw):
@@ -182,6 +186,11 @@ PERTURBATIONS = [
     ("ModelConfig.residual_multiplier", "0.7", model(residual_multiplier=0.7)),
     ("ModelConfig.attention_multiplier", "0.3", model(attention_multiplier=0.3)),
     ("ModelConfig.attention_multiplier", "None", model(attention_multiplier=None)),
+    ("ModelConfig.norm_bias", "flip", lambda c: model(norm_bias=not c.norm_bias)(c)),
+    ("ModelConfig.lm_head_bias", "flip", lambda c: model(lm_head_bias=not c.lm_head_bias)(c)),
+    ("MoEConfig.router", "sparsemixer", moe(router="sparsemixer", normalize_weights=False, n_group=1, topk_group=1,
+                                            bias_update_rate=0.0)),
+    ("MoEConfig.sparsemixer_eps", "0.05", moe(sparsemixer_eps=0.05)),
     ("ModelConfig.init_std", "0.05", model(init_std=0.05)),
 ]
 

@@ -144,6 +144,115 @@ def test_granite_config_without_logits_scaling_is_refused_by_name(tmp_path):
         moekit.from_pretrained(tmp_path / "hf")
 
 
+# ---- PhiMoE --------------------------------------------------------------------------------------
+PHIMOE = dict(hidden_size=40, intermediate_size=20, num_hidden_layers=3, num_attention_heads=5, num_key_value_heads=1,
+              num_local_experts=6, num_experts_per_tok=2, attention_bias=True, lm_head_bias=True,
+              router_jitter_noise=0.3, rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": 1e4})
+
+
+@pytest.mark.parametrize("kw", [{}, {"attention_bias": False, "lm_head_bias": False, "router_jitter_noise": 0.01},
+                                {"tie_word_embeddings": True, "lm_head_bias": False}],
+                         ids=["biases", "no-bias", "tied"])
+def test_phimoe_import_greedy_and_export(tmp_path, kw):
+    hf = _build("PhimoeConfig", "PhimoeForCausalLM", **{**PHIMOE, **kw})
+    ours = _check_import(hf, tmp_path / "hf")
+    assert ours.cfg.moe.router == "sparsemixer" and ours.cfg.norm_bias
+    _check_export(ours, tmp_path / "out", "PhimoeForCausalLM")
+
+
+def test_sparsemixer_masks_and_weights_as_transformers():
+    """moekit's router against transformers' own ``sparsemixer`` (eval) on logits with near-ties, negative
+    maxima and wide gaps, at several thresholds: same experts, same weights."""
+    from transformers.models.phimoe.modeling_phimoe import sparsemixer
+
+    torch.manual_seed(0)
+    for eps in (0.0, 0.01, 0.2, 2.0):
+        cfg = moekit.MoEConfig(d_model=8, expert_hidden=4, num_experts=7, top_k=2, router="sparsemixer",
+                               normalize_weights=False, sparsemixer_eps=eps)
+        router = moekit.moe.routers.build_router(cfg).eval()
+        x = torch.randn(64, 8) * torch.tensor([0.1, 1.0, 5.0, -3.0]).repeat_interleave(16)[:, None]
+        out = router(x)
+        weights, ids = sparsemixer(router.logits(x), jitter_eps=eps, training=False)
+        assert torch.equal(out.expert_ids_TK, ids)
+        torch.testing.assert_close(out.weights_TK, weights, rtol=0, atol=1e-6)
+
+
+def test_sparsemixer_weights_differ_from_a_softmax_top2():
+    """The threshold matters: the weights are not Mixtral's renormalised softmax."""
+    torch.manual_seed(0)
+    cfg = moekit.MoEConfig(d_model=8, expert_hidden=4, num_experts=6, top_k=2, router="sparsemixer",
+                           normalize_weights=False, sparsemixer_eps=0.3)
+    router = moekit.moe.routers.build_router(cfg).eval()
+    x = torch.randn(32, 8)
+    out = router(x)
+    softmax = router.logits(x).softmax(-1).topk(2).values
+    assert (out.weights_TK - softmax / softmax.sum(-1, keepdim=True)).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"num_experts_per_tok": 3}, "num_experts_per_tok=3"),
+    ({"sliding_window": 16}, "sliding_window=16"),
+    ({"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0] * 4,
+                          "long_factor": [1.0] * 4, "original_max_position_embeddings": 64}}, "rope_type='longrope'"),
+])
+def test_phimoe_refuses_by_name(tmp_path, change, match):
+    import json
+
+    hf = _build("PhimoeConfig", "PhimoeForCausalLM", **PHIMOE)
+    hf.save_pretrained(tmp_path / "hf")
+    path = tmp_path / "hf" / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
+    with pytest.raises(InteropError, match=match):
+        moekit.from_pretrained(tmp_path / "hf")
+
+
+@pytest.mark.parametrize("change, named", [
+    (dict(norm="rmsnorm", norm_bias=False), "ModelConfig.norm"),
+    (dict(norm_bias=False), "ModelConfig.norm_bias"),
+    (dict(moe_top_k=3), "MoEConfig.top_k"),
+])
+def test_phimoe_export_refuses_what_it_cannot_express(tmp_path, change, named):
+    change = dict(change)
+    top_k = change.pop("moe_top_k", 2)
+    cfg = moekit.ModelConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=4, max_seq_len=64,
+                             **{"norm": "layernorm", "norm_bias": True, **change},
+                             moe=moekit.MoEConfig(d_model=32, expert_hidden=16, num_experts=4, top_k=top_k,
+                                                  router="sparsemixer", normalize_weights=False))
+    with pytest.raises(ValueError, match=f"{named}="):
+        to_hf(moekit.MoETransformer(cfg), tmp_path / "out", "PhimoeForCausalLM")
+
+
+def test_head_bias_trains_through_the_loss():
+    """With a head bias the loss is computed from the logits (the fused loss has no bias): same value,
+    and the bias gets a gradient."""
+    cfg = moekit.ModelConfig(vocab_size=V, d_model=32, n_layers=1, n_heads=4, norm="layernorm", norm_bias=True,
+                             lm_head_bias=True, moe=moekit.MoEConfig(d_model=32, expert_hidden=16, num_experts=4,
+                                                                     top_k=2, router="sparsemixer",
+                                                                     normalize_weights=False))
+    torch.manual_seed(0)
+    m = moekit.MoETransformer(cfg)
+    with torch.no_grad():
+        m.lm_head.bias.normal_()
+    ids = torch.randint(0, V, (2, 9))
+    out = m(ids[:, :-1], targets=ids[:, 1:])
+    logits = m(ids[:, :-1]).logits
+    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, V), ids[:, 1:].reshape(-1))
+    torch.testing.assert_close(out.ce_loss, ce)
+    out.loss.backward()
+    assert m.lm_head.bias.grad.abs().sum() > 0
+
+
+def test_norm_and_head_bias_are_validated():
+    base = dict(vocab_size=V, d_model=32, n_layers=1, n_heads=4, ffn_hidden=24)
+    with pytest.raises(ValueError, match="ModelConfig.norm_bias"):
+        moekit.ModelConfig(**base, norm_bias=True)  # RMSNorm
+    with pytest.raises(ValueError, match="ModelConfig.lm_head_bias"):
+        moekit.ModelConfig(**base, lm_head_bias=True, tie_embeddings=True)
+    moe = dict(d_model=8, expert_hidden=4, num_experts=4, top_k=2, router="sparsemixer")
+    with pytest.raises(ValueError, match="MoEConfig.normalize_weights"):
+        moekit.MoEConfig(**moe)
+
+
 # ---- presets ----------------------------------------------------------------------------------
 def test_granite_preset_counts():
     """granite-3.0-3b-a800m by independent arithmetic, and the published 3.3B total."""
@@ -156,3 +265,14 @@ def test_granite_preset_counts():
     for name in ("granite-3.0-3b-a800m", "granite-3.0-1b-a400m"):
         preset = PRESETS[name]
         assert matches_published(count_parameters(preset.config).total, preset.published_total)
+
+
+def test_phi_moe_preset_counts():
+    """phi-3.5-moe against Microsoft's 41.9B / 6.6B, and by arithmetic (biases everywhere PhiMoE has them)."""
+    d, kv, layers, E, K, F, vocab = 4096, 1024, 32, 16, 2, 6400, 32064
+    attn = d * (d + 2 * kv) + (d + 2 * kv) + d * d + d
+    expert = 3 * d * F
+    total = layers * (attn + E * expert + E * d + 4 * d) + 2 * vocab * d + vocab + 2 * d
+    count = count_parameters(PRESETS["phi-3.5-moe"].config)
+    assert (count.total, count.active) == (total, total - layers * (E - K) * expert)
+    assert matches_published(count.total, "41.9B") and matches_published(count.active, "6.6B")

@@ -70,6 +70,11 @@ def _no_groups(a: ModelConfig, b: ModelConfig) -> bool:
     return a.moe.n_group == b.moe.n_group == 1
 
 
+def _no_sparsemixer(a: ModelConfig, b: ModelConfig) -> bool:
+    """The threshold acts only in router='sparsemixer'."""
+    return "sparsemixer" not in (a.moe.router, b.moe.router)
+
+
 def _same_logit_scale(a: ModelConfig, b: ModelConfig) -> bool:
     """Granite divides by logits_scaling = 1 / logit_multiplier: the inverse of an inverse may differ
     in the last bit."""
@@ -114,6 +119,7 @@ MOE_FIELDS: dict[str, Harmless] = {
     "null_expert": _no_null_experts,
     **{f: _dropless_in_eval for f in ("capacity_factor", "eval_capacity_factor", "drop_policy")},
     "softmax_order": _renormalised_by_sum,
+    "sparsemixer_eps": _no_sparsemixer,
     "num_shared_experts": _same_shared_width,
     "shared_expert_hidden": _same_shared_width,
     "group_score": _no_groups,

@@ -50,9 +50,10 @@ class LayerNorm(nn.Module):
         return nn.functional.layer_norm(x32, (x.shape[-1],), self.weight.to(x32.dtype), b, self.eps).to(x.dtype)
 
 
-def build_norm(kind: str, dim: int, eps: float) -> nn.Module:
+def build_norm(kind: str, dim: int, eps: float, bias: bool = False) -> nn.Module:
+    """``bias``: LayerNorm only (the config refuses it with RMSNorm)."""
     if kind == "rmsnorm":
         return RMSNorm(dim, eps)
     if kind == "layernorm":
-        return LayerNorm(dim, eps)
+        return LayerNorm(dim, eps, bias)
     raise ValueError(f"norm={kind!r} is unknown; allowed: 'rmsnorm', 'layernorm'")
