@@ -22,8 +22,8 @@ from typing import Any
 from moekit.nn.activations import ACTIVATIONS, is_gated  # ACTIVATIONS: the allowed names, kept importable here
 from moekit.validate import bad, check_choice, check_float, check_int
 
-ROUTERS = ("softmax_topk", "switch", "noisy_topk", "sigmoid", "expert_choice", "soft", "top_p", "sparsemixer")
-TOKEN_CHOICE_ROUTERS = ("softmax_topk", "switch", "noisy_topk", "sigmoid", "top_p", "sparsemixer")
+ROUTERS = ("softmax_topk", "switch", "noisy_topk", "sigmoid", "expert_choice", "soft", "top_p", "sparsemixer", "relu")
+TOKEN_CHOICE_ROUTERS = ("softmax_topk", "switch", "noisy_topk", "sigmoid", "top_p", "sparsemixer", "relu")
 NULL_EXPERT_OUTPUTS = ("zero", "identity")
 DROP_POLICIES = ("position", "score")
 SOFTMAX_ORDERS = ("before", "after")
@@ -185,6 +185,9 @@ class MoEConfig:
                           renormalisation (``normalize_weights=False``).
         ``top_p``         threshold routing (Huang et al. 2024): the most probable experts until their
                           probabilities sum to ``top_p_threshold``, at most ``top_k`` of them.
+        ``relu``          ReMoE (Wang et al., ICLR 2025): gates ReLU(x·W_r), every expert with a positive gate;
+                          an L1 penalty on the gates, its coefficient adapted toward the sparsity 1 - top_k/E
+                          (``relu_l1_init``, ``relu_l1_growth``).
         normalize_weights: renormalise the chosen weights to sum to 1 (Mixtral, Qwen3-MoE, DeepSeek-V3)
             or not (OLMoE, Qwen2-MoE, DeepSeek-V2). normalize_p: the renormalisation divides by the
             p-norm of the chosen weights, ||w||_p = (Σ w_i^p)^(1/p); 1 (the sum) everywhere but DBRX,
@@ -259,6 +262,8 @@ class MoEConfig:
     router_entropy_coef: float = 0.0
     num_null_experts: int = 0
     null_expert: str = "zero"
+    relu_l1_init: float = 1e-8
+    relu_l1_growth: float = 1.2
 
     def __post_init__(self) -> None:
         check_field_types(self)
@@ -362,6 +367,15 @@ class MoEConfig:
         check_float(MOE, "router_entropy_coef", self.router_entropy_coef, note="0 = off")
         check_int(MOE, "num_null_experts", self.num_null_experts, 0)
         check_choice(MOE, "null_expert", self.null_expert, NULL_EXPERT_OUTPUTS)
+        check_float(MOE, "relu_l1_init", self.relu_l1_init, above=True, note="ReMoE's first L1 coefficient")
+        check_float(MOE, "relu_l1_growth", self.relu_l1_growth, 1, above=True,
+                    note="the L1 coefficient's factor per step, ReMoE's alpha")
+        if self.router == "relu":
+            for name, off in (("n_group", 1), ("bias_update_rate", 0.0), ("seq_aux_loss_coef", 0.0),
+                              ("num_null_experts", 0)):
+                if getattr(self, name) != off:
+                    raise bad(MOE, name, getattr(self, name), f"router='relu' gates every expert by ReLU(x·W_r); "
+                              f"{name} must be {off!r} with it")
         if self.router == "top_p":
             for name, off in (("n_group", 1), ("bias_update_rate", 0.0), ("seq_aux_loss_coef", 0.0)):
                 if getattr(self, name) != off:

@@ -26,6 +26,10 @@ CASES = {
                               aux_loss_coef=0.01),
     "null_top_p_identity": dict(router="top_p", num_null_experts=3, top_k=3, top_p_threshold=0.5,
                                 null_expert="identity", aux_loss_coef=0.01, capacity_factor=1.0),
+    "relu": dict(router="relu", relu_l1_init=0.05),
+    "relu_capacity_aux": dict(router="relu", num_experts=6, top_k=2, capacity_factor=0.75, aux_loss_coef=0.01,
+                              z_loss_coef=1e-3, routed_scaling_factor=2.0),
+    "relu_capacity_score": dict(router="relu", capacity_factor=0.5, drop_policy="score", mlp_bias=True),
 }
 
 
@@ -67,7 +71,8 @@ def test_routing_option_matches_reference(name, training):
     assert int(fast.stats.dropped_assignments) == ref.dropped_assignments
     assert int(fast.stats.dropped_tokens) == ref.dropped_tokens
     # compute per token: experts computed (null choices and drops excluded), mean and histogram
-    hist = torch.bincount(torch.tensor(ref.experts_per_token), minlength=layer.cfg.top_k + 1)
+    slots = layer.cfg.num_experts if layer.cfg.router == "relu" else layer.cfg.top_k
+    hist = torch.bincount(torch.tensor(ref.experts_per_token), minlength=slots + 1)
     assert fast.stats.experts_per_token_hist.tolist() == hist.tolist()
     assert float(fast.stats.experts_per_token) == pytest.approx(sum(ref.experts_per_token) / 24)
 
@@ -146,7 +151,8 @@ class _FakeEP(TokenDispatcher):
         raise AssertionError
 
 
-@pytest.mark.parametrize("kw, field", [(dict(router="top_p"), "router"), (dict(num_null_experts=1), "num_null_experts")])
+@pytest.mark.parametrize("kw, field", [(dict(router="top_p"), "router"), (dict(router="relu"), "router"),
+                                       (dict(num_null_experts=1), "num_null_experts")])
 def test_expert_parallelism_refuses_variable_compute(kw, field):
     layer = make_layer(**kw)
     with pytest.raises(ValueError, match=f"MoEConfig.{field}=.*expert parallelism"):
@@ -164,6 +170,10 @@ def test_expert_parallelism_refuses_variable_compute(kw, field):
     (dict(router="top_p", seq_aux_loss_coef=0.01), "seq_aux_loss_coef"),
     (dict(router="noisy_topk", num_null_experts=1), "num_null_experts=1"),
     (dict(num_null_experts=2, n_group=2, topk_group=1, top_k=1), "num_null_experts=2"),
+    (dict(router="relu", num_null_experts=1), "num_null_experts=1"),
+    (dict(router="relu", bias_update_rate=1e-3), "bias_update_rate"),
+    (dict(relu_l1_init=0.0), "relu_l1_init=0.0"),
+    (dict(relu_l1_growth=1.0), "relu_l1_growth=1.0"),
 ])
 def test_bad_routing_options_are_refused_by_name(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -180,6 +190,32 @@ def test_old_configs_load_with_todays_behaviour():
 def test_null_experts_capacity_counts_them():
     cfg = MoEConfig(d_model=8, expert_hidden=4, num_experts=4, top_k=2, num_null_experts=4, capacity_factor=1.0)
     assert cfg.capacity(16, True) == 4  # ceil(16 · 2 / 8)
+
+
+def test_relu_l1_coefficient_adapts_toward_the_target_sparsity():
+    from moekit.moe.layer import update_expert_biases
+
+    layer = make_layer(router="relu", num_experts=4, top_k=1, relu_l1_init=1e-3, relu_l1_growth=2.0).train()
+    x = torch.randn(50, 16, dtype=torch.float64)
+    with torch.no_grad():  # every gate positive: sparsity 0 < target 0.75, so the penalty doubles
+        layer.router.weight_ED.copy_(torch.zeros_like(layer.router.weight_ED))
+        layer.router.weight_ED[:, 0] = 1.0
+    x[:, 0] = x[:, 0].abs() + 0.1
+    res = layer(x)
+    assert res.stats.experts_per_token_hist.tolist() == [0, 0, 0, 0, 50]
+    torch.testing.assert_close(res.aux_terms["relu_l1"], torch.relu(layer.router.logits(x)).sum(-1).mean())
+    torch.testing.assert_close(res.aux_loss, 1e-3 * res.aux_terms["relu_l1"])
+    update_expert_biases(torch.nn.Sequential(layer))
+    assert float(layer.router.l1_coef) == pytest.approx(2e-3)
+    with torch.no_grad():  # every gate zero: sparsity 1 > 0.75, so it halves
+        layer.router.weight_ED.neg_()
+    layer(x)
+    layer.update_bias()
+    assert float(layer.router.l1_coef) == pytest.approx(1e-3)
+    layer.eval()(x)  # eval passes do not count
+    layer.update_bias()
+    assert float(layer.router.l1_coef) == pytest.approx(1e-3)
+    assert "router.l1_coef" in layer.state_dict()  # it resumes with the checkpoint
 
 
 # ---- training through the command line ------------------------------------------------------
@@ -199,18 +235,24 @@ def _train(tmp_path, corpus_dir, *extra):
 @pytest.mark.parametrize("sets", [
     ("moe.router=top_p", "moe.top_k=4", "moe.top_p_threshold=0.5", "moe.router_entropy_coef=1e-4"),
     ("moe.num_null_experts=2", "moe.top_k=3", "moe.null_expert=identity", "moe.aux_loss_coef=0.01"),
-], ids=["top_p", "null_experts"])
+    ("moe.router=relu", "moe.relu_l1_init=1e-4"),
+], ids=["top_p", "null_experts", "relu"])
 def test_training_with_routing_options(tmp_path, corpus_dir, sets):
     args = [a for s in sets for a in ("--set", s)]
     records = [r for r in _train(tmp_path, corpus_dir, *args) if any(k.startswith("moe_") for k in r)]
     assert records
     layer = next(v for k, v in records[-1].items() if k.startswith("moe_"))
     hist = layer["experts_per_token_hist"]
-    assert len(hist) == (4 if "moe.top_k=3" in sets else 5)
+    from moekit.config import get_preset
+
+    E = get_preset("tiny").moe.num_experts
+    assert len(hist) == (4 if "moe.top_k=3" in sets else E + 1 if "moe.router=relu" in sets else 5)
     assert sum(hist) > 0
     assert layer["experts_per_token"] == pytest.approx(sum(i * n for i, n in enumerate(hist)) / sum(hist))
     if "moe.router=top_p" in sets:
         assert "aux_router_entropy" in records[-1]
+    if "moe.router=relu" in sets:
+        assert "aux_relu_l1" in records[-1]
     json.dumps(records)
 
 

@@ -114,7 +114,8 @@ MODEL_FIELDS: dict[str, Harmless] = {
 }
 MOE_FIELDS: dict[str, Harmless] = {
     **{f: _always for f in ("aux_loss_coef", "lb_convention", "z_loss_coef", "seq_aux_loss_coef", "bias_update_rate",
-                            "router_jitter", "init_std", "router_entropy_coef")},
+                            "router_jitter", "init_std", "router_entropy_coef",
+                            "relu_l1_init", "relu_l1_growth")},
     "top_p_threshold": _no_top_p,
     "null_expert": _no_null_experts,
     **{f: _dropless_in_eval for f in ("capacity_factor", "eval_capacity_factor", "drop_policy")},

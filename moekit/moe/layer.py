@@ -91,7 +91,7 @@ class MoELayer(nn.Module):
             cfg = self.cfg
             for field_name, value_now, off in (("router", cfg.router, "a fixed top-k router"),
                                                ("num_null_experts", cfg.num_null_experts, "0")):
-                if (field_name == "router" and value_now == "top_p") or (field_name != "router" and value_now):
+                if (field_name == "router" and value_now in ("top_p", "relu")) or (field_name != "router" and value_now):
                     raise ValueError(f"MoEConfig.{field_name}={value_now!r} is not supported under expert "
                                      f"parallelism (a variable number of computed experts per token); use {off} "
                                      f"or --ep 1")
@@ -231,11 +231,14 @@ class MoELayer(nn.Module):
         total = r.logits_TE.new_zeros(())
         if cfg.aux_loss_coef > 0:
             terms["load_balancing"] = load_balancing_loss(r.probs_TE, plan.routed_E, cfg.top_k, cfg.lb_convention,
-                                                          self.dispatcher.batch_sums, variable_k=cfg.router == "top_p")
+                                                          self.dispatcher.batch_sums, variable_k=cfg.router in ("top_p", "relu"))
             total = total + cfg.aux_loss_coef * terms["load_balancing"]
         if cfg.z_loss_coef > 0:
             terms["z_loss"] = router_z_loss(r.logits_TE)
             total = total + cfg.z_loss_coef * terms["z_loss"]
+        if cfg.router == "relu":  # ReMoE's L1 on the gates, its coefficient adapted by the router
+            terms["relu_l1"] = torch.relu(r.logits_TE).sum(dim=-1).mean()
+            total = total + self.router.l1_coef.to(total.dtype) * terms["relu_l1"]
         if cfg.router_entropy_coef > 0:
             terms["router_entropy"] = router_entropy_loss(r.probs_TE)
             total = total + cfg.router_entropy_coef * terms["router_entropy"]
@@ -290,7 +293,7 @@ class MoELayer(nn.Module):
         E = cfg.num_experts
         zero_E = torch.zeros(E, dtype=torch.long, device=x.device)
         zero = torch.zeros((), device=x.device)
-        most = cfg.top_k if cfg.is_token_choice else E
+        most = cfg.top_k if cfg.is_token_choice and cfg.router != "relu" else E
         stats = RoutingStats(zero_E, torch.zeros(cfg.num_routed, dtype=torch.long, device=x.device), zero.long(),
                              zero.long(), zero, zero, zero, zero.clone(),
                              torch.zeros(most + 1, dtype=torch.long, device=x.device))
@@ -299,7 +302,10 @@ class MoELayer(nn.Module):
     # ---- balancing ---------------------------------------------------------------------------
     @torch.no_grad()
     def update_bias(self) -> None:
-        """Applies the aux-loss-free bias update once (call after each optimizer step, never in eval)."""
+        """Applies the aux-loss-free bias update once (call after each optimizer step, never in eval);
+        with ``router='relu'``, ReMoE's L1 coefficient update too."""
+        if self.cfg.router == "relu":
+            self.router.update_l1()
         if self.cfg.bias_update_rate > 0:
             self.dispatcher.sum_load_(self.router.load_since_update)  # the load of the whole batch
             self.router.update_bias()

@@ -110,6 +110,11 @@ def reference_forward(layer, x: torch.Tensor, mask: torch.Tensor | None = None) 
         if cfg.router == "soft":
             routes.append([(e, s[e] * cfg.routed_scaling_factor, float(s[e].detach())) for e in range(E)])
             continue
+        if cfg.router == "relu":  # ReMoE: every expert with a positive gate, weighted by the gate
+            on = forced.active_TK[t].tolist() if forced is not None else [float(z[e].detach()) > 0 for e in range(E)]
+            routes.append([(e, torch.clamp(z[e], min=0) * cfg.routed_scaling_factor, max(float(z[e].detach()), 0.0))
+                           for e in range(E) if on[e]])
+            continue
         sel_values = z.tolist() if cfg.router == "noisy_topk" else (s.detach() + 0).tolist()
         if forced is not None:
             chosen = forced.expert_ids_TK[t].tolist()
@@ -191,11 +196,13 @@ def reference_forward(layer, x: torch.Tensor, mask: torch.Tensor | None = None) 
     # Auxiliary losses, from their formulas.
     terms: dict[str, torch.Tensor] = {}  # none when no token is routed (the fast path's empty result)
     if T and cfg.aux_loss_coef > 0:
-        denom = T if cfg.lb_convention == "hf_compat" else (sum(routed) if cfg.router == "top_p" else T * K)
+        denom = T if cfg.lb_convention == "hf_compat" else (sum(routed) if cfg.router in ("top_p", "relu") else T * K)
         P = [sum(probs[t][e] for t in range(T)) / T for e in range(E_r)]
         terms["load_balancing"] = E_r * sum((routed[e] / denom) * P[e] for e in range(E_r))
     if T and cfg.z_loss_coef > 0:
         terms["z_loss"] = sum(torch.log(torch.exp(logits[t]).sum()) ** 2 for t in range(T)) / T
+    if T and cfg.router == "relu":
+        terms["relu_l1"] = sum(torch.clamp(logits[t], min=0).sum() for t in range(T)) / T
     if T and cfg.router_entropy_coef > 0:
         terms["router_entropy"] = sum(-sum(p * torch.log(p) for p in probs[t]) for t in range(T)) / T
     if T and cfg.seq_aux_loss_coef > 0:
@@ -215,7 +222,8 @@ def reference_forward(layer, x: torch.Tensor, mask: torch.Tensor | None = None) 
             per_seq.append(loss_b)
         terms["seq_balance"] = sum(per_seq) / len(per_seq)
     coefs = {"load_balancing": cfg.aux_loss_coef, "z_loss": cfg.z_loss_coef, "seq_balance": cfg.seq_aux_loss_coef,
-             "router_entropy": cfg.router_entropy_coef}
+             "router_entropy": cfg.router_entropy_coef,
+             "relu_l1": float(router.l1_coef) if cfg.router == "relu" else 0.0}
     aux = sum((coefs[k] * v for k, v in terms.items()), logits.new_zeros(()))
 
     kept_counts = [sum(1 for _, e, _ in kept if e == i) for i in range(E)]

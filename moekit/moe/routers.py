@@ -103,7 +103,7 @@ class Router(nn.Module):
         # NOTE: model.to(bf16) must not round the selection bias or the load counts (a 1e-3 update
         # of a bias near 1 vanishes in bf16); they stay fp32 whatever the parameters' dtype.
         super()._apply(fn, recurse)
-        for name in ("expert_bias", "load_since_update"):
+        for name in ("expert_bias", "load_since_update", "l1_coef", "gates_since_update"):
             buf = getattr(self, name, None)
             if buf is not None and buf.is_floating_point() and buf.dtype != torch.float32:
                 setattr(self, name, buf.float())
@@ -139,9 +139,10 @@ class Router(nn.Module):
         """The forced expert ids, checked against this call's tokens."""
         ids_TK = self.forced.expert_ids_TK
         T, E = scores_TE.shape
-        if ids_TK.dim() != 2 or ids_TK.shape[0] != T or ids_TK.shape[1] != self.cfg.top_k:
+        K = E if self.cfg.router == "relu" else self.cfg.top_k  # slots per token
+        if ids_TK.dim() != 2 or ids_TK.shape[0] != T or ids_TK.shape[1] != K:
             raise ValueError(f"routing replay: the recorded choice has shape {tuple(ids_TK.shape)}, but this call "
-                             f"routes {T} tokens to top_k={self.cfg.top_k} experts; replay needs the recorded "
+                             f"routes {T} tokens to {K} expert slots each; replay needs the recorded "
                              f"pass's inputs (same tokens, same padding) in the same order")
         return ids_TK.to(scores_TE.device)
 
@@ -316,6 +317,53 @@ class SparseMixerRouter(Router):
                             weights_TK.detach())
 
 
+class ReluRouter(Router):
+    """ReMoE: ReLU routing (Wang et al., ICLR 2025, "ReMoE: Fully Differentiable Mixture-of-Experts with
+    ReLU Routing", eq. 5-8).
+
+    Gates R(x) = ReLU(x·W_r): token t uses every expert with R_{t,e} > 0, weighted by R_{t,e} (no
+    normalisation; ``routed_scaling_factor`` applies). The slots are all E experts, ``active_TK`` marks
+    the positive gates. Sparsity comes from the L1 term L_reg = mean_t Σ_e R_{t,e} (the layer adds
+    λ·L_reg to its aux loss; the paper averages it over layers too) whose coefficient λ (the buffer
+    ``l1_coef``, λ_0 = ``relu_l1_init``) is adapted after each optimizer step (:meth:`update_l1`):
+    λ ← λ · α^sign(S_target − S), α = ``relu_l1_growth``, S the fraction of zero gates in the training
+    passes since the last update, S_target = 1 − top_k/E. So ``top_k`` is the *mean* number of experts
+    per token the penalty steers toward, and the capacity formula uses it. The paper's load-balancing
+    refinement of the L1 term is not included: combine with ``aux_loss_coef`` to balance.
+    """
+
+    def __init__(self, cfg: MoEConfig):
+        super().__init__(cfg)
+        self.register_buffer("l1_coef", torch.tensor(float(cfg.relu_l1_init)))
+        self.register_buffer("gates_since_update", torch.zeros(2))  # [zero gates, all gates] in training passes
+
+    def forward(self, x_TD: torch.Tensor, topk: TopK | None = None) -> RouterOutput:
+        logits_TE = self.logits(x_TD)
+        gates_TE = F.relu(logits_TE)
+        T, E = logits_TE.shape
+        expert_ids_TK = torch.arange(E, device=x_TD.device).expand(T, E)
+        if self.forced is not None:
+            self.forced_ids(logits_TE)
+            active_TK = self.forced.active_TK.to(x_TD.device)
+        else:
+            active_TK = logits_TE.detach() > 0
+        if self.training:
+            with torch.no_grad():
+                self.gates_since_update += torch.stack([(~active_TK).sum(), torch.tensor(T * E, device=x_TD.device)])
+        weights_TK = gates_TE.masked_fill(~active_TK, 0.0) * self.cfg.routed_scaling_factor
+        return RouterOutput(logits_TE, logits_TE.softmax(dim=-1), expert_ids_TK, weights_TK, gates_TE,
+                            active_TK=active_TK)
+
+    @torch.no_grad()
+    def update_l1(self) -> None:
+        """λ ← λ · α^sign(S_target − S) from the gates counted since the last call, then resets the count."""
+        zeros, total = self.gates_since_update
+        if total > 0:
+            target = 1 - self.cfg.top_k / self.cfg.num_experts
+            self.l1_coef *= self.cfg.relu_l1_growth ** torch.sign(target - zeros / total)
+        self.gates_since_update.zero_()
+
+
 class ExpertChoiceRouter(Router):
     """Expert-choice routing (Zhou et al. 2022 §3.2): S = softmax(x·W_g) over experts; each expert
     takes its top-C tokens by S (columns of S), weights = the chosen entries of S.
@@ -353,6 +401,7 @@ ROUTER_CLASSES: dict[str, type[Router]] = {
     "soft": SoftRouter,
     "sparsemixer": SparseMixerRouter,
     "top_p": TopPRouter,
+    "relu": ReluRouter,
 }
 
 
