@@ -116,6 +116,29 @@ def test_engine_greedy_equals_generate_with_others_in_the_batch():
         engine.close()
 
 
+def test_engine_batched_prefill_of_several_prompts_equals_generate():
+    """Prompts that arrive together are prefilled in one right-padded forward (each at its own positions),
+    joining a request that is already decoding; greedy still equals generate for each alone."""
+    model = _model()
+    engine = Engine(model, ByteTokenizer(), max_batch=5, prefill_chunk=64)
+    try:
+        g = torch.Generator().manual_seed(2)
+        first = _collect(engine, [7, 8, 9], SamplingParams(max_tokens=40))
+        _wait(lambda: first[0])  # decoding
+        prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (5, 11, 2, 8)]
+        chunks = engine.metrics.prefill_chunks
+        with engine._cond:  # all four wait together, so one prefill step takes them all
+            runs = [_collect(engine, p, SamplingParams(max_tokens=9)) for p in prompts]
+        for (events, done), p in zip(runs, prompts):
+            assert done.wait(60)
+            assert [t for ev in events for t in ev.token_ids] == generate(model, [p], 9).tokens[0]
+        assert engine.metrics.prefill_chunks == chunks + 1
+        assert first[1].wait(60)
+        assert [t for ev in first[0] for t in ev.token_ids] == generate(model, [[7, 8, 9]], 40).tokens[0]
+    finally:
+        engine.close()
+
+
 def test_engine_stop_string_cuts_the_text_and_frees_the_slot():
     model = _model()
     engine = Engine(model, ByteTokenizer(), max_batch=1)

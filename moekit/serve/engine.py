@@ -54,6 +54,11 @@ class SlotLayerKV:
         if self.k_NGLD is None:
             self.k_NGLD = k_new.new_zeros(c.n_slots, k_new.shape[1], c.max_len, k_new.shape[-1])
             self.v_NGLD = v_new.new_zeros(c.n_slots, v_new.shape[1], c.max_len, v_new.shape[-1])
+        if c.rows_B is not None:  # batched prefill: slot rows_B[b] writes its S positions at cols_BS[b]
+            self.k_NGLD[c.rows_B[:, None], :, c.cols_BS] = k_new.transpose(1, 2)
+            self.v_NGLD[c.rows_B[:, None], :, c.cols_BS] = v_new.transpose(1, 2)
+            return (self.k_NGLD.index_select(0, c.rows_B)[:, :, :c.length],
+                    self.v_NGLD.index_select(0, c.rows_B)[:, :, :c.length])
         if c.cols_B is None:  # prefill: one slot, S new positions from ``start``
             s, start, S = c.lo, c.start, k_new.shape[2]
             self.k_NGLD[s, :, start:start + S] = k_new[0]
@@ -76,13 +81,19 @@ class SlotKVCache:
         self.layers = [SlotLayerKV(self) for _ in range(n_layers)]
         self.lo, self.start, self.length = 0, 0, 0
         self.cols_B: torch.Tensor | None = None
+        self.rows_B: torch.Tensor | None = None
+        self.cols_BS: torch.Tensor | None = None
 
     def for_prefill(self, slot: int, start: int) -> None:
-        self.lo, self.start, self.cols_B = slot, start, None
+        self.lo, self.start, self.cols_B, self.rows_B = slot, start, None, None
 
     def for_decode(self, lo: int, cols_B: torch.Tensor) -> None:
         """Rows ``lo .. lo+B-1`` write at ``cols_B`` and attend to the first ``max(cols_B)+1`` positions."""
-        self.lo, self.cols_B, self.length = lo, cols_B, int(cols_B.max()) + 1
+        self.lo, self.cols_B, self.length, self.rows_B = lo, cols_B, int(cols_B.max()) + 1, None
+
+    def for_rows(self, rows_B: torch.Tensor, cols_BS: torch.Tensor) -> None:
+        """Slots ``rows_B`` write at ``cols_BS`` and attend to the first ``max(cols_BS)+1`` positions."""
+        self.rows_B, self.cols_BS, self.length = rows_B, cols_BS, int(cols_BS.max()) + 1
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for lay in self.layers for t in (lay.k_NGLD, lay.v_NGLD)
@@ -265,7 +276,7 @@ class Engine:
                     self._admit()
                 try:
                     if self.prefilling:
-                        self._prefill_chunk(self.prefilling[0])
+                        self._prefill_step()
                     if any(r is not None and r.next_token >= 0 for r in self.slots):
                         self._decode_step()
                 except Exception as err:  # noqa: BLE001 - a failed forward ends its requests, not the server
@@ -305,8 +316,10 @@ class Engine:
         for r in [s for s in self.slots if s is not None]:
             self._finish(r, "error", message)
 
-    def _forward(self, ids_BS: torch.Tensor, positions_BS: torch.Tensor, mask, real_BS) -> torch.Tensor:
-        """Last-position logits [B, V]; the cache has been told where to write."""
+    def _forward(self, ids_BS: torch.Tensor, positions_BS: torch.Tensor, mask, real_BS,
+                 last_B: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, V] at each row's ``last_B`` position (default: the last); the cache has been told
+        where to write."""
         model = self.model
         self._routed.clear()
         x = model.embed_tokens(ids_BS)
@@ -314,7 +327,8 @@ class Engine:
         for blk, layer_cache in zip(model.layers, self.cache.layers):
             x, _ = blk(x, cos[:, None], sin[:, None], layer_cache, mask, real_BS)
         self._count_experts(real_BS, ids_BS.numel())
-        return model.head(x[:, -1])
+        x_BD = x[:, -1] if last_B is None else x[torch.arange(x.shape[0], device=x.device), last_B]
+        return model.head(x_BD)
 
     def _count_experts(self, real_BS, n_tokens: int) -> None:
         load = self.metrics.expert_load
@@ -323,6 +337,41 @@ class Engine:
                 ids_TK = ids_TK[real_BS.reshape(-1)]
             counts = torch.bincount(ids_TK.reshape(-1).long().cpu(), minlength=self.model.cfg.moe.num_routed)
             load[index] = counts if index not in load else _add_padded(load[index], counts)
+
+    def _prefill_step(self) -> None:
+        """The next chunk of the admitted prompts in one forward, as many prompts as fit in
+        ``prefill_chunk`` tokens (padding counted); a prompt alone goes as generate's prefill does."""
+        batch, width = [], 0
+        for r in self.prefilling:
+            n = min(len(r.prompt_ids) - r.cached, self.prefill_chunk)
+            if batch and (len(batch) + 1) * max(width, n) > self.prefill_chunk:
+                break
+            batch.append(r)
+            width = max(width, n)
+        if len(batch) == 1:
+            return self._prefill_chunk(batch[0])
+        # several prompts, right-padded to ``width``: each row keeps its own positions (from its ``cached``),
+        # its padding writes past its real columns (overwritten before they are attended) and routes no expert
+        B, dev = len(batch), self.device
+        ids_BS = torch.zeros(B, width, dtype=torch.long)
+        n_B = torch.tensor([min(len(r.prompt_ids) - r.cached, self.prefill_chunk) for r in batch])
+        for b, r in enumerate(batch):
+            ids_BS[b, :n_B[b]] = torch.tensor(r.prompt_ids[r.cached:r.cached + int(n_B[b])])
+        start_B = torch.tensor([r.cached for r in batch])
+        positions_BS = start_B[:, None] + torch.arange(width)[None]
+        cols_BS = positions_BS.clamp(max=self.max_len - 1)
+        real_BS = torch.arange(width)[None] < n_B[:, None]
+        self.cache.for_rows(torch.tensor([r.slot for r in batch], device=dev), cols_BS.to(dev))
+        allowed_B1SL = (torch.arange(self.cache.length)[None, None] <= positions_BS[:, :, None])[:, None]
+        logits_BV = self._forward(ids_BS.to(dev), positions_BS.to(dev), allowed_B1SL.to(dev), real_BS.to(dev),
+                                  (n_B - 1).to(dev))
+        self.metrics.prefill_chunks += 1
+        for b, r in enumerate(batch):
+            r.cached += int(n_B[b])
+            if r.cached == len(r.prompt_ids):
+                self.prefilling.remove(r)
+                self.metrics.prompt_tokens += len(r.prompt_ids)
+                self._take(r, logits_BV[b:b + 1])
 
     def _prefill_chunk(self, r: Request) -> None:
         start = r.cached
