@@ -17,14 +17,6 @@ transformers = pytest.importorskip("transformers")
 V = 96  # vocabulary
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _build(cfg_name: str, model_name: str, **kw):
     cfg = getattr(transformers, cfg_name)(vocab_size=V, max_position_embeddings=128, initializer_range=0.15,
                                           eos_token_id=None, bos_token_id=None, pad_token_id=None, **kw)
