@@ -11,6 +11,7 @@ from moekit import MoEConfig, reference_forward
 from moekit.moe.dispatcher import TokenDispatcher
 
 from conftest import grads_of, make_layer
+from test_layer import _fast, _ref
 
 CASES = {
     "top_p_paper": dict(router="top_p", top_k=4, top_p_threshold=0.5, normalize_weights=False),
@@ -31,16 +32,6 @@ CASES = {
                               z_loss_coef=1e-3, routed_scaling_factor=2.0),
     "relu_capacity_score": dict(router="relu", capacity_factor=0.5, drop_policy="score", mlp_bias=True),
 }
-
-
-def _fast(layer, x):
-    res = layer(x)
-    return res.output, res.aux_loss
-
-
-def _ref(layer, x):
-    res = reference_forward(layer, x)
-    return res.output, res.aux_loss
 
 
 def _layer(name):
@@ -216,6 +207,26 @@ def test_relu_l1_coefficient_adapts_toward_the_target_sparsity():
     layer.update_bias()
     assert float(layer.router.l1_coef) == pytest.approx(1e-3)
     assert "router.l1_coef" in layer.state_dict()  # it resumes with the checkpoint
+
+
+@pytest.mark.parametrize("moe_kw", [dict(router="top_p", top_k=3, top_p_threshold=0.5),
+                                    dict(num_null_experts=2, top_k=3, null_expert="identity"),
+                                    dict(router="relu")], ids=["top_p", "null", "relu"])
+def test_cached_decoding_equals_recomputation(moe_kw):
+    from moekit.config import get_preset
+    from moekit.generate import generate
+    from moekit.model import MoETransformer
+
+    cfg = get_preset("tiny")
+    torch.manual_seed(0)
+    model = MoETransformer(cfg.replace(moe=cfg.moe.replace(**moe_kw))).eval()
+    prompt = torch.randint(0, cfg.vocab_size, (1, 6))
+    got = generate(model, prompt, max_new_tokens=5).tokens[0]
+    ids = prompt[0].tolist()
+    with torch.no_grad():
+        for _ in range(5):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    assert got == ids[6:]
 
 
 # ---- training through the command line ------------------------------------------------------

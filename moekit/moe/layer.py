@@ -208,7 +208,7 @@ class MoELayer(nn.Module):
         host sync cannot run: a dropless token-choice layer holding all its experts may take the gather
         backend there, when the chooser picks it."""
         return (self.experts.decoding and self.dispatcher.holds_all_experts and self.routing_replay is None
-                and self.cfg.num_null_experts == 0
+                and self.cfg.num_null_experts == 0 and self.cfg.router != "relu"
                 and not isinstance(self.router, ExpertChoiceRouter) and self.cfg.capacity(1, self.training) is None
                 and self.experts.backend_for(x_TD, decode_step=True) == "gather")
 

@@ -675,6 +675,9 @@ def _show(bar, run: _Run, st: _Step) -> None:
     routing = st.outs[-1].routing if st.outs else None
     if routing:
         postfix["imbalance"] = f"{sum(s.max_load_ratio.item() for s in routing.values()) / len(routing):.2f}"
+        moe = run.mcfg.moe
+        if moe is not None and (moe.router in ("top_p", "relu") or moe.num_null_experts):  # compute varies per token
+            postfix["exp/tok"] = f"{sum(s.experts_per_token.item() for s in routing.values()) / len(routing):.2f}"
         collapsed = [name for name, s in routing.items() if collapsed_experts(s.tokens_per_expert.tolist())]
         if collapsed:
             postfix["COLLAPSE"] = "layers " + ",".join(map(str, collapsed))
