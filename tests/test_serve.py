@@ -299,6 +299,33 @@ def test_client_disconnect_mid_stream_frees_its_slot(server):
     assert engine.metrics.requests_finished["cancelled"] == before + 1
 
 
+def test_client_disconnect_while_waiting_for_a_whole_completion_frees_its_slot(server):
+    url, state = server
+    engine = state.engine
+    before = engine.metrics.requests_finished["cancelled"]
+    conn, _ = _connect(url), None
+    conn.request("POST", "/v1/completions", body=json.dumps({"prompt": "y", "max_tokens": CONTEXT - 1}),
+                 headers={"Content-Type": "application/json"})
+    _wait(lambda: engine.running == 1)
+    conn.close()  # gone before the answer
+    _wait(lambda: engine.running == 0)
+    assert engine.metrics.requests_finished["cancelled"] == before + 1
+
+
+def test_chat_template_of_a_hugging_face_directory_renders_the_messages(run_dir, tmp_path):
+    from moekit.serve.app import ServerState, _render_chat
+    from moekit.serve.server import chat_template_of
+
+    template = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}{% endfor %}"
+                "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": template, "bos_token": "<s>",
+                                                                "eos_token": {"content": "</s>"}}))
+    state = ServerState(None, "m", *chat_template_of(tmp_path))
+    messages = [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]
+    assert _render_chat(state, messages) == "<s><|user|>hi</s><|assistant|>"
+    assert chat_template_of(run_dir) == (None, "", "")  # moekit's byte tokenizer has no template
+
+
 def test_metrics_and_health(server, client):
     client.completions.create(model="tiny-moe", prompt="count me", max_tokens=3)
     assert _get(server[0] + "/health").json()["status"] == "ok"

@@ -198,13 +198,18 @@ class _Stream:
 
     async def events(self, request: HTTPRequest | None = None):
         """The events up to the last; with ``request``, polls for a client that went away meanwhile."""
+        checked = time.monotonic()
         try:
             while True:
                 try:
-                    ev = await asyncio.wait_for(self.queue.get(), 1.0)
+                    ev = await asyncio.wait_for(self.queue.get(), 0.5)
                 except asyncio.TimeoutError:
-                    if request is not None and await request.is_disconnected():
+                    ev = None
+                if request is not None and time.monotonic() - checked >= 0.5:  # (events may never pause)
+                    checked = time.monotonic()
+                    if await request.is_disconnected():
                         return
+                if ev is None:
                     continue
                 yield ev
                 if ev.finish_reason is not None:
