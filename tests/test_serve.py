@@ -314,7 +314,7 @@ def test_client_disconnect_while_waiting_for_a_whole_completion_frees_its_slot(s
 
 def test_chat_template_of_a_hugging_face_directory_renders_the_messages(run_dir, tmp_path):
     from moekit.serve.app import ServerState, _render_chat
-    from moekit.serve.server import chat_template_of
+    from moekit.serve.server import chat_template_of, stop_token_ids
 
     template = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}{% endfor %}"
                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
@@ -324,6 +324,8 @@ def test_chat_template_of_a_hugging_face_directory_renders_the_messages(run_dir,
     messages = [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]
     assert _render_chat(state, messages) == "<s><|user|>hi</s><|assistant|>"
     assert chat_template_of(run_dir) == (None, "", "")  # moekit's byte tokenizer has no template
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 7]}))
+    assert stop_token_ids(tmp_path, ByteTokenizer()) == (2, 7)
 
 
 def test_metrics_and_health(server, client):

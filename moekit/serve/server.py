@@ -39,6 +39,24 @@ def chat_template_of(model_dir: Path) -> tuple[str | None, str, str]:
     return (template if isinstance(template, str) else None), token("bos_token"), token("eos_token")
 
 
+def stop_token_ids(model_dir: Path, tokenizer, eos: str = "") -> tuple[int, ...]:
+    """The tokens that end a text: the tokenizer's end-of-text token, the ``eos_token`` of a Hugging Face
+    tokenizer_config.json and the ``eos_token_id`` (one or a list) of its generation_config.json."""
+    ids = set()
+    if getattr(tokenizer, "eot_id", None) is not None:
+        ids.add(tokenizer.eot_id)
+    if eos and hasattr(tokenizer, "tok") and tokenizer.tok.token_to_id(eos) is not None:
+        ids.add(tokenizer.tok.token_to_id(eos))
+    gen = Path(model_dir) / "generation_config.json"
+    if gen.is_file():
+        try:
+            value = json.loads(gen.read_text()).get("eos_token_id")
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{gen} is not valid JSON: {err}") from None
+        ids.update(v for v in (value if isinstance(value, list) else [value]) if isinstance(v, int))
+    return tuple(sorted(ids))
+
+
 def load_model_and_tokenizer(path: Path):
     """A moekit checkpoint or run with its tokenizer, or a Hugging Face directory with its tokenizer.json."""
     from moekit.checkpoint import load_model
@@ -62,7 +80,8 @@ def load_state(model_dir: str | Path, dtype: str = "fp32", max_batch: int = 8, p
     model, tokenizer = load_model_and_tokenizer(path)
     model = model.to(DTYPES[dtype]).eval()
     template, bos, eos = chat_template_of(path)
-    engine = Engine(model, tokenizer, max_batch=max_batch, prefill_chunk=prefill_chunk)
+    engine = Engine(model, tokenizer, max_batch=max_batch, prefill_chunk=prefill_chunk,
+                    stop_token_ids=stop_token_ids(path, tokenizer, eos))
     return ServerState(engine, model_name or path.resolve().name, template, bos, eos)
 
 
