@@ -260,7 +260,7 @@ class Engine:
     def _record_routing(self, index: int):
         def hook(_module, _args, out):
             ids = getattr(out, "expert_ids_TK", None)
-            if ids is not None:
+            if ids is not None and threading.current_thread() is self._thread:  # (not another caller's forward)
                 self._routed[index] = ids.detach()
         return hook
 
