@@ -167,7 +167,9 @@ def test_engine_refuses_what_can_never_fit_and_stops_taking_requests_when_closed
 
 def test_openai_client_completions_and_chat(server, client):
     model_id = client.models.list().data[0].id
-    assert model_id == "tiny-moe"
+    assert model_id == "tiny-moe" and client.models.retrieve("tiny-moe").id == "tiny-moe"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4")
     c = client.completions.create(model=model_id, prompt="def fib(n):", max_tokens=5, temperature=0)
     assert c.object == "text_completion" and c.choices[0].finish_reason == "length"
     assert c.usage.prompt_tokens == len("def fib(n):") and c.usage.completion_tokens == 5

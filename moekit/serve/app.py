@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP API over an :class:`~moekit.serve.engine.Engine` (Starlette).
 
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (``stream: true`` as server-sent events
-ending with ``data: [DONE]``), ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus text).
+ending with ``data: [DONE]``), ``GET /v1/models`` (and ``/v1/models/{id}``), ``GET /health``, ``GET /metrics``
+(Prometheus text).
 Errors carry OpenAI's body, ``{"error": {"message", "type", "param", "code"}}``.
 """
 
@@ -325,6 +326,15 @@ async def models(request: HTTPRequest) -> Response:
                                                       "created": state.created, "owned_by": "moekit"}]})
 
 
+async def model_info(request: HTTPRequest) -> Response:
+    state: ServerState = request.app.state.serve
+    name = request.path_params["model"]
+    if name != state.model_name:
+        return error_response(404, f"the model {name!r} does not exist; this server serves {state.model_name!r}",
+                              "model", "model_not_found")
+    return JSONResponse({"id": name, "object": "model", "created": state.created, "owned_by": "moekit"})
+
+
 async def health(request: HTTPRequest) -> Response:
     state: ServerState = request.app.state.serve
     return JSONResponse({"status": "ok", "model": state.model_name, "running": state.engine.running,
@@ -395,6 +405,7 @@ def build_app(state: ServerState, on_shutdown=None) -> Starlette:
         Route("/v1/completions", _counted("completions", completions), methods=["POST"]),
         Route("/v1/chat/completions", _counted("chat_completions", chat_completions), methods=["POST"]),
         Route("/v1/models", models, methods=["GET"]),
+        Route("/v1/models/{model:path}", model_info, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
     ], exception_handlers={HTTPException: _http_error}, lifespan=lifespan)
