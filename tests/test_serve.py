@@ -156,9 +156,17 @@ def test_engine_stop_string_cuts_the_text_and_frees_the_slot():
 
 def test_engine_refuses_what_can_never_fit_and_stops_taking_requests_when_closed():
     engine = Engine(_model(), ByteTokenizer(), max_batch=1)
-    with pytest.raises(ValueError, match="exceeds the model's context of 1024"):
+    with pytest.raises(ValueError, match="exceeds the context of 1024"):
         engine.submit([1] * 1000, SamplingParams(max_tokens=25), lambda ev: None)
     engine.close()
+    small = Engine(_model(), ByteTokenizer(), max_batch=1, context=64)  # a smaller pool, a smaller limit
+    with pytest.raises(ValueError, match="exceeds the context of 64"):
+        small.submit([1] * 60, SamplingParams(max_tokens=5), lambda ev: None)
+    events, done = _collect(small, [1] * 60, SamplingParams(max_tokens=4))
+    assert done.wait(60) and small.cache.layers[0].k_NGLD.shape[2] == 64
+    small.close()
+    with pytest.raises(ValueError, match="context=2000 is invalid"):
+        Engine(_model(), ByteTokenizer(), context=2000)
     with pytest.raises(RuntimeError, match="shutting down"):
         engine.submit([1], SamplingParams(max_tokens=1), lambda ev: None)
 
@@ -335,7 +343,7 @@ def test_metrics_and_health(server, client):
     assert _get(server[0] + "/health").json()["status"] == "ok"
     text = _get(server[0] + "/metrics").text
     for name in ("moekit_http_requests_total", "moekit_generated_tokens_total", "moekit_queue_length",
-                 "moekit_running_requests", "moekit_time_to_first_token_seconds_count",
+                 "moekit_running_requests", "moekit_time_to_first_token_seconds_count", "moekit_kv_cache_bytes",
                  'moekit_expert_assignments_total{layer="0",expert="0"}'):
         assert name in text
     assert 'moekit_http_requests_total{endpoint="completions",status="200"}' in text

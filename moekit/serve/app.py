@@ -166,7 +166,7 @@ def _params(state: ServerState, body: dict, prompt_len: int, chat: bool) -> Samp
     max_tokens = _integer(body, name, default, 1)
     if prompt_len + max_tokens > context:
         raise APIError(400, f"the prompt ({prompt_len} tokens) + {name} ({max_tokens}) = {prompt_len + max_tokens} "
-                            f"exceeds the model's context of {context} tokens", name, "context_length_exceeded")
+                            f"exceeds the context of {context} tokens", name, "context_length_exceeded")
     top_p = _number(body, "top_p", 1.0, 0.0, 1.0, above=True)
     return SamplingParams(max_tokens=max_tokens, temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
                           top_p=None if top_p == 1.0 else top_p, seed=_integer(body, "seed", None, 0),
@@ -364,6 +364,8 @@ def metrics_text(state: ServerState) -> str:
     metric("running_requests", "gauge", "Requests holding a KV-cache slot (prefilling or decoding)",
            [({}, e.running)])
     metric("kv_cache_slots", "gauge", "KV-cache slots (the most requests running at once)", [({}, e.max_batch)])
+    metric("kv_cache_bytes", "gauge", "Bytes of the KV-cache pool (allocated at the first request)",
+           [({}, e.cache.nbytes())])
     recent = sorted(m.ttft_s)
     quantiles = [({"quantile": q}, recent[min(len(recent) - 1, int(q * len(recent)))]) for q in (0.5, 0.9, 0.99)] \
         if recent else []

@@ -24,7 +24,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int_at_least(0), default=8000, help="TCP port to listen on")
     p.add_argument("--max-batch", dest="max_batch", type=POSITIVE, default=8,
-                   help="requests decoding at once (KV-cache slots of max_seq_len positions each); more wait")
+                   help="requests decoding at once (KV-cache slots of --context positions each); more wait")
+    p.add_argument("--context", type=POSITIVE,
+                   help="tokens of prompt + completion a request may hold, at most the model's max_seq_len; a "
+                        "smaller one shrinks the KV cache (default: the model's max_seq_len)")
     p.add_argument("--prefill-chunk", dest="prefill_chunk", type=POSITIVE, default=256,
                    help="prompt tokens per prefill step (a long prompt delays running decodes one chunk at a time)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="weights and activations")
@@ -39,7 +42,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 def cmd_serve(args: argparse.Namespace) -> int:
     from moekit.serve.server import load_state, run_server
 
-    state = load_state(args.model, args.dtype, args.max_batch, args.prefill_chunk, args.model_name)
+    state = load_state(args.model, args.dtype, args.max_batch, args.prefill_chunk, args.model_name, args.context)
     print(f"moekit: serving {state.model_name!r} on http://{args.host}:{args.port}/v1 "
           f"({args.max_batch} slots of {state.engine.max_len} tokens)", file=sys.stderr)
     run_server(state, args.host, args.port, args.log_level)

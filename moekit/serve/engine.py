@@ -1,7 +1,7 @@
 """Continuous batching: requests join and leave one running decode batch at token boundaries.
 
 Legend: N cache slots (the most requests decoding at once), B rows of a step, S new tokens of a row,
-G key/value heads, L cache length (the model's max_seq_len), Dk/Dv key/value head dims, V vocabulary.
+G key/value heads, L cache length (the context), Dk/Dv key/value head dims, V vocabulary.
 
 One background thread runs the loop; each turn it
 
@@ -11,11 +11,12 @@ One background thread runs the loop; each turn it
 3. runs one decode step over every decoding request: one forward of B rows of one token, so each MoE
    layer makes one expert pass for all of them.
 
-Every slot owns a whole ``max_seq_len`` row of the KV cache (:class:`SlotKVCache`): each request has its
+Every slot owns a whole ``context`` row of the KV cache (:class:`SlotKVCache`): each request has its
 own positions, counted from its own first token, so no request sees another's keys and a request's
 greedy continuation is the one :func:`moekit.generate.generate` gives for its prompt alone. Admission
 is by memory: a request waits until a slot (a row of the preallocated cache) is free; one whose prompt
-plus ``max_tokens`` exceeds ``max_seq_len`` can never fit and is refused at submission.
+plus ``max_tokens`` exceeds the context (the model's ``max_seq_len`` unless a smaller one is asked for,
+which shrinks the pool) can never fit and is refused at submission.
 
 NOTE: as in :func:`moekit.generate.generate`, a capacity factor or expert-choice routing makes a
 token's experts depend on the other tokens of its forward pass: batched requests then continue
@@ -185,14 +186,17 @@ class Engine:
     """
 
     def __init__(self, model: MoETransformer, tokenizer, max_batch: int = 8, prefill_chunk: int = 256,
-                 stop_token_ids: tuple[int, ...] | None = None):
+                 stop_token_ids: tuple[int, ...] | None = None, context: int | None = None):
         if not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch={max_batch!r} is invalid: an integer >= 1")
         if not isinstance(prefill_chunk, int) or prefill_chunk < 1:
             raise ValueError(f"prefill_chunk={prefill_chunk!r} is invalid: an integer >= 1")
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_batch, self.prefill_chunk = max_batch, prefill_chunk
-        self.max_len = model.cfg.max_seq_len
+        if context is not None and (not isinstance(context, int) or not 1 <= context <= model.cfg.max_seq_len):
+            raise ValueError(f"context={context!r} is invalid: an integer in [1, the model's max_seq_len="
+                             f"{model.cfg.max_seq_len}]")
+        self.max_len = context or model.cfg.max_seq_len
         if stop_token_ids is None:
             eot = getattr(tokenizer, "eot_id", None)
             stop_token_ids = (eot,) if eot is not None else ()
@@ -219,7 +223,7 @@ class Engine:
         total = len(prompt_ids) + params.max_tokens
         if total > self.max_len:
             raise ContextTooLong(f"the prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) = "
-                                 f"{total} exceeds the model's context of {self.max_len} tokens")
+                                 f"{total} exceeds the context of {self.max_len} tokens")
         self.model.check_token_ids(torch.tensor(prompt_ids))
         req = Request(list(prompt_ids), params, sink, id=next(self._ids), submitted=time.perf_counter())
         if params.seed is not None:

@@ -72,7 +72,7 @@ def load_model_and_tokenizer(path: Path):
 
 
 def load_state(model_dir: str | Path, dtype: str = "fp32", max_batch: int = 8, prefill_chunk: int = 256,
-               model_name: str | None = None) -> ServerState:
+               model_name: str | None = None, context: int | None = None) -> ServerState:
     """A model directory (moekit checkpoint or run, or Hugging Face) with its tokenizer, behind an engine."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} is invalid; allowed: {', '.join(DTYPES)}")
@@ -81,7 +81,7 @@ def load_state(model_dir: str | Path, dtype: str = "fp32", max_batch: int = 8, p
     model = model.to(DTYPES[dtype]).eval()
     template, bos, eos = chat_template_of(path)
     engine = Engine(model, tokenizer, max_batch=max_batch, prefill_chunk=prefill_chunk,
-                    stop_token_ids=stop_token_ids(path, tokenizer, eos))
+                    stop_token_ids=stop_token_ids(path, tokenizer, eos), context=context)
     return ServerState(engine, model_name or path.resolve().name, template, bos, eos)
 
 
