@@ -338,6 +338,27 @@ def test_chat_template_of_a_hugging_face_directory_renders_the_messages(run_dir,
     assert stop_token_ids(tmp_path, ByteTokenizer()) == (2, 7)
 
 
+def test_a_hugging_face_directory_serves_with_its_chat_template_and_eos(tmp_path):
+    from moekit.interop import to_hf
+    from moekit.serve.app import _render_chat
+
+    model = _model()
+    to_hf(model, tmp_path / "hf", tokenizer=ByteTokenizer())
+    (tmp_path / "hf" / "tokenizer_config.json").write_text(json.dumps(
+        {"chat_template": "{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}>", "eos_token": "\n"}))
+    state = load_state(tmp_path / "hf", max_batch=2)
+    try:
+        assert state.model_name == "hf" and state.engine.stop_token_ids == {ord("\n")}
+        prompt = _render_chat(state, [{"role": "user", "content": "hi"}])
+        assert prompt == "[user]hi>"
+        events, done = _collect(state.engine, ByteTokenizer().encode(prompt), SamplingParams(max_tokens=6))
+        assert done.wait(60)
+        expected = generate(model, [ByteTokenizer().encode(prompt)], 6, stop_tokens=[ord("\n")]).tokens[0]
+        assert [t for ev in events for t in ev.token_ids] == expected
+    finally:
+        state.engine.close()
+
+
 def test_metrics_and_health(server, client):
     client.completions.create(model="tiny-moe", prompt="count me", max_tokens=3)
     assert _get(server[0] + "/health").json()["status"] == "ok"

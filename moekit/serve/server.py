@@ -45,8 +45,9 @@ def stop_token_ids(model_dir: Path, tokenizer, eos: str = "") -> tuple[int, ...]
     ids = set()
     if getattr(tokenizer, "eot_id", None) is not None:
         ids.add(tokenizer.eot_id)
-    if eos and hasattr(tokenizer, "tok") and tokenizer.tok.token_to_id(eos) is not None:
-        ids.add(tokenizer.tok.token_to_id(eos))
+    eos_ids = tokenizer.encode(eos) if eos else []
+    if len(eos_ids) == 1:  # (a special token encodes as itself)
+        ids.add(eos_ids[0])
     gen = Path(model_dir) / "generation_config.json"
     if gen.is_file():
         try:
