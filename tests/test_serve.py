@@ -185,6 +185,14 @@ def test_openai_client_completions_and_chat(server, client):
                                             stream=True))
     assert "".join(p.choices[0].text for p in pieces) == c.choices[0].text
     assert pieces[-1].choices[0].finish_reason == "length"
+    full = c.choices[0].text
+    stop = full[2:4]
+    for stream in (False, True):
+        got = client.completions.create(model=model_id, prompt="def fib(n):", max_tokens=5, temperature=0, stop=[stop],
+                                        stream=stream)
+        got = list(got) if stream else [got]
+        assert "".join(p.choices[0].text for p in got) == full[:full.find(stop)]
+        assert got[-1].choices[0].finish_reason == "stop"
 
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
     r = client.chat.completions.create(model=model_id, messages=messages, max_tokens=6, temperature=0)
