@@ -509,6 +509,8 @@ class ModelConfig:
     the residual stream; ``attention_multiplier`` is the attention scores' scale (None: 1/√head_dim).
     ``attn_out_bias``: a bias on the attention output projection (Granite, PhiMoE with attention_bias).
     ``norm_bias`` (PhiMoE): LayerNorms with a bias.  ``lm_head_bias`` (PhiMoE): a bias on the untied output head.
+    ``partial_rotary_factor`` (GLM-4.5): only the first int(head_dim · factor) dims of each q and k head
+    rotate (:attr:`rope_dims`); 1.0 = all.
     ``rope_scaling``: None, ``{"type": "linear", "factor": s}`` (position interpolation) or
     ``{"type": "yarn", "factor": s, "original_max_seq_len": L, ...}`` (YaRN; optional beta_fast,
     beta_slow, mscale, mscale_all_dim, attention_factor, truncate as in transformers' rope_parameters).
@@ -536,6 +538,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     rope_interleave: bool = False
     rope_scaling: dict | None = None
+    partial_rotary_factor: float = 1.0
     norm: str = "rmsnorm"
     norm_eps: float = 1e-6
     norm_bias: bool = False
@@ -590,6 +593,7 @@ class ModelConfig:
                 raise bad(MODEL, "qk_norm", self.qk_norm, "q/k norms are not defined for attention='mla'")
         check_float(MODEL, "rope_theta", self.rope_theta, above=True)
         self._check_rope_scaling()
+        self._check_partial_rotary()
         check_float(MODEL, "norm_eps", self.norm_eps, above=True)
         check_int(MODEL, "moe_every", self.moe_every, 1)
         check_int(MODEL, "first_k_dense", self.first_k_dense, 0)
@@ -654,6 +658,19 @@ class ModelConfig:
                       f"{self.first_k_dense} and moe_every={self.moe_every} must keep their defaults 0 and 1")
         object.__setattr__(self, "moe_layers", tuple(sorted(layers)))  # a set of layers: one spelling
 
+    def _check_partial_rotary(self) -> None:
+        f = self.partial_rotary_factor
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f <= 1:
+            raise bad(MODEL, "partial_rotary_factor", f, "expected a number in (0, 1] (1 = every head dim rotates)")
+        if f == 1:
+            return
+        if self.attention == "mla":
+            raise bad(MODEL, "partial_rotary_factor", f, "attention='mla' sets its rotary dims with qk_rope_head_dim; "
+                      "expected 1.0")
+        if self.rope_dims < 2 or self.rope_dims % 2:
+            raise bad(MODEL, "partial_rotary_factor", f, f"int(head_dim={self.head_dim} x factor) = {self.rope_dims} "
+                      "rotary dims; expected an even number >= 2")
+
     def _check_rope_scaling(self) -> None:
         from moekit.nn.rope import SCALING_KEYS
 
@@ -687,6 +704,14 @@ class ModelConfig:
     def moe_layer_ids(self) -> tuple[int, ...]:
         """The indices of the MoE layers, whichever fields say so."""
         return tuple(i for i in range(self.n_layers) if self.is_moe_layer(i))
+
+    @property
+    def rope_dims(self) -> int:
+        """The rotary dims of a head: MLA's qk_rope_head_dim, else the first int(head_dim ·
+        partial_rotary_factor) dims of each q and k head (the rest pass through unrotated)."""
+        if self.attention == "mla":
+            return self.qk_rope_head_dim
+        return int(self.head_dim * self.partial_rotary_factor)
 
     @property
     def qk_head_dim(self) -> int:
@@ -916,6 +941,19 @@ def _presets() -> dict[str, Preset]:
         moe=_moe(4096, 6400, 16, 2, router="sparsemixer", normalize_weights=False, sparsemixer_eps=0.01)),
         "Microsoft, Phi-3.5-MoE-instruct config.json", "41.9B", "6.6B",
         "its longrope rope scaling (beyond 4096 positions) is not implemented: plain rope here")
+
+    # GLM-4.5: DeepSeek-V3 routing (sigmoid, correction bias, renormalised), half-rotary GQA with qkv bias
+    glm = dict(vocab_size=151552, n_heads=96, n_kv_heads=8, head_dim=128, max_seq_len=131072, rope_theta=1e6,
+               partial_rotary_factor=0.5, norm_eps=1e-5, qkv_bias=True)
+    glm_note = "the published active figure leaves out the embedding and head ({}); 1 MTP layer not counted"
+    p["glm-4.5"] = Preset(ModelConfig(
+        d_model=5120, n_layers=92, ffn_hidden=12288, first_k_dense=3, qk_norm="head", **glm,
+        moe=_moe(5120, 1536, 160, 8, router="sigmoid", num_shared_experts=1, routed_scaling_factor=2.5)),
+        "Z.ai, GLM-4.5 config.json", "355B", None, glm_note.format("32.1B without, 33.6B with"))
+    p["glm-4.5-air"] = Preset(ModelConfig(
+        d_model=4096, n_layers=46, ffn_hidden=10944, first_k_dense=1, **glm,
+        moe=_moe(4096, 1408, 128, 8, router="sigmoid", num_shared_experts=1)),
+        "Z.ai, GLM-4.5-Air config.json", "106B", None, glm_note.format("12.2B without, 13.4B with"))
     return p
 
 

@@ -132,7 +132,7 @@ class MoETransformer(nn.Module):
     def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin tables for the given positions, in fp32 (fp64 for an fp64 model)."""
         cfg = self.cfg
-        rot = cfg.qk_rope_head_dim if cfg.attention == "mla" else cfg.head_dim
+        rot = cfg.rope_dims
         table_dtype = torch.float64 if dtype == torch.float64 else torch.float32
         inv_freq, attention = scaled_frequencies(rot, cfg.rope_theta, cfg.rope_scaling, positions.device, table_dtype)
         cos, sin = rope_cos_sin(positions, inv_freq)

@@ -60,6 +60,11 @@ BASES["PhimoeForCausalLM"] = _gqa(MoEConfig(d_model=32, expert_hidden=16, num_ex
                                             normalize_weights=False, sparsemixer_eps=0.2),
                                   norm="layernorm", norm_bias=True, norm_eps=1e-5, qkv_bias=True, attn_out_bias=True,
                                   lm_head_bias=True)
+BASES["Glm4MoeForCausalLM"] = _gqa(MoEConfig(d_model=32, expert_hidden=12, num_experts=8, top_k=2, router="sigmoid",
+                                             n_group=4, topk_group=2, num_shared_experts=1,
+                                             routed_scaling_factor=2.5),
+                                   n_layers=3, first_k_dense=1, ffn_hidden=40, qkv_bias=True, qk_norm="head",
+                                   partial_rotary_factor=0.5, norm_eps=1e-5)
 
 
 def moe(**kw):
@@ -196,6 +201,9 @@ PERTURBATIONS = [
                                             bias_update_rate=0.0)),
     ("MoEConfig.sparsemixer_eps", "0.05", moe(sparsemixer_eps=0.05)),
     ("ModelConfig.init_std", "0.05", model(init_std=0.05)),
+    ("ModelConfig.partial_rotary_factor", "0.5", model(partial_rotary_factor=0.5)),
+    ("ModelConfig.partial_rotary_factor", "1", model(partial_rotary_factor=1.0)),
+    ("ModelConfig.partial_rotary_factor", "0.55", model(partial_rotary_factor=0.55)),  # same 4 rotary dims as 0.5
 ]
 
 

@@ -268,3 +268,148 @@ def test_phi_moe_preset_counts():
     count = count_parameters(PRESETS["phi-3.5-moe"].config)
     assert (count.total, count.active) == (total, total - layers * (E - K) * expert)
     assert matches_published(count.total, "41.9B") and matches_published(count.active, "6.6B")
+
+
+# ---- GLM-4.5 -------------------------------------------------------------------------------------
+GLM = dict(hidden_size=48, intermediate_size=40, moe_intermediate_size=12, num_hidden_layers=3, num_attention_heads=6,
+           num_key_value_heads=2, head_dim=16, n_routed_experts=9, num_experts_per_tok=3, n_group=3, topk_group=2,
+           n_shared_experts=2, first_k_dense_replace=1, routed_scaling_factor=2.5, norm_topk_prob=True,
+           use_qk_norm=True, attention_bias=True, partial_rotary_factor=0.5, rms_norm_eps=1e-5)
+
+
+def _with_correction_bias(hf):
+    """A non-zero e_score_correction_bias (transformers initialises it to zero), so that dropping it shows."""
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for name, buf in hf.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buf.copy_(0.3 * torch.randn_like(buf))
+    return hf
+
+
+@pytest.mark.parametrize("kw", [
+    {},
+    {"use_qk_norm": False, "attention_bias": False, "partial_rotary_factor": 1.0, "norm_topk_prob": False,
+     "n_group": 1, "topk_group": 1, "n_shared_experts": 1, "routed_scaling_factor": 1.0, "tie_word_embeddings": True},
+    {"first_k_dense_replace": 0, "partial_rotary_factor": 0.25, "num_key_value_heads": 6},
+], ids=["full", "plain-tied", "all-moe-quarter-rotary"])
+def test_glm4_moe_import_greedy_and_export(tmp_path, kw):
+    hf = _with_correction_bias(_build("Glm4MoeConfig", "Glm4MoeForCausalLM", **{**GLM, **kw}))
+    ours = _check_import(hf, tmp_path / "hf")
+    cfg = {**GLM, **kw}
+    assert ours.cfg.rope_dims == int(16 * cfg["partial_rotary_factor"])
+    assert ours.cfg.moe.router == "sigmoid" and ours.cfg.moe.shared_hidden == 12 * cfg["n_shared_experts"]
+    assert ours.layers[-1].ffn.router.expert_bias.abs().max() > 0
+    _check_export(ours, tmp_path / "out", "Glm4MoeForCausalLM")
+
+
+def test_partial_rotary_matters_and_leaves_the_tail_unrotated():
+    """Rotating all dims instead of half moves the logits; with half, the last dims of each q and k head
+    carry no position: with the rotary dims' projections zeroed, attention is the same at stretched positions."""
+    from moekit.nn.attention import GroupedQueryAttention
+
+    cfg = moekit.ModelConfig(vocab_size=V, d_model=32, n_layers=1, n_heads=2, head_dim=16, max_seq_len=64,
+                             partial_rotary_factor=0.5, ffn_hidden=24)
+    torch.manual_seed(0)
+    m = moekit.MoETransformer(cfg).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.3) if p.dim() > 1 else None
+    full = moekit.MoETransformer(cfg.replace(partial_rotary_factor=1.0)).eval()
+    full.load_state_dict(m.state_dict())
+    ids = torch.randint(0, V, (1, 9))
+    with torch.no_grad():
+        assert (m(ids).logits - full(ids).logits).abs().max() > 1e-3
+
+    def shifted_outputs(c):
+        attn = GroupedQueryAttention(c).eval()
+        with torch.no_grad():
+            for proj in (attn.q_proj, attn.k_proj):
+                proj.weight.view(-1, 16, 32)[:, :8] = 0  # the first 8 dims of every head: the rotary half
+        x = torch.randn(1, 6, 32, generator=torch.Generator().manual_seed(4))
+        model = moekit.MoETransformer(c)
+        with torch.no_grad():
+            return [attn(x, *model.rope(torch.arange(0, 6 * step, step), torch.float32)) for step in (1, 3)]
+
+    near, far = shifted_outputs(cfg)
+    torch.testing.assert_close(near, far)
+    near, far = shifted_outputs(cfg.replace(partial_rotary_factor=1.0))
+    assert (near - far).abs().max() > 1e-3
+
+
+def test_partial_rotary_factor_is_validated():
+    base = dict(vocab_size=V, d_model=32, n_layers=1, n_heads=2, head_dim=16, ffn_hidden=24)
+    for value in (0.0, 1.5, 0.0625, 0.3125):  # out of range, 1 dim, 5 dims (odd)
+        with pytest.raises(ValueError, match="ModelConfig.partial_rotary_factor"):
+            moekit.ModelConfig(**base, partial_rotary_factor=value)
+    mla = dict(attention="mla", kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8)
+    with pytest.raises(ValueError, match="ModelConfig.partial_rotary_factor"):
+        moekit.ModelConfig(**base, **mla, partial_rotary_factor=0.5)
+    assert moekit.ModelConfig(**base, partial_rotary_factor=0.75).rope_dims == 12
+
+
+def test_glm4_moe_skips_the_mtp_layers_after_the_decoder(tmp_path):
+    """Released GLM-4.5 checkpoints store the multi-token-prediction layer as model.layers.{n_layers};
+    it does not enter the logits and is skipped, as transformers skips it. Other stray keys still fail."""
+    from safetensors.torch import save_file
+
+    hf = _with_correction_bias(_build("Glm4MoeConfig", "Glm4MoeForCausalLM", **GLM))
+    hf.save_pretrained(tmp_path / "hf")
+    plain = moekit.from_pretrained(tmp_path / "hf")
+    save_file({"model.layers.3.eh_proj.weight": torch.randn(48, 96),
+               "model.layers.3.mlp.experts.0.up_proj.weight": torch.randn(12, 48)},
+              str(tmp_path / "hf" / "model-mtp.safetensors"))
+    ids = torch.randint(0, V, (1, 7))
+    torch.testing.assert_close(moekit.from_pretrained(tmp_path / "hf")(ids).logits, plain(ids).logits, rtol=0, atol=0)
+    save_file({"model.extra.weight": torch.randn(3)}, str(tmp_path / "hf" / "model-extra.safetensors"))
+    with pytest.raises(InteropError, match="unexpected keys.*model.extra.weight"):
+        moekit.from_pretrained(tmp_path / "hf")
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"partial_rotary_factor": 0.3125}, "partial_rotary_factor=0.3125"),  # 5 rotary dims
+    ({"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4, "partial_rotary_factor": 0.5,
+                          "short_factor": [1.0] * 4, "long_factor": [1.0] * 4}}, "rope_type='longrope'"),
+])
+def test_glm4_moe_refuses_by_name(tmp_path, change, match):
+    import json
+
+    hf = _build("Glm4MoeConfig", "Glm4MoeForCausalLM", **GLM)
+    hf.save_pretrained(tmp_path / "hf")
+    path = tmp_path / "hf" / "config.json"
+    data = json.loads(path.read_text())
+    if "partial_rotary_factor" in change:
+        data["rope_parameters"]["partial_rotary_factor"] = change["partial_rotary_factor"]
+    else:
+        data.update(change)
+    path.write_text(json.dumps(data))
+    with pytest.raises(InteropError, match=match):
+        moekit.from_pretrained(tmp_path / "hf")
+
+
+@pytest.mark.parametrize("change, named", [
+    (dict(attn_out_bias=True), "ModelConfig.attn_out_bias"),  # GLM's o_proj has no bias
+    (dict(qk_norm="full"), "ModelConfig.qk_norm"),
+    (dict(moe_layers=(0, 2), ffn_hidden=24), "ModelConfig.moe_layers"),
+    (dict(moe_router="softmax_topk"), "MoEConfig.router"),
+])
+def test_glm4_moe_export_refuses_what_it_cannot_express(tmp_path, change, named):
+    change = dict(change)
+    router = change.pop("moe_router", "sigmoid")
+    cfg = moekit.ModelConfig(vocab_size=V, d_model=32, n_layers=3, n_heads=4, max_seq_len=64, partial_rotary_factor=0.5,
+                             moe=moekit.MoEConfig(d_model=32, expert_hidden=16, num_experts=4, top_k=2, router=router,
+                                                  num_shared_experts=1), **change)
+    with pytest.raises(ValueError, match=f"{named}="):
+        to_hf(moekit.MoETransformer(cfg), tmp_path / "out", "Glm4MoeForCausalLM")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name, total, active, d, vocab", [("glm-4.5", "355B", "32B", 5120, 151552),
+                                                           ("glm-4.5-air", "106B", "12B", 4096, 151552)])
+def test_glm_preset_counts(name, total, active, d, vocab):
+    """Z.ai's totals, and its active figures, which leave out the embedding and the (untied) head."""
+    preset = PRESETS[name]
+    count = count_parameters(preset.config)
+    assert preset.published_total == total and matches_published(count.total, total)
+    assert matches_published(count.active - 2 * vocab * d, active)
+    assert not matches_published(count.active, active)  # with them it is 5% (10%) over: the note says so

@@ -88,6 +88,11 @@ def _same_attention_scale(a: ModelConfig, b: ModelConfig) -> bool:
     return a.attention == b.attention == "gqa" and math.isclose(scale(a), scale(b), rel_tol=1e-12)
 
 
+def _same_rope_dims(a: ModelConfig, b: ModelConfig) -> bool:
+    """Only the number of rotary dims it gives, int(head_dim · factor), enters the forward."""
+    return a.rope_dims == b.rope_dims
+
+
 def _no_top_p(a: ModelConfig, b: ModelConfig) -> bool:
     """The threshold acts only in router='top_p'."""
     return "top_p" not in (a.moe.router, b.moe.router)
@@ -109,6 +114,7 @@ MODEL_FIELDS: dict[str, Harmless] = {
     "moe_layers": _same_moe_layers,
     "logit_multiplier": _same_logit_scale,
     "attention_multiplier": _same_attention_scale,
+    "partial_rotary_factor": _same_rope_dims,
     **{f: _both("mla") for f in ("n_kv_heads", "head_dim", "qkv_bias")},
     **{f: _both("gqa") for f in ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")},
 }
@@ -138,6 +144,8 @@ _REASONS = {
     "router": "{arch} routes with router={back!r}",
     "moe": "{arch} is a Mixture-of-Experts family",
     "num_null_experts": "{arch} has no zero-computation (null) experts: every routed expert is an MLP",
+    "partial_rotary_factor": "{arch} rotates every head dim (partial_rotary_factor reads back as {back!r}; "
+                             "GLM-4.5 rotates part of each head)",
     **{f: "written and read back, the MoE layers are {back_layers}, not {mine_layers}: {arch} cannot spell this "
           "layout" for f in ("moe_layers", "moe_every", "first_k_dense")},
 }

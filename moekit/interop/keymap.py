@@ -153,6 +153,9 @@ class Split:
 class KeyMap:
     per_layer: list[Rule | Split] = field(default_factory=list)
     global_: list[Rule | Split] = field(default_factory=list)
+    # keys of layers past the decoder's (``model.layers.{i}.`` with i >= n_layers): multi-token-prediction
+    # modules (GLM-4.5, dots.llm1) that do not enter the next-token logits and are skipped, as transformers does
+    skip_layers_after: bool = False
 
 
 # ---- rules shared by the Llama-style families -----------------------------------------------------
@@ -266,6 +269,10 @@ def load_with_keymap(model: torch.nn.Module, ckpt: SafetensorsDir, keymap: KeyMa
         for rule in keymap.per_layer:
             apply(rule, {"layer": i})
     unexpected = sorted(ckpt.keys() - used)
+    if keymap.skip_layers_after:
+        n = len(layer_is_moe)
+        unexpected = [k for k in unexpected if not (k.startswith("model.layers.") and
+                                                    k.split(".")[2].isdigit() and int(k.split(".")[2]) >= n)]
     missing = sorted(k for k in params if k not in filled and not _is_buffer_with_default(k))
     if unexpected:
         problems.append(f"unexpected keys {unexpected[:8]}{' …' if len(unexpected) > 8 else ''}")

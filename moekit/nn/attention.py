@@ -49,7 +49,8 @@ class GroupedQueryAttention(nn.Module):
     """Multi-head (G = H) or grouped-query (Ainslie et al. 2023) attention with rotary embeddings.
 
     ``qk_norm='head'``: RMSNorm over each head's q and k (Qwen3); ``'full'``: RMSNorm over the whole
-    q and k projections (OLMoE).
+    q and k projections (OLMoE). With ``partial_rotary_factor`` < 1 only the first ``cfg.rope_dims`` dims
+    of each head rotate (GLM-4.5).
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -83,8 +84,13 @@ class GroupedQueryAttention(nn.Module):
         v = v.view(B, S, G, Dh).transpose(1, 2)
         if cfg.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
-        q = apply_rope(q, cos, sin, cfg.rope_interleave)
-        k = apply_rope(k, cos, sin, cfg.rope_interleave)
+        R = cfg.rope_dims
+        if R == Dh:
+            q = apply_rope(q, cos, sin, cfg.rope_interleave)
+            k = apply_rope(k, cos, sin, cfg.rope_interleave)
+        else:  # partial rotary: the first R dims of each head rotate, the rest pass through
+            q = torch.cat([apply_rope(q[..., :R], cos, sin, cfg.rope_interleave), q[..., R:]], dim=-1)
+            k = torch.cat([apply_rope(k[..., :R], cos, sin, cfg.rope_interleave), k[..., R:]], dim=-1)
         if cache is not None:
             k, v = cache.update(k, v)
         out = sdpa(q, k, v, self.scale, cfg.attn_logit_softcap, mask)
