@@ -954,6 +954,12 @@ def _presets() -> dict[str, Preset]:
         d_model=4096, n_layers=46, ffn_hidden=10944, first_k_dense=1, **glm,
         moe=_moe(4096, 1408, 128, 8, router="sigmoid", num_shared_experts=1)),
         "Z.ai, GLM-4.5-Air config.json", "106B", None, glm_note.format("12.2B without, 13.4B with"))
+
+    p["dots-llm1"] = Preset(ModelConfig(
+        vocab_size=152064, d_model=4096, n_layers=62, n_heads=32, max_seq_len=32768, rope_theta=1e7, norm_eps=1e-5,
+        qk_norm="head", ffn_hidden=10944, first_k_dense=1,
+        moe=_moe(4096, 1408, 128, 6, router="sigmoid", num_shared_experts=2, routed_scaling_factor=2.5)),
+        "rednote-hilab, dots.llm1.base config.json", "142B", "14B")
     return p
 
 

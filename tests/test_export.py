@@ -65,6 +65,10 @@ BASES["Glm4MoeForCausalLM"] = _gqa(MoEConfig(d_model=32, expert_hidden=12, num_e
                                              routed_scaling_factor=2.5),
                                    n_layers=3, first_k_dense=1, ffn_hidden=40, qkv_bias=True, qk_norm="head",
                                    partial_rotary_factor=0.5, norm_eps=1e-5)
+BASES["Dots1ForCausalLM"] = _gqa(MoEConfig(d_model=32, expert_hidden=12, num_experts=6, top_k=2, router="sigmoid",
+                                           n_group=3, topk_group=2, normalize_weights=False, num_shared_experts=2),
+                                 n_layers=3, first_k_dense=1, ffn_hidden=40, qkv_bias=True, attn_out_bias=True,
+                                 qk_norm="head")
 
 
 def moe(**kw):

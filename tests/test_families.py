@@ -413,3 +413,73 @@ def test_glm_preset_counts(name, total, active, d, vocab):
     assert preset.published_total == total and matches_published(count.total, total)
     assert matches_published(count.active - 2 * vocab * d, active)
     assert not matches_published(count.active, active)  # with them it is 5% (10%) over: the note says so
+
+
+# ---- dots.llm1 -----------------------------------------------------------------------------------
+DOTS = dict(hidden_size=48, intermediate_size=40, moe_intermediate_size=12, num_hidden_layers=3, num_attention_heads=6,
+            num_key_value_heads=3, head_dim=16, n_routed_experts=10, num_experts_per_tok=3, n_group=5, topk_group=3,
+            n_shared_experts=1, first_k_dense_replace=1, routed_scaling_factor=2.5, norm_topk_prob=True,
+            attention_bias=True, rms_norm_eps=1e-5, sliding_window=None,
+            rope_parameters={"rope_type": "default", "rope_theta": 5e4})
+
+
+@pytest.mark.parametrize("kw", [
+    {},
+    {"attention_bias": False, "norm_topk_prob": False, "n_group": 1, "topk_group": 1, "n_shared_experts": 2,
+     "first_k_dense_replace": 0, "tie_word_embeddings": True},
+    {"sliding_window": 128, "max_window_layers": 1},  # a window as long as the context: full attention
+], ids=["full", "plain-tied", "window-covers-context"])
+def test_dots1_import_greedy_and_export(tmp_path, kw):
+    hf = _with_correction_bias(_build("Dots1Config", "Dots1ForCausalLM", **{**DOTS, **kw}))
+    ours = _check_import(hf, tmp_path / "hf")
+    cfg = {**DOTS, **kw}
+    assert ours.cfg.qk_norm == "head" and ours.cfg.attn_out_bias == cfg["attention_bias"]
+    assert ours.cfg.moe.shared_hidden == 12 * cfg["n_shared_experts"]
+    _check_export(ours, tmp_path / "out", "Dots1ForCausalLM")
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"sliding_window": 8, "max_window_layers": 1, "layer_types": None}, "sliding_window=8 on layers \\[1, 2\\]"),
+    ({"sliding_window": 8, "layer_types": ["full_attention", "sliding_attention", "full_attention"]},
+     "sliding_window=8 on layers \\[1\\]"),
+    ({"layer_types": ["full_attention", "chunked_attention", "full_attention"]}, "layer_types \\['chunked_attention'\\]"),
+])
+def test_dots1_refuses_by_name(tmp_path, change, match):
+    import json
+
+    hf = _build("Dots1Config", "Dots1ForCausalLM", **DOTS)
+    hf.save_pretrained(tmp_path / "hf")
+    path = tmp_path / "hf" / "config.json"
+    data = {**json.loads(path.read_text()), **change}
+    if data["layer_types"] is None:
+        del data["layer_types"]
+    path.write_text(json.dumps(data))
+    with pytest.raises(InteropError, match=match):
+        moekit.from_pretrained(tmp_path / "hf")
+
+
+@pytest.mark.parametrize("change, named", [
+    (dict(qk_norm=None), "ModelConfig.qk_norm"),  # dots.llm1 always normalises q and k
+    (dict(qkv_bias=True), "ModelConfig.attn_out_bias"),  # one attention_bias switch for all four projections
+    (dict(shared_expert_hidden=20), "MoEConfig.shared_expert_hidden"),  # not a multiple of the expert width
+])
+def test_dots1_export_refuses_what_it_cannot_express(tmp_path, change, named):
+    change = dict(change)
+    shared = change.pop("shared_expert_hidden", None)
+    cfg = moekit.ModelConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=4, max_seq_len=64,
+                             **{"qk_norm": "head", **change},
+                             moe=moekit.MoEConfig(d_model=32, expert_hidden=16, num_experts=4, top_k=2,
+                                                  router="sigmoid", num_shared_experts=1, shared_expert_hidden=shared))
+    with pytest.raises(ValueError, match=f"{named}="):
+        to_hf(moekit.MoETransformer(cfg), tmp_path / "out", "Dots1ForCausalLM")
+
+
+def test_dots_preset_counts():
+    """dots-llm1 against rednote-hilab's 142B / 14B, and by arithmetic."""
+    d, layers, E, K, F, dense, shared, vocab = 4096, 62, 128, 6, 1408, 10944, 2, 152064
+    attn = 4 * d * d + 2 * 128  # q, k, v, o and the per-head q/k norms
+    moe = E * 3 * d * F + shared * 3 * d * F + E * d
+    total = layers * (attn + 2 * d) + 3 * d * dense + (layers - 1) * moe + 2 * vocab * d + d
+    count = count_parameters(PRESETS["dots-llm1"].config)
+    assert (count.total, count.active) == (total, total - (layers - 1) * (E - K) * 3 * d * F)
+    assert matches_published(count.total, "142B") and matches_published(count.active, "14B")

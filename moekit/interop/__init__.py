@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from moekit.interop import dbrx, deepseek, glm, granite, mixtral, mlp_experts, phimoe
+from moekit.interop import dbrx, deepseek, dots, glm, granite, mixtral, mlp_experts, phimoe
 from moekit.interop.export import restore_config, to_hf
 from moekit.interop.keymap import InteropError, SafetensorsDir, load_with_keymap
 from moekit.model import MoETransformer
@@ -22,7 +22,8 @@ from moekit.model import MoETransformer
 FAMILIES = {mixtral.ARCHITECTURE: mixtral, dbrx.ARCHITECTURE: dbrx,
             **{a: mlp_experts for a in mlp_experts.ARCHITECTURES},
             **{a: deepseek for a in deepseek.ARCHITECTURES},
-            **{a: granite for a in granite.ARCHITECTURES}, phimoe.ARCHITECTURE: phimoe, glm.ARCHITECTURE: glm}
+            **{a: granite for a in granite.ARCHITECTURES}, phimoe.ARCHITECTURE: phimoe, glm.ARCHITECTURE: glm,
+            dots.ARCHITECTURE: dots}
 
 
 def _read_config(path: Path) -> dict:

@@ -25,8 +25,9 @@ from moekit.nn import activations
 ARCHITECTURE = "Glm4MoeForCausalLM"
 
 
-def v3_moe(hf: dict) -> MoEConfig:
-    """The MoEConfig of DeepSeek-V3-style routing fields (GLM-4.5, dots.llm1)."""
+def v3_moe(hf: dict, norm_topk_prob: bool = True) -> MoEConfig:
+    """The MoEConfig of DeepSeek-V3-style routing fields (GLM-4.5, dots.llm1); ``norm_topk_prob``: the
+    family's default where the config leaves it out."""
     n_group = hf.get("n_group") or 1
     shared = hf.get("n_shared_experts") or 0
     num_experts = hf["n_routed_experts"] if "n_routed_experts" in hf else hf["num_local_experts"]
@@ -34,7 +35,7 @@ def v3_moe(hf: dict) -> MoEConfig:
         d_model=hf["hidden_size"], num_experts=num_experts, top_k=hf["num_experts_per_tok"],
         expert_hidden=hf["moe_intermediate_size"], router="sigmoid", group_score="top2_sum", n_group=n_group,
         topk_group=(hf.get("topk_group") or 1) if n_group > 1 else 1,
-        normalize_weights=bool(hf.get("norm_topk_prob", True)),
+        normalize_weights=bool(hf.get("norm_topk_prob", norm_topk_prob)),
         routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
         num_shared_experts=shared, shared_expert_hidden=hf["moe_intermediate_size"] if shared else None)
 
