@@ -209,14 +209,16 @@ def resolve(path: Path) -> Path:
     return latest
 
 
-def load_weights(ckpt: Path, model: torch.nn.Module) -> None:
+def load_weights(ckpt: Path, model: torch.nn.Module, assign: bool = False) -> None:
+    """``ckpt``'s weights into ``model``; ``assign``: the file's tensors replace the model's (a model built
+    on the meta device)."""
     path = Path(ckpt) / "model.safetensors"
     try:
         state = load_file(str(path))
     except (SafetensorError, OSError) as err:
         raise CheckpointError(f"{path} cannot be read: {err}") from None
     try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=assign)
     except RuntimeError as err:
         raise CheckpointError(f"{path} does not fit the model: {err}") from None
     if missing or unexpected:

@@ -10,10 +10,7 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
-
-from moekit.checkpoint import CheckpointError, save_checkpoint
+from moekit.checkpoint import CheckpointError, load_weights, save_checkpoint
 from moekit.config import ModelConfig
 from moekit.quant.config import QuantConfig
 from moekit.quant.model import quantization_of, quantized_skeleton
@@ -50,19 +47,5 @@ def load_quantized_weights(ckpt: Path, model_cfg: ModelConfig) -> torch.nn.Modul
     with torch.device("meta"):
         model = MoETransformer(model_cfg)
     quantized_skeleton(model, qcfg)
-    path = Path(ckpt) / "model.safetensors"
-    try:
-        state = load_file(str(path))
-    except (SafetensorError, OSError) as err:
-        raise CheckpointError(f"{path} cannot be read: {err}") from None
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    except RuntimeError as err:
-        raise CheckpointError(f"{path} does not fit the quantized model ({qcfg.describe()}): {err}") from None
-    if missing or unexpected:
-        raise CheckpointError(f"{path} does not fit the quantized model ({qcfg.describe()}): missing {missing[:5]}, "
-                              f"unexpected {unexpected[:5]}")
-    meta = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
-    if meta:
-        raise CheckpointError(f"{path} leaves tensors unfilled: {meta[:5]}")
+    load_weights(ckpt, model, assign=True)  # every tensor, or CheckpointError naming the file
     return model

@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from moekit.config import _check_known_fields
 from moekit.quant.ops import FORMATS, GROUP_SIZES
 from moekit.validate import bad, check_choice
 
@@ -42,12 +43,7 @@ class QuantConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "QuantConfig":
-        if not isinstance(data, dict):
-            raise ValueError(f"QuantConfig expects a mapping of fields, got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"QuantConfig got unknown field(s) {unknown}; known fields: {sorted(known)}")
+        _check_known_fields(cls, data)
         return cls(**data)
 
     def describe(self) -> str:

@@ -18,6 +18,7 @@ import torch
 
 from moekit.config import MoEConfig
 from moekit.moe.backends.base import PLAIN_GEMM, ExpertBackend, LoopGemm
+from moekit.moe.backends.loop import _slices
 from moekit.moe.dispatch import DispatchPlan
 from moekit.nn.activations import activation_fn
 
@@ -37,14 +38,6 @@ class QuantizedExpertWeights(NamedTuple):
     w_out: QuantizedMatrices  # E × [D, F]
     b_in_EH: torch.Tensor | None
     b_out_ED: torch.Tensor | None
-
-
-def _slices(counts: list[int]):
-    start = 0
-    for e, n in enumerate(counts):
-        if n:
-            yield e, start, start + n
-        start += n
 
 
 def quantized_experts(x_TD: torch.Tensor, plan: DispatchPlan, weights: QuantizedExpertWeights,
