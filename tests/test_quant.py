@@ -358,3 +358,15 @@ def test_cli_quantize_refuses_a_damaged_model_and_writes_nothing(tmp_path, capsy
     err = capsys.readouterr().err
     assert "model.safetensors is corrupt" in err and err.count("\n") == 1
     assert not (tmp_path / "q").exists()
+
+
+@pytest.mark.parametrize("routing", [{"capacity_factor": 1.0}, {"router": "expert_choice", "capacity_factor": 1.0}])
+def test_quantized_experts_with_dropping_and_expert_choice_routing(routing):
+    layer = _layer("int4", **routing)
+    x = torch.randn(24, 64, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        got = layer(x)
+    ref = reference_forward(dequantize(layer), x)
+    if "router" not in routing:
+        assert ref.dropped_assignments > 0  # the capacity drops something here
+    torch.testing.assert_close(got.output, ref.output.detach(), atol=1e-5 * ref.output.abs().max().item(), rtol=1e-5)

@@ -82,7 +82,8 @@ def quantize_model(model: nn.Module, format: str | QuantConfig = "int8", group_s
     if quantization_of(model) is not None:
         raise ValueError(f"the model is already quantized ({quantization_of(model).describe()})")
     if any(p.device.type != "cpu" for p in model.parameters()):
-        raise ValueError("quantize_model: the model must be on the CPU (the int8 / int4 kernels are PyTorch's CPU ones)")
+        raise ValueError("quantize_model: the model must be on the CPU (the int8 / int4 kernels are PyTorch's "
+                         "CPU ones)")
     summary = QuantizeSummary(qcfg, 0, 0)
     for name in [n for n, m in model.named_modules() if type(m) is Experts]:  # names only: no float stack kept alive
         float_experts = model.get_submodule(name)

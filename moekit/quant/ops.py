@@ -135,7 +135,7 @@ def to_cpu_int4(q_NK: torch.Tensor) -> torch.Tensor:
     return _aten._convert_weight_to_int4pack_for_cpu(q_NK.to(torch.int32).contiguous(), 1)
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=4)  # N·K int64 each: a few shapes a model
 def _cpu_int4_source(N: int, K: int) -> torch.Tensor:
     """For each nibble of the CPU packing of an [N, K] weight (bytes in order, low half first), the flat
     index n·K + k of the value it holds. Learnt by packing the base-16 digits of the indices, one

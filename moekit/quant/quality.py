@@ -32,7 +32,8 @@ class QualityReport:
 
 
 @torch.no_grad()
-def quality(model_ref: torch.nn.Module, model_q: torch.nn.Module, token_batches: Iterable[torch.Tensor]) -> QualityReport:
+def quality(model_ref: torch.nn.Module, model_q: torch.nn.Module,
+            token_batches: Iterable[torch.Tensor]) -> QualityReport:
     """Compares ``model_q`` with ``model_ref`` on ``token_batches`` (each int [B, S], S >= 2): at every
     position but the last, the KL divergence of the next-token distributions, whether their argmax
     agrees, and each model's cross-entropy on the next token (perplexity). Sums in fp64."""
