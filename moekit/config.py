@@ -960,6 +960,14 @@ def _presets() -> dict[str, Preset]:
         qk_norm="head", ffn_hidden=10944, first_k_dense=1,
         moe=_moe(4096, 1408, 128, 6, router="sigmoid", num_shared_experts=2, routed_scaling_factor=2.5)),
         "rednote-hilab, dots.llm1.base config.json", "142B", "14B")
+
+    p["ernie-4.5-300b-a47b"] = Preset(ModelConfig(
+        vocab_size=103424, d_model=8192, n_layers=54, n_heads=64, n_kv_heads=8, max_seq_len=131072, rope_theta=5e5,
+        rope_interleave=True, norm_eps=1e-5, ffn_hidden=28672, first_k_dense=3,
+        moe=_moe(8192, 3584, 64, 8, aux_loss_coef=0.001, lb_convention="hf_compat")),
+        "Baidu, ERNIE-4.5-300B-A47B-PT config.json", "300B", "47B",
+        "active 47.9B with the embedding and head, 46.2B without: both within 2% of the name's 47B; MTP layer not "
+        "counted")
     return p
 
 

@@ -69,6 +69,9 @@ BASES["Dots1ForCausalLM"] = _gqa(MoEConfig(d_model=32, expert_hidden=12, num_exp
                                            n_group=3, topk_group=2, normalize_weights=False, num_shared_experts=2),
                                  n_layers=3, first_k_dense=1, ffn_hidden=40, qkv_bias=True, attn_out_bias=True,
                                  qk_norm="head")
+BASES["Ernie4_5_MoeForCausalLM"] = _gqa(MoEConfig(d_model=32, expert_hidden=12, num_experts=6, top_k=2,
+                                                  num_shared_experts=2), n_layers=4,
+                                        moe_layers=(1, 3), ffn_hidden=40, rope_interleave=True)
 
 
 def moe(**kw):
@@ -157,7 +160,8 @@ PERTURBATIONS = [
     ("ModelConfig.head_dim", "16", model(head_dim=16)),
     ("ModelConfig.max_seq_len", "48", model(max_seq_len=48)),
     ("ModelConfig.attention", "mla", model(**MLA)),
-    ("ModelConfig.attention", "gqa", lambda c: model(**GQA, head_dim=8, rope_interleave=False)(c)),
+    ("ModelConfig.attention", "gqa", lambda c: model(**GQA, head_dim=8, rope_interleave=c.rope_interleave
+                                                     and c.attention == "gqa")(c)),
     ("ModelConfig.qkv_bias", "flip", lambda c: model(qkv_bias=not c.qkv_bias)(c)),
     ("ModelConfig.qk_norm", "None", model(qk_norm=None)),
     ("ModelConfig.qk_norm", "head", model(qk_norm="head")),

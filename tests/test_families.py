@@ -483,3 +483,114 @@ def test_dots_preset_counts():
     count = count_parameters(PRESETS["dots-llm1"].config)
     assert (count.total, count.active) == (total, total - (layers - 1) * (E - K) * 3 * d * F)
     assert matches_published(count.total, "142B") and matches_published(count.active, "14B")
+
+
+# ---- ERNIE 4.5 MoE -------------------------------------------------------------------------------
+ERNIE = dict(hidden_size=48, intermediate_size=40, moe_intermediate_size=12, num_hidden_layers=5, num_attention_heads=6,
+             num_key_value_heads=2, moe_num_experts=7, moe_k=3, moe_num_shared_experts=2, moe_layer_start_index=1,
+             moe_layer_end_index=3, moe_layer_interval=2, tie_word_embeddings=False, rms_norm_eps=1e-5,
+             rope_parameters={"rope_type": "default", "rope_theta": 5e4})
+
+
+def _ernie_with_bias(**kw):
+    hf = _build("Ernie4_5_MoeConfig", "Ernie4_5_MoeForCausalLM", **{**ERNIE, **kw})
+    torch.manual_seed(3)
+    with torch.no_grad():  # a selection bias as large as the probabilities, so that dropping it shows
+        for name, p in hf.named_parameters():
+            if name.endswith("e_score_correction_bias"):
+                p.copy_(0.2 * torch.rand_like(p))
+    return hf
+
+
+@pytest.mark.parametrize("kw, moe_layers", [
+    ({}, (1, 3)),  # a range with an interval: neither a prefix nor every layer
+    ({"moe_layer_start_index": 0, "moe_layer_end_index": -1, "moe_layer_interval": 1, "tie_word_embeddings": True,
+      "moe_num_shared_experts": 0}, (0, 1, 2, 3, 4)),
+    ({"moe_layer_start_index": 2, "moe_layer_end_index": 4, "moe_layer_interval": 1, "moe_num_shared_experts": 1},
+     (2, 3, 4)),
+], ids=["range-interval", "all-tied-no-shared", "dense-prefix"])
+def test_ernie4_5_moe_import_greedy_and_export(tmp_path, kw, moe_layers):
+    hf = _ernie_with_bias(**kw)
+    ours = _check_import(hf, tmp_path / "hf")
+    assert ours.cfg.moe_layer_ids == moe_layers and ours.cfg.rope_interleave
+    assert ours.cfg.moe.shared_hidden == 12 * {**ERNIE, **kw}["moe_num_shared_experts"]
+    assert ours.layers[moe_layers[0]].ffn.router.expert_bias.abs().max() > 0
+    _check_export(ours, tmp_path / "out", "Ernie4_5_MoeForCausalLM")
+
+
+def test_ernie4_5_moe_selection_bias_matters_and_mtp_is_skipped(tmp_path):
+    """Without its [1, E] correction bias the routing changes (so the bias is really read); MTP weights in
+    the checkpoint are skipped as transformers skips them."""
+    from safetensors.torch import save_file
+
+    hf = _ernie_with_bias()
+    hf.save_pretrained(tmp_path / "hf")
+    ours = moekit.from_pretrained(tmp_path / "hf")
+    ids = torch.randint(0, V, (2, 15), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = ours(ids).logits
+        for layer in ours.layers:
+            if layer.is_moe:
+                layer.ffn.router.expert_bias.zero_()
+        assert (ours(ids).logits - before).abs().max() > 1e-3
+    save_file({"model.mtp_linear_proj.0.weight": torch.randn(48, 96)}, str(tmp_path / "hf" / "mtp.safetensors"))
+    torch.testing.assert_close(moekit.from_pretrained(tmp_path / "hf")(ids).logits, before, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"use_bias": True}, "use_bias=true"),
+    ({"moe_norm_min": 0.5}, "moe_norm_min=0.5"),
+    ({"moe_layer_start_index": 4, "moe_layer_end_index": 3}, "leave no MoE layer"),
+])
+def test_ernie4_5_moe_refuses_by_name(tmp_path, change, match):
+    import json
+
+    hf = _build("Ernie4_5_MoeConfig", "Ernie4_5_MoeForCausalLM", **ERNIE)
+    hf.save_pretrained(tmp_path / "hf")
+    path = tmp_path / "hf" / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
+    with pytest.raises(InteropError, match=match):
+        moekit.from_pretrained(tmp_path / "hf")
+
+
+def test_ernie_norm_min_acts_only_on_tiny_sums():
+    """Why a clamp of 1e-12 is taken as the plain sum: transformers' router with moe_norm_min=1e-12 gives
+    the same weights as dividing by the sum, and a large clamp does not."""
+    from transformers.models.ernie4_5_moe.modeling_ernie4_5_moe import Ernie4_5_MoeTopKRouter
+
+    torch.manual_seed(0)
+    cfg = transformers.Ernie4_5_MoeConfig(hidden_size=16, moe_num_experts=8, moe_k=2, moe_norm_min=1e-12)
+    router = Ernie4_5_MoeTopKRouter(cfg)
+    with torch.no_grad():
+        router.weight.normal_(0, 1.0)
+    x = torch.randn(64, 16)
+    _, weights, _ = router(x)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(64))
+    router.norm_min = 0.9
+    assert (router(x)[1].sum(-1) - 1).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("change, named", [
+    (dict(qkv_bias=True), "ModelConfig.qkv_bias"),
+    (dict(qk_norm="head"), "ModelConfig.qk_norm"),
+    (dict(rope_interleave=False), "ModelConfig.rope_interleave"),
+    (dict(moe_layers=(0, 1, 3), ffn_hidden=24), "ModelConfig.moe_layers"),  # no start / end / interval spells it
+])
+def test_ernie4_5_moe_export_refuses_what_it_cannot_express(tmp_path, change, named):
+    cfg = moekit.ModelConfig(vocab_size=V, d_model=32, n_layers=4, n_heads=4, max_seq_len=64,
+                             **{"rope_interleave": True, **change},
+                             moe=moekit.MoEConfig(d_model=32, expert_hidden=16, num_experts=4, top_k=2,
+                                                  num_shared_experts=1))
+    with pytest.raises(ValueError, match=f"{named}="):
+        to_hf(moekit.MoETransformer(cfg), tmp_path / "out", "Ernie4_5_MoeForCausalLM")
+
+
+def test_ernie_preset_counts():
+    """ernie-4.5-300b-a47b by arithmetic and against the name's 300B / 47B."""
+    d, kv, layers, dense, E, K, F, ffn, vocab = 8192, 1024, 54, 3, 64, 8, 3584, 28672, 103424
+    attn = d * (d + 2 * kv) + d * d
+    total = layers * (attn + 2 * d) + dense * 3 * d * ffn + (layers - dense) * (E * 3 * d * F + E * d) \
+        + 2 * vocab * d + d
+    count = count_parameters(PRESETS["ernie-4.5-300b-a47b"].config)
+    assert (count.total, count.active) == (total, total - (layers - dense) * (E - K) * 3 * d * F)
+    assert matches_published(count.total, "300B") and matches_published(count.active, "47B")

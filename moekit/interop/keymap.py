@@ -139,6 +139,7 @@ class Rule:
     optional: bool = False  # absent from some checkpoints of the family (the target keeps its default)
     stacked: bool = False
     transpose: bool = False
+    leading_one: bool = False  # the checkpoint adds a leading dim of size 1 (ERNIE's [1, E] selection bias)
 
 
 @dataclass
@@ -156,6 +157,7 @@ class KeyMap:
     # keys of layers past the decoder's (``model.layers.{i}.`` with i >= n_layers): multi-token-prediction
     # modules (GLM-4.5, dots.llm1) that do not enter the next-token logits and are skipped, as transformers does
     skip_layers_after: bool = False
+    skip_containing: tuple[str, ...] = ()  # checkpoint keys with any of these in their name are skipped (MTP modules)
 
 
 # ---- rules shared by the Llama-style families -----------------------------------------------------
@@ -188,6 +190,8 @@ def load_with_keymap(model: torch.nn.Module, ckpt: SafetensorsDir, keymap: KeyMa
 
     def piece_shape(name: str, rule: Rule) -> tuple[int, ...]:
         shape = ckpt.shape(name)
+        if rule.leading_one and shape[:1] == (1,):
+            shape = shape[1:]
         if rule.stacked:
             if shape[0] % num_experts:
                 problems.append(f"{name}: {shape[0]} rows do not split into {num_experts} experts")
@@ -269,6 +273,7 @@ def load_with_keymap(model: torch.nn.Module, ckpt: SafetensorsDir, keymap: KeyMa
         for rule in keymap.per_layer:
             apply(rule, {"layer": i})
     unexpected = sorted(ckpt.keys() - used)
+    unexpected = [k for k in unexpected if not any(part in k for part in keymap.skip_containing)]
     if keymap.skip_layers_after:
         n = len(layer_is_moe)
         unexpected = [k for k in unexpected if not (k.startswith("model.layers.") and
@@ -307,6 +312,8 @@ def export_with_keymap(model: torch.nn.Module, keymap: KeyMap, num_experts: int)
             return
         used.add(target)
         tensor = state[target].detach().cpu()
+        if rule.leading_one:
+            tensor = tensor[None]
         if not rule.experts:
             for src, part in zip(rule.sources, tensor.chunk(len(rule.sources), dim=0)):
                 out[src.format(**fmt)] = part.contiguous()
