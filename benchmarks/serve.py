@@ -87,12 +87,14 @@ def run_level(port: int, prompts: list[list[int]], clients: int, per_client: int
     gaps = [g for r in results for g in r["gaps_s"]]
     return {"clients": clients, "requests": len(results), "wall_s": round(wall, 3),
             "tokens_per_s": round(len(results) * new / wall, 1),
-            "ttft_median_s": round(statistics.median(ttft), 4), "ttft_p90_s": round(ttft[math.ceil(0.9 * len(ttft)) - 1], 4),
+            "ttft_median_s": round(statistics.median(ttft), 4),
+            "ttft_p90_s": round(ttft[math.ceil(0.9 * len(ttft)) - 1], 4),
             "inter_token_median_ms": round(1000 * statistics.median(gaps), 2) if gaps else None}
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="small", help="model preset, random weights (default: small)")
     ap.add_argument("--clients", default="1,4,16", help="concurrency levels, comma-separated (default: 1,4,16)")
     ap.add_argument("--requests-per-client", dest="per_client", type=POSITIVE, default=2,

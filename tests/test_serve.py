@@ -352,8 +352,8 @@ def test_a_hugging_face_directory_serves_with_its_chat_template_and_eos(tmp_path
 
     model = _model()
     to_hf(model, tmp_path / "hf", tokenizer=ByteTokenizer())
-    (tmp_path / "hf" / "tokenizer_config.json").write_text(json.dumps(
-        {"chat_template": "{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}>", "eos_token": "\n"}))
+    template = "{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}>"
+    (tmp_path / "hf" / "tokenizer_config.json").write_text(json.dumps({"chat_template": template, "eos_token": "\n"}))
     state = load_state(tmp_path / "hf", max_batch=2)
     try:
         assert state.model_name == "hf" and state.engine.stop_token_ids == {ord("\n")}
