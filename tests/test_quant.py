@@ -370,3 +370,15 @@ def test_quantized_experts_with_dropping_and_expert_choice_routing(routing):
     if "router" not in routing:
         assert ref.dropped_assignments > 0  # the capacity drops something here
     torch.testing.assert_close(got.output, ref.output.detach(), atol=1e-5 * ref.output.abs().max().item(), rtol=1e-5)
+
+
+@pytest.mark.slow  # (compiles the decode step)
+def test_compiled_generate_on_a_quantized_model_equals_eager():
+    import moekit
+    from moekit.quant import quantize_model
+
+    model = _model()
+    quantize_model(model, "int4", act_dtype="input", linears=True)
+    prompts = [[1, 2, 3], [4, 5]]
+    eager = moekit.generate(model, prompts, max_new_tokens=5, temperature=0)
+    assert moekit.generate(model, prompts, max_new_tokens=5, temperature=0, compile=True).tokens == eager.tokens

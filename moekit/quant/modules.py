@@ -224,6 +224,7 @@ class QuantizedLinear(_QuantStateDict, nn.Module):
             y = y + self.bias.to(x.dtype)
         return y.view(*x.shape[:-1], self.out_features)
 
+    @torch.compiler.disable  # eager inside torch.compile, as the quantized experts (moekit.moe.backends.quantized)
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu":
             raise RuntimeError(f"QuantizedLinear runs on the CPU only; got a tensor on {x.device}")

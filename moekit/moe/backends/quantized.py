@@ -94,6 +94,9 @@ class QuantizedBackend(ExpertBackend):
             raise RuntimeError(f"expert backend {NAME!r} runs on the CPU only (PyTorch's weight-only int8 / int4 "
                                f"CPU kernels); got a tensor on {x_TD.device}")
 
+    # NOTE: eager even inside torch.compile (generate(compile=True)): inductor cannot lower the weight-only
+    # kernels' inputs, and the slice loop needs its host sync anyway; the graph breaks around it.
+    @torch.compiler.disable
     def run(self, x_TD: torch.Tensor, plan: DispatchPlan, weights: QuantizedExpertWeights, activation: str,
             how: LoopGemm = PLAIN_GEMM) -> torch.Tensor:
         return inference_only(lambda: quantized_experts(x_TD, plan, weights, activation), x_TD, plan.weights_N)
