@@ -44,19 +44,19 @@ def sleeper(ms: dict):
 
 def test_picks_the_fastest_and_caches_it(probing):
     work = sleeper({A.name: 12, B.name: 2, PLAIN.name: 6})
-    assert probe.best("k", [A, B, PLAIN], work) == B
+    assert probe.best("k", [A, B, PLAIN], lambda: work) == B
     times = json.loads(probe.cache_file().read_text())["entries"]["k"]
     assert set(times) == {A.name, B.name, PLAIN.name} and times[B.name] < times[PLAIN.name] < times[A.name]
     n = len(work.calls)
-    assert probe.best("k", [A, B, PLAIN], work) == B and len(work.calls) == n  # this process: no second timing
+    assert probe.best("k", [A, B, PLAIN], lambda: work) == B and len(work.calls) == n  # this process: no second timing
     probe.forget()  # as a fresh process: read from the file, not timed again
-    assert probe.best("k", [A, PLAIN], work) == PLAIN and len(work.calls) == n
+    assert probe.best("k", [A, PLAIN], lambda: work) == PLAIN and len(work.calls) == n
 
 
 def test_only_missing_candidates_are_timed(probing):
-    assert probe.best("k", [B, PLAIN], sleeper({B.name: 1, PLAIN.name: 5})) == B
+    assert probe.best("k", [B, PLAIN], lambda: sleeper({B.name: 1, PLAIN.name: 5})) == B
     work = sleeper({A.name: 0.1})
-    assert probe.best("k", [A, B, PLAIN], work) == A and set(work.calls) == {A.name}
+    assert probe.best("k", [A, B, PLAIN], lambda: work) == A and set(work.calls) == {A.name}
 
 
 def test_plain_pytorch_wins_what_noise_cannot_tell_apart():
@@ -73,7 +73,7 @@ def test_a_failing_candidate_is_never_chosen(probing):
         return lambda: None
 
     with pytest.warns(UserWarning, match="native/onednn failed"):
-        assert probe.best("k", [A, PLAIN], work) == PLAIN
+        assert probe.best("k", [A, PLAIN], lambda: work) == PLAIN
     assert json.loads(probe.cache_file().read_text())["entries"]["k"][A.name] is None
 
 
@@ -82,7 +82,7 @@ def test_a_corrupt_cache_is_named_and_measured_again(probing):
     path.parent.mkdir(parents=True)
     path.write_text('{"format": 1, "entries": {"k": ')
     with pytest.warns(UserWarning, match=re.escape(f"probe cache {path} is unreadable")):
-        assert probe.best("k", [B, PLAIN], sleeper({B.name: 1, PLAIN.name: 5})) == B
+        assert probe.best("k", [B, PLAIN], lambda: sleeper({B.name: 1, PLAIN.name: 5})) == B
     assert json.loads(path.read_text())["entries"]["k"][B.name] > 0  # rewritten whole
     assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
 
@@ -90,7 +90,7 @@ def test_a_corrupt_cache_is_named_and_measured_again(probing):
 def test_an_unwritable_cache_warns_and_still_chooses(probing):
     probing.parent.joinpath("cache").write_text("a file where the directory should be")
     with pytest.warns(UserWarning, match="could not write the probe cache"):
-        assert probe.best("k", [B, PLAIN], sleeper({B.name: 1, PLAIN.name: 5})) == B
+        assert probe.best("k", [B, PLAIN], lambda: sleeper({B.name: 1, PLAIN.name: 5})) == B
 
 
 def test_another_format_is_measured_again(probing):
@@ -98,7 +98,7 @@ def test_another_format_is_measured_again(probing):
     path.parent.mkdir(parents=True)
     path.write_text(json.dumps({"format": probe.FORMAT + 1, "entries": {"k": {B.name: 1.0, PLAIN.name: 9.0}}}))
     work = sleeper({B.name: 5, PLAIN.name: 0.5})
-    assert probe.best("k", [B, PLAIN], work) == PLAIN and work.calls
+    assert probe.best("k", [B, PLAIN], lambda: work) == PLAIN and work.calls
 
 
 def test_assignment_classes():
@@ -190,3 +190,21 @@ def test_dense_workload_times_both_gemms(probing):
     MoETransformer(cfg)
     times = probe.lookup(chooser.dense_shape(cfg).key)
     assert set(times) == {"dense/onednn", "dense/blas"} and all(t > 0 for t in times.values())
+
+
+def test_a_decided_class_builds_no_workload_again(probing, monkeypatch):
+    """Every forward asks the chooser: once a class is decided (or read from the cache) no synthetic
+    workload is built again (building one per call made decoding ~25x slower)."""
+    cfg = make_layer(dtype=torch.float32, num_experts=8, top_k=2).cfg
+    x = torch.randn(4, 16)
+    first = chooser.expert_backend(cfg, x)
+    probe.forget()  # a fresh process: the file's entry, no timing
+
+    def refuse(*a, **k):
+        raise AssertionError("a workload was built for a class already measured")
+
+    monkeypatch.setattr(probe, "expert_workload", refuse)
+    for _ in range(3):
+        assert chooser.expert_backend(cfg, x) == first
+    assert probe.best("k2", [B, PLAIN], lambda: sleeper({B.name: 1, PLAIN.name: 5})) == B
+    assert probe.best("k2", [B, PLAIN], refuse) == B

@@ -106,7 +106,7 @@ def _measured(shape: probe.ExpertShape, candidates: list[Candidate]) -> Candidat
     def how_for(c: Candidate, x_TD: torch.Tensor, weights: ExpertWeights) -> LoopGemm:
         return loop_gemm(x_TD, weights, native=c.backend == "native")
 
-    return probe.best(shape.key, candidates, probe.expert_workload(shape, how_for))
+    return probe.best(shape.key, candidates, lambda: probe.expert_workload(shape, how_for))
 
 
 def expert_backend(cfg: MoEConfig, x_TD: torch.Tensor, requested: str = "auto", decode_step: bool = False,
@@ -219,7 +219,7 @@ def accelerates_dense(cfg: ModelConfig) -> bool:
     candidates = [Candidate("dense", "onednn"), Candidate("dense", "blas")]
     from moekit.cpu import gemm as cpu_gemm
 
-    return probe.best(shape.key, candidates, probe.dense_workload(shape, cpu_gemm.linear)).gemm == "onednn"
+    return probe.best(shape.key, candidates, lambda: probe.dense_workload(shape, cpu_gemm.linear)).gemm == "onednn"
 
 
 def dense_shape(cfg: ModelConfig) -> probe.DenseShape:

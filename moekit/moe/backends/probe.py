@@ -179,6 +179,7 @@ def forget() -> None:
     """Forgets this process's copy of the cache (tests; a changed cache directory)."""
     with _lock:
         _memo.clear()
+        _decided.clear()
 
 
 def _choose(times: dict[str, float | None], candidates: list[Candidate]) -> Candidate:
@@ -191,17 +192,27 @@ def _choose(times: dict[str, float | None], candidates: list[Candidate]) -> Cand
     return min(candidates, key=cost)
 
 
-def best(key: str, candidates: list[Candidate], workload: Callable[[Candidate], Callable[[], None]]) -> Candidate:
-    """The fastest of ``candidates`` for ``key``, timing those the cache does not know with ``workload``
-    (a candidate -> a callable running one step of it)."""
+_decided: dict[tuple[str, tuple[Candidate, ...]], Candidate] = {}
+
+
+def best(key: str, candidates: list[Candidate],
+         make_workload: Callable[[], Callable[[Candidate], Callable[[], None]]]) -> Candidate:
+    """The fastest of ``candidates`` for ``key``. Those the cache does not know are timed with the
+    workload ``make_workload()`` builds (a candidate -> a callable running one step of it), called only
+    then: a decided class costs one dictionary lookup per call (every forward asks)."""
+    decided = _decided.get((key, tuple(candidates)))
+    if decided is not None:
+        return decided
     with _lock:
         times = lookup(key)
         missing = [c for c in candidates if c.name not in times]
         if missing:
-            times.update(measure(missing, workload))
+            times.update(measure(missing, make_workload()))
             _write(cache_file(), key, times)
             log.info("moekit probe %s: %s", key, {k: v for k, v in times.items()})
-        return _choose(times, candidates)
+        choice = _choose(times, candidates)
+        _decided[(key, tuple(candidates))] = choice
+        return choice
 
 
 def measure(candidates: list[Candidate], workload: Callable[[Candidate], Callable[[], None]]) -> dict[str, float | None]:
