@@ -74,9 +74,21 @@ def onednn_runs() -> bool:
     return module is not None and module.have_onednn()
 
 
+_candidates_of: dict[tuple, list[Candidate]] = {}
+
+
 def _candidates(backend: str, dtype: torch.dtype) -> list[Candidate]:
     """What ``auto`` chooses from for an expert ``backend`` request (``auto``, ``native``, ``loop``) at
-    the options' GEMM request: the C++ loop on each fp32 GEMM that runs, the Python loop (torch.mm)."""
+    the options' GEMM request: the C++ loop on each fp32 GEMM that runs, the Python loop (torch.mm).
+    Kept per request and options (every forward asks; the answer changes only with the options)."""
+    key = (backend, dtype, options.get(), torch.backends.mkldnn.enabled)
+    found = _candidates_of.get(key)
+    if found is None:
+        found = _candidates_of[key] = _list_candidates(backend, dtype)
+    return found
+
+
+def _list_candidates(backend: str, dtype: torch.dtype) -> list[Candidate]:
     gemm = options.get().gemm
     fp32 = dtype == torch.float32
     out = []
