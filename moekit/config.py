@@ -509,6 +509,8 @@ class ModelConfig:
     the residual stream; ``attention_multiplier`` is the attention scores' scale (None: 1/√head_dim).
     ``attn_out_bias``: a bias on the attention output projection (Granite, PhiMoE with attention_bias).
     ``norm_bias`` (PhiMoE): LayerNorms with a bias.  ``lm_head_bias`` (PhiMoE): a bias on the untied output head.
+    ``qk_norm_after_rope`` (Hunyuan): the per-head q/k RMSNorm (``qk_norm='head'``) applied to the rotated
+    q and k instead of before the rotary embedding.
     ``partial_rotary_factor`` (GLM-4.5): only the first int(head_dim · factor) dims of each q and k head
     rotate (:attr:`rope_dims`); 1.0 = all.
     ``rope_scaling``: None, ``{"type": "linear", "factor": s}`` (position interpolation) or
@@ -527,6 +529,7 @@ class ModelConfig:
     qkv_bias: bool = False
     attn_out_bias: bool = False
     qk_norm: str | None = None
+    qk_norm_after_rope: bool = False
     clip_qkv: float = 0.0
     # MLA
     q_lora_rank: int = 0
@@ -591,6 +594,9 @@ class ModelConfig:
                 raise bad(MODEL, "qk_rope_head_dim", self.qk_rope_head_dim, "rotary dims must be even")
             if self.qk_norm is not None:
                 raise bad(MODEL, "qk_norm", self.qk_norm, "q/k norms are not defined for attention='mla'")
+        if self.qk_norm_after_rope and self.qk_norm != "head":
+            raise bad(MODEL, "qk_norm_after_rope", True, f"it moves the per-head q/k norm after the rotary embedding: "
+                      f"needs qk_norm='head' (here {self.qk_norm!r})")
         check_float(MODEL, "rope_theta", self.rope_theta, above=True)
         self._check_rope_scaling()
         self._check_partial_rotary()
@@ -968,6 +974,14 @@ def _presets() -> dict[str, Preset]:
         "Baidu, ERNIE-4.5-300B-A47B-PT config.json", "300B", "47B",
         "active 47.9B with the embedding and head, 46.2B without: both within 2% of the name's 47B; MTP layer not "
         "counted")
+
+    p["hunyuan-a13b"] = Preset(ModelConfig(
+        vocab_size=128167, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128, max_seq_len=32768,
+        rope_theta=1e4 * 1000.0 ** (128 / 126), norm_eps=1e-5, tie_embeddings=True, qk_norm="head",
+        qk_norm_after_rope=True,
+        moe=_moe(4096, 3072, 64, 8, num_shared_experts=1, aux_loss_coef=0.001, lb_convention="hf_compat")),
+        "Tencent, Hunyuan-A13B-Pretrain config.json", "80B", "13B",
+        "rope NTK alpha 1000 folded into rope_theta = 1e4 * 1000^(128/126), as transformers computes it")
     return p
 
 

@@ -72,6 +72,9 @@ BASES["Dots1ForCausalLM"] = _gqa(MoEConfig(d_model=32, expert_hidden=12, num_exp
 BASES["Ernie4_5_MoeForCausalLM"] = _gqa(MoEConfig(d_model=32, expert_hidden=12, num_experts=6, top_k=2,
                                                   num_shared_experts=2), n_layers=4,
                                         moe_layers=(1, 3), ffn_hidden=40, rope_interleave=True)
+BASES["HunYuanMoEV1ForCausalLM"] = _gqa(MoEConfig(d_model=32, expert_hidden=16, num_experts=5, top_k=2,
+                                                  num_shared_experts=1),  # shared width = expert width
+                                        qkv_bias=True, attn_out_bias=True, qk_norm="head", qk_norm_after_rope=True)
 
 
 def moe(**kw):
@@ -209,6 +212,7 @@ PERTURBATIONS = [
                                             bias_update_rate=0.0)),
     ("MoEConfig.sparsemixer_eps", "0.05", moe(sparsemixer_eps=0.05)),
     ("ModelConfig.init_std", "0.05", model(init_std=0.05)),
+    ("ModelConfig.qk_norm_after_rope", "flip", lambda c: model(qk_norm_after_rope=not c.qk_norm_after_rope)(c)),
     ("ModelConfig.partial_rotary_factor", "0.5", model(partial_rotary_factor=0.5)),
     ("ModelConfig.partial_rotary_factor", "1", model(partial_rotary_factor=1.0)),
     ("ModelConfig.partial_rotary_factor", "0.55", model(partial_rotary_factor=0.55)),  # same 4 rotary dims as 0.5

@@ -594,3 +594,101 @@ def test_ernie_preset_counts():
     count = count_parameters(PRESETS["ernie-4.5-300b-a47b"].config)
     assert (count.total, count.active) == (total, total - (layers - dense) * (E - K) * 3 * d * F)
     assert matches_published(count.total, "300B") and matches_published(count.active, "47B")
+
+
+# ---- Hunyuan MoE V1 ------------------------------------------------------------------------------
+HUNYUAN = dict(hidden_size=48, intermediate_size=20, num_hidden_layers=3, num_attention_heads=6, num_key_value_heads=2,
+               head_dim=8, num_experts=5, moe_topk=2, attention_bias=True, rms_norm_eps=1e-5, eod_token_id=None,
+               sep_token_id=None, rope_parameters={"rope_type": "default", "rope_theta": 5e4})
+
+
+@pytest.mark.parametrize("kw", [{}, {"attention_bias": False, "tie_word_embeddings": True, "moe_topk": [3, 3, 3]}],
+                         ids=["biases", "tied-list-topk"])
+def test_hunyuan_moe_import_greedy_and_export(tmp_path, kw):
+    hf = _build("HunYuanMoEV1Config", "HunYuanMoEV1ForCausalLM", **{**HUNYUAN, **kw})
+    ours = _check_import(hf, tmp_path / "hf")
+    assert ours.cfg.qk_norm_after_rope and ours.cfg.moe.shared_hidden == 20
+    assert ours.cfg.moe.top_k == (3 if kw else 2)
+    _check_export(ours, tmp_path / "out", "HunYuanMoEV1ForCausalLM")
+
+
+def test_hunyuan_ntk_alpha_rope_is_a_stretched_base(tmp_path):
+    """Hunyuan-A13B's released rope ({"type": "dynamic", "alpha": 1000}) against transformers' own
+    ntk_alpha frequencies: the same logits."""
+    import json
+
+    hf = _build("HunYuanMoEV1Config", "HunYuanMoEV1ForCausalLM", **HUNYUAN)
+    hf.save_pretrained(tmp_path / "hf")
+    path = tmp_path / "hf" / "config.json"
+    data = json.loads(path.read_text())
+    data["rope_parameters"] = {"rope_type": "dynamic", "alpha": 1000.0, "factor": 1.0, "rope_theta": 5e4}
+    path.write_text(json.dumps(data))
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert theirs.model.rotary_emb.rope_type == "ntk_alpha"
+    ours = moekit.from_pretrained(tmp_path / "hf")
+    assert ours.cfg.rope_theta == pytest.approx(5e4 * 1000.0 ** (8 / 6))
+    ids = torch.randint(0, V, (2, 15), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (theirs(ids).logits - ours(ids).logits).abs().max().item() < 1e-4
+
+
+def test_qk_norm_after_rope_matters():
+    """Normalising the rotated heads (Hunyuan) is not normalising before the rotation (Qwen3)."""
+    cfg = moekit.ModelConfig(vocab_size=V, d_model=32, n_layers=1, n_heads=4, max_seq_len=64, qk_norm="head",
+                             qk_norm_after_rope=True, ffn_hidden=24)
+    torch.manual_seed(0)
+    m = moekit.MoETransformer(cfg).eval()
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            p.copy_(1 + 0.5 * torch.randn_like(p)) if "norm" in name else p.normal_(0, 0.3)
+    before = moekit.MoETransformer(cfg.replace(qk_norm_after_rope=False)).eval()
+    before.load_state_dict(m.state_dict())
+    ids = torch.randint(0, V, (1, 9))
+    with torch.no_grad():
+        assert (m(ids).logits - before(ids).logits).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="ModelConfig.qk_norm_after_rope"):
+        cfg.replace(qk_norm="full")
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"num_experts": [5, 5, 4]}, "num_experts=\\[5, 5, 4\\]"),
+    ({"moe_intermediate_size": [16, 16, 16]}, "moe_intermediate_size=\\[16, 16, 16\\]"),
+    ({"use_cla": True}, "use_cla=True"),
+    ({"num_shared_expert": [1, 0, 1]}, "num_shared_expert="),
+    ({"use_qk_norm": False}, "use_qk_norm=False"),
+])
+def test_hunyuan_moe_refuses_by_name(tmp_path, change, match):
+    import json
+
+    hf = _build("HunYuanMoEV1Config", "HunYuanMoEV1ForCausalLM", **HUNYUAN)
+    hf.save_pretrained(tmp_path / "hf")
+    path = tmp_path / "hf" / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
+    with pytest.raises(InteropError, match=match):
+        moekit.from_pretrained(tmp_path / "hf")
+
+
+@pytest.mark.parametrize("change, named", [
+    (dict(qk_norm_after_rope=False), "ModelConfig.qk_norm_after_rope"),
+    (dict(first_k_dense=1, ffn_hidden=24), "ModelConfig.first_k_dense"),
+    (dict(shared_expert_hidden=24), "MoEConfig.shared_expert_hidden"),
+])
+def test_hunyuan_moe_export_refuses_what_it_cannot_express(tmp_path, change, named):
+    change = dict(change)
+    shared = change.pop("shared_expert_hidden", 16)
+    cfg = moekit.ModelConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=4, max_seq_len=64,
+                             **{"qk_norm": "head", "qk_norm_after_rope": True, **change},
+                             moe=moekit.MoEConfig(d_model=32, expert_hidden=16, num_experts=4, top_k=2,
+                                                  num_shared_experts=1, shared_expert_hidden=shared))
+    with pytest.raises(ValueError, match=f"{named}="):
+        to_hf(moekit.MoETransformer(cfg), tmp_path / "out", "HunYuanMoEV1ForCausalLM")
+
+
+def test_hunyuan_preset_counts():
+    """hunyuan-a13b by arithmetic (tied head, per-head q/k norms) and against Tencent's 80B / 13B."""
+    d, kv, layers, E, K, F, vocab = 4096, 1024, 32, 64, 8, 3072, 128167
+    attn = 2 * d * d + 2 * d * kv + 2 * 128
+    total = layers * (attn + (E + 1) * 3 * d * F + E * d + 2 * d) + vocab * d + d
+    count = count_parameters(PRESETS["hunyuan-a13b"].config)
+    assert (count.total, count.active) == (total, total - layers * (E - K) * 3 * d * F)
+    assert matches_published(count.total, "80B") and matches_published(count.active, "13B")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from moekit.interop import dbrx, deepseek, dots, ernie, glm, granite, mixtral, mlp_experts, phimoe
+from moekit.interop import dbrx, deepseek, dots, ernie, glm, granite, hunyuan, mixtral, mlp_experts, phimoe
 from moekit.interop.export import restore_config, to_hf
 from moekit.interop.keymap import InteropError, SafetensorsDir, load_with_keymap
 from moekit.model import MoETransformer
@@ -23,7 +23,7 @@ FAMILIES = {mixtral.ARCHITECTURE: mixtral, dbrx.ARCHITECTURE: dbrx,
             **{a: mlp_experts for a in mlp_experts.ARCHITECTURES},
             **{a: deepseek for a in deepseek.ARCHITECTURES},
             **{a: granite for a in granite.ARCHITECTURES}, phimoe.ARCHITECTURE: phimoe, glm.ARCHITECTURE: glm,
-            dots.ARCHITECTURE: dots, ernie.ARCHITECTURE: ernie}
+            dots.ARCHITECTURE: dots, ernie.ARCHITECTURE: ernie, hunyuan.ARCHITECTURE: hunyuan}
 
 
 def _read_config(path: Path) -> dict:

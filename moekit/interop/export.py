@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 
 from moekit.config import ModelConfig
-from moekit.interop import dbrx, deepseek, dots, ernie, glm, granite, mixtral, mlp_experts, phimoe
+from moekit.interop import dbrx, deepseek, dots, ernie, glm, granite, hunyuan, mixtral, mlp_experts, phimoe
 from moekit.interop.expressible import apply_delta, compare
 from moekit.interop.keymap import KeyMap, export_with_keymap, unmapped_selection_bias
 
@@ -45,6 +45,7 @@ EXPORTERS = {
     glm.ARCHITECTURE: Exporter(glm.hf_config, glm.model_config, glm.KEYMAP, "gqa"),
     dots.ARCHITECTURE: Exporter(dots.hf_config, dots.model_config, dots.KEYMAP, "gqa"),
     ernie.ARCHITECTURE: Exporter(ernie.hf_config, ernie.model_config, ernie.KEYMAP, "gqa"),
+    hunyuan.ARCHITECTURE: Exporter(hunyuan.hf_config, hunyuan.model_config, hunyuan.KEYMAP, "gqa"),
 }
 
 

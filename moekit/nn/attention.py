@@ -50,7 +50,7 @@ class GroupedQueryAttention(nn.Module):
 
     ``qk_norm='head'``: RMSNorm over each head's q and k (Qwen3); ``'full'``: RMSNorm over the whole
     q and k projections (OLMoE). With ``partial_rotary_factor`` < 1 only the first ``cfg.rope_dims`` dims
-    of each head rotate (GLM-4.5).
+    of each head rotate (GLM-4.5). ``qk_norm_after_rope``: the per-head norm follows the rotation (Hunyuan).
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -82,7 +82,7 @@ class GroupedQueryAttention(nn.Module):
         q = q.view(B, S, H, Dh).transpose(1, 2)
         k = k.view(B, S, G, Dh).transpose(1, 2)
         v = v.view(B, S, G, Dh).transpose(1, 2)
-        if cfg.qk_norm == "head":
+        if cfg.qk_norm == "head" and not cfg.qk_norm_after_rope:
             q, k = self.q_norm(q), self.k_norm(k)
         R = cfg.rope_dims
         if R == Dh:
@@ -91,6 +91,8 @@ class GroupedQueryAttention(nn.Module):
         else:  # partial rotary: the first R dims of each head rotate, the rest pass through
             q = torch.cat([apply_rope(q[..., :R], cos, sin, cfg.rope_interleave), q[..., R:]], dim=-1)
             k = torch.cat([apply_rope(k[..., :R], cos, sin, cfg.rope_interleave), k[..., R:]], dim=-1)
+        if cfg.qk_norm_after_rope:  # Hunyuan normalises the rotated heads
+            q, k = self.q_norm(q), self.k_norm(k)
         if cache is not None:
             k, v = cache.update(k, v)
         out = sdpa(q, k, v, self.scale, cfg.attn_logit_softcap, mask)
