@@ -270,6 +270,19 @@ def test_phi_moe_preset_counts():
     assert matches_published(count.total, "41.9B") and matches_published(count.active, "6.6B")
 
 
+def _refused_after_editing(tmp_path, hf, change: dict, match: str) -> None:
+    """``hf`` saved, its config.json updated with ``change`` (a None value deletes the key): loading fails
+    with an InteropError matching ``match``."""
+    import json
+
+    hf.save_pretrained(tmp_path / "hf")
+    path = tmp_path / "hf" / "config.json"
+    data = {**json.loads(path.read_text()), **change}
+    path.write_text(json.dumps({k: v for k, v in data.items() if not (k in change and v is None)}))
+    with pytest.raises(InteropError, match=match):
+        moekit.from_pretrained(tmp_path / "hf")
+
+
 # ---- GLM-4.5 -------------------------------------------------------------------------------------
 GLM = dict(hidden_size=48, intermediate_size=40, moe_intermediate_size=12, num_hidden_layers=3, num_attention_heads=6,
            num_key_value_heads=2, head_dim=16, n_routed_experts=9, num_experts_per_tok=3, n_group=3, topk_group=2,
@@ -367,24 +380,13 @@ def test_glm4_moe_skips_the_mtp_layers_after_the_decoder(tmp_path):
 
 
 @pytest.mark.parametrize("change, match", [
-    ({"partial_rotary_factor": 0.3125}, "partial_rotary_factor=0.3125"),  # 5 rotary dims
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.3125}},
+     "partial_rotary_factor=0.3125"),  # 5 rotary dims
     ({"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4, "partial_rotary_factor": 0.5,
                           "short_factor": [1.0] * 4, "long_factor": [1.0] * 4}}, "rope_type='longrope'"),
 ])
 def test_glm4_moe_refuses_by_name(tmp_path, change, match):
-    import json
-
-    hf = _build("Glm4MoeConfig", "Glm4MoeForCausalLM", **GLM)
-    hf.save_pretrained(tmp_path / "hf")
-    path = tmp_path / "hf" / "config.json"
-    data = json.loads(path.read_text())
-    if "partial_rotary_factor" in change:
-        data["rope_parameters"]["partial_rotary_factor"] = change["partial_rotary_factor"]
-    else:
-        data.update(change)
-    path.write_text(json.dumps(data))
-    with pytest.raises(InteropError, match=match):
-        moekit.from_pretrained(tmp_path / "hf")
+    _refused_after_editing(tmp_path, _build("Glm4MoeConfig", "Glm4MoeForCausalLM", **GLM), change, match)
 
 
 @pytest.mark.parametrize("change, named", [
@@ -445,17 +447,7 @@ def test_dots1_import_greedy_and_export(tmp_path, kw):
     ({"layer_types": ["full_attention", "chunked_attention", "full_attention"]}, "layer_types \\['chunked_attention'\\]"),
 ])
 def test_dots1_refuses_by_name(tmp_path, change, match):
-    import json
-
-    hf = _build("Dots1Config", "Dots1ForCausalLM", **DOTS)
-    hf.save_pretrained(tmp_path / "hf")
-    path = tmp_path / "hf" / "config.json"
-    data = {**json.loads(path.read_text()), **change}
-    if data["layer_types"] is None:
-        del data["layer_types"]
-    path.write_text(json.dumps(data))
-    with pytest.raises(InteropError, match=match):
-        moekit.from_pretrained(tmp_path / "hf")
+    _refused_after_editing(tmp_path, _build("Dots1Config", "Dots1ForCausalLM", **DOTS), change, match)
 
 
 @pytest.mark.parametrize("change, named", [
@@ -543,14 +535,7 @@ def test_ernie4_5_moe_selection_bias_matters_and_mtp_is_skipped(tmp_path):
     ({"moe_layer_start_index": 4, "moe_layer_end_index": 3}, "leave no MoE layer"),
 ])
 def test_ernie4_5_moe_refuses_by_name(tmp_path, change, match):
-    import json
-
-    hf = _build("Ernie4_5_MoeConfig", "Ernie4_5_MoeForCausalLM", **ERNIE)
-    hf.save_pretrained(tmp_path / "hf")
-    path = tmp_path / "hf" / "config.json"
-    path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
-    with pytest.raises(InteropError, match=match):
-        moekit.from_pretrained(tmp_path / "hf")
+    _refused_after_editing(tmp_path, _build("Ernie4_5_MoeConfig", "Ernie4_5_MoeForCausalLM", **ERNIE), change, match)
 
 
 def test_ernie_norm_min_acts_only_on_tiny_sums():
@@ -658,14 +643,8 @@ def test_qk_norm_after_rope_matters():
     ({"use_qk_norm": False}, "use_qk_norm=False"),
 ])
 def test_hunyuan_moe_refuses_by_name(tmp_path, change, match):
-    import json
-
-    hf = _build("HunYuanMoEV1Config", "HunYuanMoEV1ForCausalLM", **HUNYUAN)
-    hf.save_pretrained(tmp_path / "hf")
-    path = tmp_path / "hf" / "config.json"
-    path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
-    with pytest.raises(InteropError, match=match):
-        moekit.from_pretrained(tmp_path / "hf")
+    _refused_after_editing(tmp_path, _build("HunYuanMoEV1Config", "HunYuanMoEV1ForCausalLM", **HUNYUAN), change,
+                           match)
 
 
 @pytest.mark.parametrize("change, named", [
