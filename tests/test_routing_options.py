@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from moekit import MoEConfig, reference_forward
-from moekit.moe.dispatcher import TokenDispatcher
 
 from conftest import grads_of, make_layer
 from test_layer import _fast, _ref
@@ -132,23 +131,20 @@ def test_masked_padding_and_decoding_keep_null_experts_right():
     assert res.router_logits.shape == (12, 6)
 
 
-class _FakeEP(TokenDispatcher):
-    holds_all_experts = False
-
-    def plan(self, r, cfg, training):
-        raise AssertionError
-
-    def run(self, experts, x_TD, plan):
-        raise AssertionError
-
-
 @pytest.mark.parametrize("kw, field", [(dict(router="top_p"), "router"), (dict(router="relu"), "router"),
                                        (dict(num_null_experts=1), "num_null_experts")])
 def test_expert_parallelism_refuses_variable_compute(kw, field):
-    layer = make_layer(**kw)
+    """Refused by name before any layer is sharded: the model stays whole."""
+    from moekit.dist.ep import check_shardable, shard_experts
+    from moekit.dist.parallel import ParallelDims
+
+    fine, bad = make_layer(), make_layer(**kw)
+    model = torch.nn.Sequential(fine, bad)
+    w_in = fine.experts.w_in
     with pytest.raises(ValueError, match=f"MoEConfig.{field}=.*expert parallelism"):
-        layer.dispatcher = _FakeEP()
-    make_layer().dispatcher = _FakeEP()  # a fixed top-k layer takes it
+        shard_experts(model, ParallelDims(world=2, rank=0, ep=2))
+    assert fine.experts.w_in is w_in and fine.dispatcher.holds_all_experts
+    check_shardable(make_layer())  # a fixed top-k layer can be sharded
 
 
 @pytest.mark.parametrize("kw, match", [
@@ -287,3 +283,24 @@ def test_router_lr_mult_makes_its_own_param_group(tmp_path, corpus_dir):
     records = _train(tmp_path, corpus_dir, "--router-lr-mult", "0.25")
     cfg_saved = json.loads((tmp_path / "run" / "train_config.json").read_text())
     assert cfg_saved["router_lr_mult"] == 0.25 and records
+
+
+@pytest.mark.parametrize("moe_kw", [dict(num_null_experts=3), dict(router="top_p", top_k=4), dict(router="relu")],
+                         ids=["null", "top_p", "relu"])
+def test_routing_report_counts_only_computed_experts(moe_kw):
+    """moekit inspect's counts: a null expert's choice and a slot a variable-compute router left unused
+    are no assignment; every layer's co-activation diagonal equals its routed load."""
+    from moekit import ModelConfig, MoETransformer
+    from moekit.insight.routing import collect_routing
+
+    cfg = ModelConfig.from_name("tiny")
+    cfg = cfg.replace(moe=cfg.moe.replace(**moe_kw))
+    model = MoETransformer(cfg).eval()
+    ids_BS = torch.randint(0, cfg.vocab_size, (2, 16))
+    data = collect_routing(model, [ids_BS])
+    for lr in data.layers.values():
+        E = cfg.moe.num_experts
+        assert lr.routed_E.shape == (E,) and lr.coact_EE.shape == (E, E)
+        assert torch.equal(lr.coact_EE.diagonal(), lr.routed_E)
+        if moe_kw.get("router") == "top_p":
+            assert int(lr.routed_E.sum()) < cfg.moe.top_k * ids_BS.numel()

@@ -28,15 +28,12 @@ EXPERT_PARAMS = ("w_in", "w_out", "b_in", "b_out")
 def shard_experts(model: nn.Module, dims: ParallelDims) -> nn.Module:
     """Keeps this rank's experts of every MoE layer of ``model`` (built whole, with identical weights on
     every rank) and installs the all-to-all token dispatcher on each layer. In place; returns ``model``."""
-    for layer in [m for m in model.modules() if isinstance(m, MoELayer)]:
+    layers = [m for m in model.modules() if isinstance(m, MoELayer)]
+    for layer in layers:  # every layer checked before any is sharded: a refusal leaves the model whole
+        dims.check_experts(layer.cfg.num_experts)
+        check_shardable(layer)
+    for layer in layers:
         cfg = layer.cfg
-        dims.check_experts(cfg.num_experts)
-        if cfg.router == "expert_choice":
-            raise ValueError("router='expert_choice' is not supported under expert parallelism (each expert "
-                             "would need every rank's scores); use a token-choice router or --ep 1")
-        if not layer.dispatcher.holds_all_experts:
-            raise ValueError(f"shard_experts: the layer's experts are already sharded ({layer.dispatcher!r}); "
-                             f"shard a model built whole")
         dispatcher = AllToAllDispatcher(dims, cfg.num_experts)
         lo, hi = dispatcher.first, dispatcher.first + dispatcher.local
         for name in EXPERT_PARAMS:
@@ -45,6 +42,23 @@ def shard_experts(model: nn.Module, dims: ParallelDims) -> nn.Module:
                 setattr(layer.experts, name, nn.Parameter(p.detach()[lo:hi].clone()))
         layer.dispatcher = dispatcher
     return model
+
+
+def check_shardable(layer: MoELayer) -> None:
+    """Raises ValueError naming the field when ``layer`` cannot run on the all-to-all dispatcher: it
+    plans every slot of every token as an assignment of a computed expert held by some rank."""
+    cfg = layer.cfg
+    if cfg.router == "expert_choice":
+        raise ValueError("router='expert_choice' is not supported under expert parallelism (each expert "
+                         "would need every rank's scores); use a token-choice router or --ep 1")
+    if cfg.router in ("top_p", "relu") or cfg.num_null_experts:
+        field, value, off = (("router", cfg.router, "a fixed top-k router") if cfg.router in ("top_p", "relu")
+                             else ("num_null_experts", cfg.num_null_experts, "0"))
+        raise ValueError(f"MoEConfig.{field}={value!r} is not supported under expert parallelism (a variable "
+                         f"number of computed experts per token); use {off} or --ep 1")
+    if not layer.dispatcher.holds_all_experts:
+        raise ValueError(f"shard_experts: the layer's experts are already sharded ({layer.dispatcher!r}); "
+                         f"shard a model built whole")
 
 
 def data_parallel(model: nn.Module) -> nn.Module:

@@ -81,10 +81,15 @@ class RoutingRecorder:
 
 
 def assignment_mask(r: RouterOutput, num_tokens: int, num_experts: int) -> torch.Tensor:
-    """Boolean [T, E]: token t was routed to expert e (before capacity)."""
+    """Boolean [T, E]: token t was routed to computed expert e (before capacity). Slots a variable-compute
+    router left unused (``active_TK``) and choices of null experts (ids >= E) are no assignment."""
     mask_TE = torch.zeros(num_tokens, num_experts, dtype=torch.bool, device=r.logits_TE.device)
     if r.expert_ids_TK is not None:
-        mask_TE.scatter_(1, r.expert_ids_TK, True)
+        used_TK = r.expert_ids_TK < num_experts
+        if r.active_TK is not None:
+            used_TK &= r.active_TK
+        t_N, k_N = used_TK.nonzero(as_tuple=True)
+        mask_TE[t_N, r.expert_ids_TK[t_N, k_N]] = True
     else:  # expert choice: each expert's chosen tokens
         E, C = r.token_ids_EC.shape
         mask_TE[r.token_ids_EC.reshape(-1), torch.arange(E, device=mask_TE.device).repeat_interleave(C)] = True
@@ -169,7 +174,7 @@ class LayerRouting:
         stats = out.stats
         mask_TE = assignment_mask(r, T, E).cpu()
         self.tokens += T
-        self.routed_E += stats.routed_per_expert.cpu().long()
+        self.routed_E += stats.routed_per_expert[:E].cpu().long()  # null experts (ids >= E) run nothing
         self.kept_E += stats.tokens_per_expert.cpu().long()
         self.dropped_assignments += int(stats.dropped_assignments)
         self.dropped_tokens += int(stats.dropped_tokens)

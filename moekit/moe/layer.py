@@ -84,19 +84,6 @@ class MoELayer(nn.Module):
         self.routing_replay = None  # a moekit.moe.replay.RoutingReplay while one records or replays
         self.reset_parameters()
 
-    def __setattr__(self, name, value):
-        # NOTE: the expert-parallel dispatcher plans every slot of every token as an assignment of a
-        # computed expert; the options that break that are refused when it is installed.
-        if name == "dispatcher" and not isinstance(value, LocalDispatcher) and "cfg" in self.__dict__:
-            cfg = self.cfg
-            for field_name, value_now, off in (("router", cfg.router, "a fixed top-k router"),
-                                               ("num_null_experts", cfg.num_null_experts, "0")):
-                if (field_name == "router" and value_now in ("top_p", "relu")) or (field_name != "router" and value_now):
-                    raise ValueError(f"MoEConfig.{field_name}={value_now!r} is not supported under expert "
-                                     f"parallelism (a variable number of computed experts per token); use {off} "
-                                     f"or --ep 1")
-        super().__setattr__(name, value)
-
     @property
     def ep(self):
         """The expert-parallel dispatcher (its ``sent_bytes``, ``first``, ``local``) once
