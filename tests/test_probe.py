@@ -13,6 +13,7 @@ from moekit import ModelConfig, MoETransformer, reference_forward
 from moekit.cpu import options
 from moekit.moe.backends import chooser, probe
 from moekit.moe.backends.probe import Candidate
+from moekit.moe.backends.registry import get as get_backend
 
 from conftest import grads_of, make_layer
 
@@ -208,3 +209,24 @@ def test_a_decided_class_builds_no_workload_again(probing, monkeypatch):
         assert chooser.expert_backend(cfg, x) == first
     assert probe.best("k2", [B, PLAIN], lambda: sleeper({B.name: 1, PLAIN.name: 5})) == B
     assert probe.best("k2", [B, PLAIN], refuse) == B
+
+
+def test_the_probe_times_cpu_tensors_under_a_meta_device_context(probing, monkeypatch):
+    """Loading builds a model under torch.device("meta"): the probe's tensors must still be real (on
+    meta tensors it timed nothing, and cached what it timed)."""
+    seen = []
+
+    def linear(x, w, onednn=False):
+        seen.append(x.device.type)
+        return torch.nn.functional.linear(x, w)
+
+    def loop_run(self, x, plan, weights, activation, how):
+        seen.append(x.device.type)
+        return x * 2
+
+    monkeypatch.setattr(type(get_backend("loop")), "run", loop_run)
+    expert_shape = probe.expert_shape(torch.float32, 16, 8, 4, "swiglu", 32)
+    with torch.device("meta"):
+        probe.dense_workload(probe.DenseShape(32, (16,), 1), linear)(Candidate("dense", "onednn"))()
+        probe.expert_workload(expert_shape, lambda c, x, w: chooser.loop_gemm(x, w, native=False))(PLAIN)()
+    assert seen == ["cpu", "cpu"]

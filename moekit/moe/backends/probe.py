@@ -47,7 +47,7 @@ from moekit.moe.dispatch import plan_token_choice
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1  # bumped when what a timing measures changes: older files are measured again
+FORMAT = 2  # bumped when what a timing measures changes: older files are measured again
 PROBE_TOP_K = 2
 MAX_ASSIGNMENTS = 16384  # classes beyond time like this one: the per-expert GEMMs are large by then
 DENSE_TOKENS = (256, 1024)  # rows of the dense probe: as many as keep one step near DENSE_STEP_FLOPS
@@ -245,10 +245,13 @@ def measure(candidates: list[Candidate], workload: Callable[[Candidate], Callabl
 
 # ---- the workloads -------------------------------------------------------------------------------
 class _Isolated:
-    """Gradients on, autocast and inference mode off, for a probe run inside any caller's context."""
+    """Gradients on, autocast and inference mode off, new tensors on the CPU: a probe runs inside any
+    caller's context (a model is built under ``torch.device("meta")`` when it is loaded, and a probe
+    on meta tensors would time nothing)."""
 
     def __enter__(self):
-        self._modes = [torch.inference_mode(False), torch.enable_grad(), torch.autocast("cpu", enabled=False)]
+        self._modes = [torch.inference_mode(False), torch.enable_grad(), torch.autocast("cpu", enabled=False),
+                       torch.device("cpu")]
         for m in self._modes:
             m.__enter__()
 
