@@ -225,6 +225,28 @@ def load_weights(ckpt: Path, model: torch.nn.Module, assign: bool = False) -> No
         raise CheckpointError(f"{path} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
+QUANT_FILE = "quant.json"  # a weight-only quantized checkpoint's QuantConfig (moekit.quant.save_quantized)
+
+
+def _load_quantized(ckpt: Path, model_cfg: ModelConfig) -> torch.nn.Module:
+    """The quantized model of a verified checkpoint: built on the meta device in its quantized form,
+    then the file's tensors assigned, so memory holds the quantized weights only."""
+    from moekit.model import MoETransformer
+    from moekit.quant.config import QuantConfig
+    from moekit.quant.model import quantized_skeleton
+
+    path = ckpt / QUANT_FILE
+    try:
+        qcfg = QuantConfig.from_dict(json.loads(path.read_text())["quant"])
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{path} is not a moekit quantization config: {err}") from None
+    with torch.device("meta"):
+        model = MoETransformer(model_cfg)
+    quantized_skeleton(model, qcfg)
+    load_weights(ckpt, model, assign=True)  # every tensor, or CheckpointError naming the file
+    return model
+
+
 def load_model(path: Path, dtype: torch.dtype | None = None):
     """(model, tokenizer, config dict) of a checkpoint or run directory, verified first."""
     from moekit.model import MoETransformer
@@ -236,10 +258,8 @@ def load_model(path: Path, dtype: torch.dtype | None = None):
         model_cfg = ModelConfig.from_dict(config["model"])
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"{ckpt / 'config.json'}: invalid model config: {err}") from None
-    if (ckpt / "quant.json").is_file():  # weight-only quantized (moekit.quant.save_quantized)
-        from moekit.quant.checkpoint import load_quantized_weights
-
-        model = load_quantized_weights(ckpt, model_cfg)
+    if (ckpt / QUANT_FILE).is_file():  # weight-only quantized (moekit.quant.save_quantized)
+        model = _load_quantized(ckpt, model_cfg)
     else:
         model = MoETransformer(model_cfg)
         load_weights(ckpt, model)

@@ -244,23 +244,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _model_and_tokenizer(path: Path):
-    """A moekit checkpoint/run with its tokenizer, or a Hugging Face directory with tokenizer.json."""
-    from moekit.checkpoint import load_model
-    from moekit.interop import from_pretrained, load_hf_tokenizer
-
-    if (path / "config.json").is_file() and not (path / "manifest.json").is_file():
-        model = from_pretrained(path)
-        tokenizer = load_hf_tokenizer(path)  # (moekit's byte tokenizer, exported, comes back as itself)
-        if tokenizer is None:
-            raise FileNotFoundError(f"{path / 'tokenizer.json'} not found: generate needs the model's tokenizer")
-        return model, tokenizer
-    model, tokenizer, _ = load_model(path)
-    if tokenizer is None:
-        raise ValueError(f"{path} has no tokenizer (tokenizer.json or tokenizer_config.json)")
-    return model, tokenizer
-
-
 class _TextStream:
     """``generate``'s ``on_token`` for one prompt: with ``echo`` each token's text to stdout as it comes (a
     character split over several byte tokens once whole), the stop token left out; times the first token
@@ -328,7 +311,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from moekit.generate import generate
 
-    model, tokenizer = _model_and_tokenizer(Path(args.model))
+    from moekit.interop import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(Path(args.model), "generate")
     prompt = tokenizer.encode(args.prompt)
     stop = [tokenizer.eot_id] if getattr(tokenizer, "eot_id", None) is not None else []
     greedy = args.temperature == 0

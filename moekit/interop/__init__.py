@@ -109,3 +109,19 @@ def load_hf_tokenizer(path: str | Path):
 
 
 __all__ = ["FAMILIES", "InteropError", "from_pretrained", "load_hf_tokenizer", "to_hf"]
+def load_model_and_tokenizer(path: str | Path, purpose: str = "this command") -> tuple[MoETransformer, object]:
+    """A moekit checkpoint or run with its tokenizer, or a Hugging Face directory with its tokenizer.json
+    (moekit's byte tokenizer, exported, comes back as itself); ``purpose`` names the caller in the error
+    when there is no tokenizer."""
+    from moekit.checkpoint import load_model
+
+    path = Path(path)
+    if (path / "config.json").is_file() and not (path / "manifest.json").is_file():
+        model, tokenizer = from_pretrained(path), load_hf_tokenizer(path)
+    else:
+        model, tokenizer, _ = load_model(path)
+    if tokenizer is None:
+        raise ValueError(f"{path} has no tokenizer (tokenizer.json or tokenizer_config.json): {purpose} needs one")
+    return model, tokenizer
+
+

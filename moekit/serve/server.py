@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from moekit.interop import load_model_and_tokenizer
 from moekit.serve.app import ServerState, build_app
 from moekit.serve.engine import Engine
 
@@ -58,27 +59,13 @@ def stop_token_ids(model_dir: Path, tokenizer, eos: str = "") -> tuple[int, ...]
     return tuple(sorted(ids))
 
 
-def load_model_and_tokenizer(path: Path):
-    """A moekit checkpoint or run with its tokenizer, or a Hugging Face directory with its tokenizer.json."""
-    from moekit.checkpoint import load_model
-    from moekit.interop import from_pretrained, load_hf_tokenizer
-
-    if (path / "config.json").is_file() and not (path / "manifest.json").is_file():
-        model, tokenizer = from_pretrained(path), load_hf_tokenizer(path)
-    else:
-        model, tokenizer, _ = load_model(path)
-    if tokenizer is None:
-        raise ValueError(f"{path} has no tokenizer (tokenizer.json or tokenizer_config.json): serve needs one")
-    return model, tokenizer
-
-
 def load_state(model_dir: str | Path, dtype: str = "fp32", max_batch: int = 8, prefill_chunk: int = 256,
                model_name: str | None = None, context: int | None = None) -> ServerState:
     """A model directory (moekit checkpoint or run, or Hugging Face) with its tokenizer, behind an engine."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} is invalid; allowed: {', '.join(DTYPES)}")
     path = Path(model_dir)
-    model, tokenizer = load_model_and_tokenizer(path)
+    model, tokenizer = load_model_and_tokenizer(path, "serve")
     model = model.to(DTYPES[dtype]).eval()
     template, bos, eos = chat_template_of(path)
     engine = Engine(model, tokenizer, max_batch=max_batch, prefill_chunk=prefill_chunk,
