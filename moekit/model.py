@@ -119,7 +119,8 @@ class MoETransformer(nn.Module):
         # says so; a dense model is left plain (and loads no native code) unless gemm='onednn' is asked for.
         self.accelerated = chooser.accelerates_dense(cfg)
         if self.accelerated:
-            cpu_gemm.accelerate(self, chooser.onednn_for)
+            self._dense_shape = chooser.dense_shape(cfg)
+            cpu_gemm.accelerate(self, self._onednn)
 
     def init_weights(self) -> None:
         """All initialisation: :func:`moekit.nn.initialize.init_weights` (GPT-2's scheme) with the config's
@@ -177,7 +178,7 @@ class MoETransformer(nn.Module):
         return logits * self.cfg.logit_multiplier if self.cfg.logit_multiplier != 1.0 else logits
 
     def _onednn(self, t: torch.Tensor) -> bool:
-        return self.accelerated and chooser.onednn_for(t)
+        return self.accelerated and chooser.dense_onednn(self._dense_shape, t)
 
     def output_weight(self) -> torch.Tensor:
         return self.embed.weight if self.lm_head is None else self.lm_head.weight

@@ -131,6 +131,7 @@ def _losses(run):
     return {r["step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
 
 
+@pytest.mark.slow  # 35 s of torchrun jobs; the EP layer equivalence tests stay in the default run
 def test_ep_training_equals_one_process_and_checkpoints_move_between_degrees(tmp_path):
     import shutil
 

@@ -213,6 +213,7 @@ def test_gather_path_only_inside_the_decode_step(monkeypatch):
         assert not dropless._decoding(x)  # gradients recorded: never
 
 
+@pytest.mark.slow  # 37 s: a compile (the gather backend's parity with the loop is tested eagerly above)
 def test_compiled_generation_runs_the_gather_backend(monkeypatch):
     """generate(compile=True) marks its model's layers for the decode step (gather_decoding(model)):
     the compiled step traces the gather path; the flag is down again afterwards."""

@@ -177,18 +177,25 @@ def test_the_model_dense_products_follow_the_dense_probe(probing):
         pytest.skip("fp32 oneDNN does not run here: the dense products are never accelerated")
     cfg = ModelConfig.from_name("tiny")
     shape = chooser.dense_shape(cfg)
+    model = MoETransformer(cfg)
+    h = torch.randn(4, cfg.d_model)
     for onednn_wins in (True, False):
         probe.forget()
         times = {"dense/onednn": 1.0 if onednn_wins else 9.0, "dense/blas": 9.0 if onednn_wins else 1.0}
         probe._write(probe.cache_file(), shape.key, times)
-        assert MoETransformer(cfg).accelerated == onednn_wins
+        assert model.accelerated and model._onednn(h) == onednn_wins
 
 
 def test_dense_workload_times_both_gemms(probing):
     if not chooser.onednn_runs():
         pytest.skip("fp32 oneDNN does not run here")
     cfg = ModelConfig.from_name("tiny")
-    MoETransformer(cfg)
+    with torch.device("meta"):  # as moekit params and from_pretrained build it: nothing is timed
+        MoETransformer(cfg)
+    assert not probe.lookup(chooser.dense_shape(cfg).key)
+    model = MoETransformer(cfg)
+    assert not probe.lookup(chooser.dense_shape(cfg).key)  # nor when built on the CPU: at the first product
+    model(torch.randint(0, cfg.vocab_size, (1, 8)))
     times = probe.lookup(chooser.dense_shape(cfg).key)
     assert set(times) == {"dense/onednn", "dense/blas"} and all(t > 0 for t in times.values())
 

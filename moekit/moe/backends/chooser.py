@@ -13,10 +13,11 @@ the options (:mod:`moekit.cpu.options`, i.e. the ``MOEKIT_*`` overrides); nothin
 * :func:`loop_gemm`: for the slice loops, whether their GEMMs run on bucketed rows, in how many
   expert groups, on oneDNN (under ``auto`` for the C++ loop: as measured, per shape class), on the C++
   loop's own kernel.
-* :func:`accelerates_dense`: whether a model's dense products (attention, dense FFNs, the LM head,
-  the loss) take :func:`onednn_for` too: with ``gemm='onednn'``, or ``auto`` for a model with MoE
-  layers (on a CPU their experts load the C++ extension anyway) where oneDNN measured faster for
-  the model's products (or, with the probe off, always). A dense model never loads it.
+* :func:`accelerates_dense` / :func:`dense_onednn`: whether a model's dense products (attention, dense
+  FFNs, the LM head, the loss) may take oneDNN (decided when it is built: with ``gemm='onednn'``, or
+  ``auto`` for a model with MoE layers, whose experts load the C++ extension anyway; a dense model
+  never loads it), and whether each does (at run time: where oneDNN measured faster for the model's
+  products, or with the probe off, always).
 
 Where ``auto`` is measured, every candidate is timed once per machine and shape class and cached
 (:mod:`moekit.moe.backends.probe`); :func:`describe` says what was chosen and why.
@@ -219,19 +220,26 @@ def accelerates_dense(cfg: ModelConfig) -> bool:
     opts = options.get()
     if not opts.native or opts.gemm == "blas":
         return False
-    if opts.gemm == "onednn":
-        return True
-    if not (X86 and any(cfg.is_moe_layer(i) for i in range(cfg.n_layers))):
+    return opts.gemm == "onednn" or (X86 and any(cfg.is_moe_layer(i) for i in range(cfg.n_layers)))
+
+
+_DENSE_CANDIDATES = [Candidate("dense", "onednn"), Candidate("dense", "blas")]
+
+
+def dense_onednn(shape: probe.DenseShape, t: torch.Tensor) -> bool:
+    """For a model :func:`accelerates_dense` accepted: whether this product on ``t`` runs on oneDNN.
+    Where :func:`onednn_for` holds, ``gemm='onednn'`` says yes; under ``auto`` with the probe on, the
+    model's dense products as measured (``shape``: :func:`dense_shape`), timed at the first product
+    and then a dictionary lookup. NOTE: decided here, at run time, and not when the model is built: a
+    model is built on the meta device when it is loaded or only counted (``moekit params``)."""
+    if not onednn_for(t):
         return False
-    if not _probing(torch.device("cpu")):
+    if options.get().gemm == "onednn" or not _probing(t.device):
         return True
-    if not onednn_runs():
-        return False
-    shape = dense_shape(cfg)
-    candidates = [Candidate("dense", "onednn"), Candidate("dense", "blas")]
     from moekit.cpu import gemm as cpu_gemm
 
-    return probe.best(shape.key, candidates, lambda: probe.dense_workload(shape, cpu_gemm.linear)).gemm == "onednn"
+    return probe.best(shape.key, _DENSE_CANDIDATES,
+                      lambda: probe.dense_workload(shape, cpu_gemm.linear)).gemm == "onednn"
 
 
 def dense_shape(cfg: ModelConfig) -> probe.DenseShape:
