@@ -119,7 +119,7 @@ def _measured(shape: probe.ExpertShape, candidates: list[Candidate]) -> Candidat
     def how_for(c: Candidate, x_TD: torch.Tensor, weights: ExpertWeights) -> LoopGemm:
         return loop_gemm(x_TD, weights, native=c.backend == "native")
 
-    return probe.best(shape.key, candidates, lambda: probe.expert_workload(shape, how_for))
+    return probe.best(shape, candidates, lambda: probe.expert_workload(shape, how_for))
 
 
 def expert_backend(cfg: MoEConfig, x_TD: torch.Tensor, requested: str = "auto", decode_step: bool = False,
@@ -238,7 +238,7 @@ def dense_onednn(shape: probe.DenseShape, t: torch.Tensor) -> bool:
         return True
     from moekit.cpu import gemm as cpu_gemm
 
-    return probe.best(shape.key, _DENSE_CANDIDATES,
+    return probe.best(shape, _DENSE_CANDIDATES,
                       lambda: probe.dense_workload(shape, cpu_gemm.linear)).gemm == "onednn"
 
 

@@ -192,17 +192,19 @@ def _choose(times: dict[str, float | None], candidates: list[Candidate]) -> Cand
     return min(candidates, key=cost)
 
 
-_decided: dict[tuple[str, tuple[Candidate, ...]], Candidate] = {}
+_decided: dict[tuple, Candidate] = {}
 
 
-def best(key: str, candidates: list[Candidate],
+def best(shape: "str | ExpertShape | DenseShape", candidates: list[Candidate],
          make_workload: Callable[[], Callable[[Candidate], Callable[[], None]]]) -> Candidate:
-    """The fastest of ``candidates`` for ``key``. Those the cache does not know are timed with the
-    workload ``make_workload()`` builds (a candidate -> a callable running one step of it), called only
-    then: a decided class costs one dictionary lookup per call (every forward asks)."""
-    decided = _decided.get((key, tuple(candidates)))
+    """The fastest of ``candidates`` for a shape class (or its cache key). Those the cache does not know
+    are timed with the workload ``make_workload()`` builds (a candidate -> a callable running one step of
+    it), called only then: a decided class costs one dictionary lookup per call (every forward and every
+    dense product asks), the key string is built only on a miss."""
+    decided = _decided.get((shape, tuple(candidates)))
     if decided is not None:
         return decided
+    key = shape if isinstance(shape, str) else shape.key
     with _lock:
         times = lookup(key)
         missing = [c for c in candidates if c.name not in times]
@@ -211,7 +213,7 @@ def best(key: str, candidates: list[Candidate],
             _write(cache_file(), key, times)
             log.info("moekit probe %s: %s", key, {k: v for k, v in times.items()})
         choice = _choose(times, candidates)
-        _decided[(key, tuple(candidates))] = choice
+        _decided[(shape, tuple(candidates))] = choice
         return choice
 
 
