@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -90,24 +91,55 @@ def _duration(seconds: float) -> str:
 
 
 def demo_summary(summary: dict) -> str:
-    """``moekit demo``'s closing lines: both runs' figures, the verdict, where the files are."""
+    """``moekit demo``'s closing lines: a table of both runs, the verdict, the routing, how the time was
+    measured, where the files are."""
     out, dense = Path(summary["out"]), summary["dense"]
-    lines = [f"moekit demo: an MoE against a dense model with the same active parameters"
-             f"{' (--quick)' if summary.get('quick') else ''}, in {out}"]
+    quick = summary.get("quick")
+    lines = ["moekit demo: an MoE against a dense model with the same active parameters, tokens and schedule",
+             f"  seed {summary.get('seed', 0)}{'; --quick: short runs, noisier figures' if quick else ''}",
+             "",
+             f"  {'':6s}{'parameters':>11s}{'active':>9s}{'peak lr':>9s}{'final val loss':>16s}{'steps':>7s}"
+             f"{'training time':>15s}{'s/step':>8s}"]
     for name in ("dense", "moe"):
         r = summary[name]
-        lines.append(f"  {name:5s} {_fmt(r['total_params']):>7s} parameters ({_fmt(r['active_params'])} active): "
-                     f"validation loss {r['final_val_loss']:.3f} after {r['steps']} steps, {r['flops']:.2e} FLOPs, "
-                     f"{_duration(r['seconds'])}")
+        lr = summary.get("lr", {}).get(name)
+        lines.append(f"  {name:6s}{_fmt(r['total_params']):>11s}{_fmt(r['active_params']):>9s}"
+                     f"{f'{lr:g}' if lr else '':>9s}{r['final_val_loss']:>16.4f}{r['steps']:>7d}"
+                     f"{_duration(r['seconds']):>15s}{r['seconds'] / r['steps']:>8.3f}")
+    lines.append("")
     hit = summary.get("moe_at_dense_final_loss")
     if hit:
-        lines.append(f"  The MoE reached the dense model's final validation loss ({dense['final_val_loss']:.3f}) at "
-                     f"step {hit['steps']:.0f}: {hit['steps_ratio']:.2f}x the steps, {hit['flops_ratio']:.2f}x the "
-                     f"FLOPs, {hit['seconds_ratio']:.2f}x the time of the dense model.")
+        lines.append(f"  The MoE reached the dense model's final validation loss ({dense['final_val_loss']:.4f}) at "
+                     f"step {hit['steps']:.0f}, after {_duration(hit['seconds'])}:")
+        lines.append(f"  {hit['steps_ratio']:.2f}x the steps, {hit['flops_ratio']:.2f}x the FLOPs and "
+                     f"{hit['seconds_ratio']:.2f}x the wall-clock of the dense model.")
     else:
-        lines.append(f"  The MoE did not reach the dense model's final validation loss ({dense['final_val_loss']:.3f}) "
+        lines.append(f"  The MoE did not reach the dense model's final validation loss ({dense['final_val_loss']:.4f}) "
                      f"in {summary['moe']['steps']} steps.")
-    lines += [f"  figures   {out / 'summary.json'}, {summary['plot']} (validation loss against FLOPs and time)",
+    routing = summary.get("moe_routing")
+    if routing:
+        loads = ", ".join(f"{v:.2f}" for v in routing["median_max_load_after_settle"].values() if v is not None)
+        collapsed = routing["collapse_after_settle"]
+        state = (f"collapse flags after step {routing['settle_step']} at {len(collapsed)} logged steps "
+                 f"(first: step {collapsed[0]['step']}, layers {collapsed[0]['layers']})" if collapsed
+                 else f"no collapse flag after step {routing['settle_step']}")
+        lines += textwrap.wrap(f"Routing: busiest expert / mean load per layer (median after step "
+                               f"{routing['settle_step']}): {loads}; {state}.", 100, initial_indent="  ",
+                               subsequent_indent="    ")
+    timing = summary.get("timing")
+    if timing:
+        shares = [v for v in timing["other_processes_cpu_share"].values() if v is not None]
+        busy = (f"other processes took up to {max(shares):.0%} of the CPU during the runs"
+                if shares else "other processes' CPU use is unknown on this system")
+        lines += textwrap.wrap(f"Time: {timing['measured']}; {timing['threads']} threads on "
+                               f"{timing['cpu'] or 'this CPU'}; one-off costs ({timing['one_off_seconds_before_clocks']:.0f}"
+                               f" s: native code, corpus, backend probe) paid before either clock started; {busy}.",
+                               100, initial_indent="  ", subsequent_indent="    ")
+        if timing.get("busy"):
+            lines.append("  WARNING: the machine was busy with other work: the time ratio is not this machine's.")
+    lines += ["",
+              f"  figures   {summary.get('json', out / 'summary.json')}, {summary['plot']} (validation loss against "
+              f"FLOPs and time; load per layer)",
               f"  runs      {out / 'dense'}, {out / 'moe'} (checkpoints, metrics.jsonl)",
               f"next: moekit inspect --model {out / 'moe'}   (what the experts learned)"]
     return "\n".join(lines)
@@ -116,7 +148,13 @@ def demo_summary(summary: dict) -> str:
 def cmd_demo(args: argparse.Namespace) -> int:
     from moekit.train.demo import run_demo
 
-    summary = run_demo(args.out, quick=args.quick, overwrite=args.overwrite, progress=not args.no_progress)
+    summary = run_demo(args.out, quick=args.quick, overwrite=args.overwrite, progress=not args.no_progress,
+                       seed=args.seed, resume=args.resume)
+    if "interrupted" in summary:
+        print(f"moekit demo: interrupted during the {summary['run']} run; continue with: moekit demo --out "
+              f"{summary['out']}{' --quick' if args.quick else ''}"
+              f"{f' --seed {args.seed}' if args.seed else ''} --resume", file=sys.stderr)
+        return summary["interrupted"]
     print(json.dumps(summary, indent=2) if args.json else demo_summary(summary))
     return 0
 
@@ -485,6 +523,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "loss.png and both runs.")
     p.add_argument("--quick", action="store_true", help="a few minutes instead of about fifteen")
     p.add_argument("--out", help="output directory (default: runs/demo-<time>)")
+    p.add_argument("--seed", type=NON_NEGATIVE, default=0, help="seed of both models' initial weights and batches (default: 0)")
+    p.add_argument("--resume", action="store_true", help="finish an interrupted demo in --out")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--no-progress", dest="no_progress", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="print summary.json instead of the summary")

@@ -838,9 +838,12 @@ def _presets() -> dict[str, Preset]:
     demo_dense = ModelConfig(vocab_size=256, d_model=256, n_layers=4, n_heads=4, max_seq_len=1024, ffn_hidden=1024,
                              tie_embeddings=True)
     p["demo-dense"] = Preset(demo_dense, "moekit demo: dense baseline, SwiGLU FFN 1024")
+    # 32 experts of a quarter of the dense width, top-4 (Krajewski et al. 2024's granularity 4): the
+    # aux-loss-free bias (DeepSeek-V3) with a light load-balancing loss keeps every expert in use once
+    # the router settles (docs/demo.md measures the alternatives)
     p["demo-moe"] = Preset(demo_dense.replace(moe=_moe(
-        256, 128, 64, 6, num_shared_experts=2, aux_loss_coef=0.01, z_loss_coef=1e-3)),
-        "moekit demo: DeepSeekMoE-style fine-grained experts (64 x 128, top-6, renormalised) + 2 shared, "
+        256, 256, 32, 4, aux_loss_coef=0.003, z_loss_coef=1e-3, bias_update_rate=0.002)),
+        "moekit demo: 32 experts of 256, top-4, renormalised; aux-loss-free bias + light balancing loss; "
         "active FFN 1024")
 
     # ---- the published systems -----------------------------------------------------------------

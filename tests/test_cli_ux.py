@@ -208,12 +208,19 @@ def test_train_ends_with_a_summary_and_writes_the_json(tmp_path, corpus_dir, cap
     assert json.loads(capsys.readouterr().out) == json.loads((out / "summary.json").read_text())
 
 
-def _demo_summary(hit: bool) -> dict:
+def _demo_summary(hit: bool, collapse: bool = False, busy: float = 0.01) -> dict:
     run = dict(final_val_loss=2.0, steps=120, flops=1.5e13, seconds=95.0, total_params=3_200_000,
                active_params=3_200_000)
     moe = {**run, "final_val_loss": 1.8, "seconds": 130.0, "total_params": 9_100_000}
-    summary = {"dense": run, "moe": moe, "moe_reached_dense_final_loss": hit, "quick": True,
-               "out": "runs/d", "plot": "runs/d/loss.png"}
+    summary = {"dense": run, "moe": moe, "moe_reached_dense_final_loss": hit, "quick": True, "seed": 1,
+               "out": "runs/d", "plot": "runs/d/loss.png", "json": "runs/d/summary.json",
+               "lr": {"dense": 0.003, "moe": 0.0015},
+               "moe_routing": {"settle_step": 20, "median_max_load_after_settle": {"0": 1.31, "1": 1.52},
+                               "collapse_after_settle": [{"step": 40, "layers": [1]}] if collapse else [],
+                               "max_load_by_step": {"0": [[10, 2.0]], "1": [[10, 2.5]]}},
+               "timing": {"measured": "training steps only", "one_off_seconds_before_clocks": 12.3,
+                          "cpu": "Some CPU", "threads": 2, "other_processes_cpu_share": {"dense": 0.0, "moe": busy},
+                          "busy": busy > 0.05}}
     if hit:
         summary["moe_at_dense_final_loss"] = {"steps": 78.4, "flops": 1e13, "seconds": 80.0, "steps_ratio": 0.653,
                                               "flops_ratio": 0.653, "seconds_ratio": 0.615}
@@ -222,12 +229,24 @@ def _demo_summary(hit: bool) -> dict:
 
 def test_demo_summary_says_what_was_found_and_where(capsys, monkeypatch):
     text = demo_summary(_demo_summary(True))
-    assert "dense   3.20M parameters (3.20M active): validation loss 2.000 after 120 steps" in text
-    assert "moe     9.10M parameters" in text
-    assert "final validation loss (2.000) at step 78: 0.65x the steps, 0.65x the FLOPs, 0.61x the time" in text
+    assert "seed 1" in text and "--quick: short runs, noisier figures" in text
+    lines = text.splitlines()
+    dense = next(line for line in lines if line.strip().startswith("dense"))
+    assert dense.split() == ["dense", "3.20M", "3.20M", "0.003", "2.0000", "120", "1m35s", "0.792"]
+    assert next(line for line in lines if line.strip().startswith("moe ")).split()[:4] == ["moe", "9.10M", "3.20M",
+                                                                                          "0.0015"]
+    assert "final validation loss (2.0000) at step 78, after 1m20s" in text
+    assert "0.65x the steps, 0.65x the FLOPs and 0.61x the wall-clock of the dense model" in text
+    flat = " ".join(text.split())  # (the routing and timing lines wrap at 100 columns)
+    assert "1.31, 1.52; no collapse flag after step 20" in flat
+    assert "one-off costs (12 s" in flat and "up to 1% of the CPU" in flat and "WARNING" not in flat
+    assert max(len(line) for line in lines if not line.startswith("  figures")) <= 100
     assert "runs/d/summary.json" in text and "runs/d/loss.png" in text and "moekit inspect --model runs/d/moe" in text
-    assert "did not reach the dense model's final validation loss (2.000) in 120 steps" in \
+    assert "did not reach the dense model's final validation loss (2.0000) in 120 steps" in \
         demo_summary(_demo_summary(False))
+    flagged = " ".join(demo_summary(_demo_summary(True, collapse=True, busy=0.3)).split())
+    assert "collapse flags after step 20 at 1 logged steps (first: step 40, layers [1])" in flagged
+    assert "up to 30% of the CPU" in flagged and "WARNING: the machine was busy" in flagged
     import moekit.train.demo
 
     monkeypatch.setattr(moekit.train.demo, "run_demo", lambda *a, **kw: _demo_summary(True))
@@ -235,6 +254,10 @@ def test_demo_summary_says_what_was_found_and_where(capsys, monkeypatch):
     assert capsys.readouterr().out.startswith("moekit demo: an MoE against a dense model")
     assert main(["demo", "--quick", "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == _demo_summary(True)
+    monkeypatch.setattr(moekit.train.demo, "run_demo", lambda *a, **kw: {"interrupted": 130, "out": "runs/d",
+                                                                          "run": "moe"})
+    assert main(["demo", "--out", "runs/d", "--seed", "2"]) == 130
+    assert "continue with: moekit demo --out runs/d --seed 2 --resume" in capsys.readouterr().err
 
 
 def test_prune_summary(tmp_path):

@@ -77,7 +77,8 @@ _LAYER_MOE = MoEConfig(d_model=16, expert_hidden=8, num_experts=4, top_k=2, num_
 BUILDS = {
     "dense": lambda: MoETransformer(ModelConfig.from_name("tiny-dense")),
     "moe": lambda: MoETransformer(ModelConfig.from_name("tiny")),
-    "shared": lambda: MoETransformer(ModelConfig.from_name("demo-moe")),
+    "shared": lambda: MoETransformer(ModelConfig.from_name("demo-dense").replace(moe=MoEConfig(
+        d_model=256, expert_hidden=128, num_experts=64, top_k=6, num_shared_experts=2))),
     # every rule at once: MLA, LayerNorm with sandwich norms, the Arctic residual MLP, a dense prefix,
     # biases, a gated shared expert, a parallel dense FFN, the noisy gate, and an MoE init_std of its own
     "every_rule": lambda: MoETransformer(ModelConfig(

@@ -269,15 +269,66 @@ def test_demo_end_to_end_on_a_short_schedule(tmp_path, monkeypatch):
     monkeypatch.setitem(demo.QUICK, "steps", 4)
     monkeypatch.setitem(demo.QUICK, "eval_every", 2)
     monkeypatch.setitem(demo.QUICK, "warmup", 1)
-    summary = demo.run_demo(tmp_path / "demo", quick=True, progress=False)
+    monkeypatch.setitem(demo.QUICK, "eval_tokens", 4096)
+    monkeypatch.setitem(demo.SETTLE, "quick", 1)
+    summary = demo.run_demo(tmp_path / "demo", quick=True, progress=False, seed=3)
     assert (tmp_path / "demo" / "loss.png").stat().st_size > 10_000
+    assert not (tmp_path / "demo" / ".warm-up").exists()  # the one-off run leaves nothing behind
     saved = json.loads((tmp_path / "demo" / "summary.json").read_text())
-    assert saved["dense"]["steps"] == saved["moe"]["steps"] == 4
+    assert saved["dense"]["steps"] == saved["moe"]["steps"] == 4 and saved["seed"] == 3
     assert saved["moe"]["active_params"] < 1.05 * saved["dense"]["active_params"]
     assert saved["moe"]["total_params"] > 3 * saved["dense"]["total_params"]
     assert summary["moe_reached_dense_final_loss"] == ("moe_at_dense_final_loss" in summary)
+    routing = saved["moe_routing"]
+    n_moe = len([k for k in json.loads((tmp_path / "demo" / "moe" / "metrics.jsonl").read_text().splitlines()[-1])
+                 if k.startswith("moe_")])
+    assert len(routing["max_load_by_step"]) == n_moe == 4
+    assert all(v >= 1.0 for v in routing["median_max_load_after_settle"].values())
+    timing = saved["timing"]
+    assert timing["one_off_seconds_before_clocks"] > 0 and set(timing["other_processes_cpu_share"]) == {"dense", "moe"}
     with pytest.raises(ValueError, match="already exists"):
         demo.run_demo(tmp_path / "demo", quick=True, progress=False)
+    with pytest.raises(ValueError, match="seed=3"):  # a resume must repeat the demo's own settings
+        demo.run_demo(tmp_path / "demo", quick=True, progress=False, resume=True)
+    with pytest.raises(ValueError, match="no demo to continue"):
+        demo.run_demo(tmp_path / "other", quick=True, progress=False, resume=True)
+    again = demo.run_demo(tmp_path / "demo", quick=True, progress=False, seed=3, resume=True)  # both runs were done
+    assert again["moe"]["final_val_loss"] == summary["moe"]["final_val_loss"]
+
+
+def test_demo_routing_over_training_flags_collapse_after_the_router_settles():
+    from moekit.train.demo import routing_over_training
+
+    def rec(step, loads, collapsed=()):
+        r = {"step": step, **{f"moe_{i}": {"max_load_ratio": v} for i, v in enumerate(loads)}}
+        if collapsed:
+            r["collapsed_layers"] = list(collapsed)
+        return r
+
+    records = [rec(10, [4.0, 3.5], [0, 1]), rec(20, [1.5, 1.2]), rec(30, [1.4, 3.2], [1]), rec(40, [1.3, 1.1]),
+               {"step": 40, "val_loss": 2.0}]
+    out = routing_over_training(records, settle=10)
+    assert out["median_max_load_after_settle"] == {"0": 1.4, "1": 1.2}
+    assert out["collapse_after_settle"] == [{"step": 30, "layers": [1]}]
+    assert out["max_load_by_step"]["1"] == [(10, 3.5), (20, 1.2), (30, 3.2), (40, 1.1)]
+    assert routing_over_training(records, settle=30)["collapse_after_settle"] == []
+
+
+def test_demo_cpu_share_counts_other_processes_only():
+    from moekit.train import demo
+
+    if not os.path.exists("/proc/stat"):
+        pytest.skip("needs /proc/stat")
+    spin = subprocess.Popen([sys.executable, "-c", "import time\nt=time.time()\nwhile time.time()-t<1.5: pass"])
+    try:
+        with demo.CpuShare() as busy:
+            time.sleep(1.0)
+    finally:
+        spin.wait()
+    assert busy.others > 0.25 / os.cpu_count()  # a spinning process takes about one CPU of the machine's
+    # 3 busy CPU-seconds on the machine, 1 of them this process's, over 1 s on 2 CPUs: one CPU's worth
+    assert demo.other_cpu_share(3.0, 1.0, 1.0, 2) == pytest.approx(1.0)
+    assert demo.other_cpu_share(1.0, 1.02, 1.0, 2) == 0.0  # clock granularity never makes it negative
 
 
 def test_bf16_autocast_and_bpe_tokenizer_train(tmp_path, corpus_dir):
