@@ -296,6 +296,24 @@ def test_demo_end_to_end_on_a_short_schedule(tmp_path, monkeypatch):
     assert again["moe"]["final_val_loss"] == summary["moe"]["final_val_loss"]
 
 
+def test_demo_ctrl_c_during_the_warm_up_stops_the_demo(tmp_path, monkeypatch):
+    from moekit.train import demo
+    from moekit.train.loop import TrainResult
+
+    calls = []
+
+    def interrupted(cfg, **kw):  # the SIGINT handler inside train() turns Ctrl-C into an interrupted result
+        calls.append(cfg.out)
+        Path(cfg.out).mkdir(parents=True)
+        return TrainResult(Path(cfg.out), 1, None, None, True, exit_code=130)
+
+    monkeypatch.setattr(demo, "train", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        demo.run_demo(tmp_path / "demo", quick=True, progress=False)
+    assert len(calls) == 1 and ".warm-up" in calls[0]  # no model's run was started
+    assert not (tmp_path / "demo" / ".warm-up").exists() and (tmp_path / "demo" / "demo.json").is_file()
+
+
 def test_demo_routing_over_training_flags_collapse_after_the_router_settles():
     from moekit.train.demo import routing_over_training
 

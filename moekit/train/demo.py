@@ -29,6 +29,9 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
+from moekit.cpu.machine import cpu_model
 from moekit.model import count_parameters
 from moekit.presets import get_preset
 from moekit.train.loop import TrainConfig, train
@@ -63,7 +66,8 @@ def warm_up(configs: dict[str, TrainConfig], where: Path) -> float:
             tokens = cfg.batch_size * cfg.seq_len
             short = dataclasses.replace(cfg, out=str(where / name), steps=2, warmup=1, eval_every=2, save_every=2,
                                         eval_tokens=tokens)
-            train(short, overwrite=True, progress=False)
+            if train(short, overwrite=True, progress=False).interrupted:  # Ctrl-C stops the demo here too
+                raise KeyboardInterrupt
     finally:
         shutil.rmtree(where, ignore_errors=True)
     return time.perf_counter() - t0
@@ -228,10 +232,6 @@ def run_demo(out: str | Path | None = None, quick: bool = False, overwrite: bool
         if result.interrupted:
             return {"interrupted": result.exit_code, "out": str(out), "run": name}
     summary = summarize(out, quick)
-    import torch
-
-    from moekit.cpu.machine import cpu_model
-
     summary.update(quick=quick, seed=seed, out=str(out), lr={name: cfg.lr for name, cfg in configs.items()})
     summary["timing"] = {
         "measured": "training steps only (forward, backward, optimizer step); evaluation and checkpoints excluded",
