@@ -518,6 +518,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add_verb(sub, "demo", "the main job: train an MoE and a dense model with equal active parameters", [
         "moekit demo --quick            # a few minutes",
         "moekit demo --out runs/demo    # the full comparison, about fifteen minutes on 2 CPU cores",
+        "moekit demo --out runs/demo-s1 --seed 1    # the same comparison from other weights and batches",
+        "moekit demo --out runs/demo --resume       # finish a demo stopped by Ctrl-C",
     ], description="Train an MoE and a dense model with the same active parameters, tokens and schedule, and say "
                    "how much sooner\nthe MoE reached the dense model's final validation loss. Writes summary.json, "
                    "loss.png and both runs.")
