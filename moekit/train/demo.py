@@ -140,8 +140,8 @@ def routing_over_training(records: list[dict], settle: int) -> dict:
             "collapse_after_settle": collapsed, "max_load_by_step": load}
 
 
-def summarize(out: Path, quick: bool = False) -> dict:
-    records = {name: read_metrics(out / name / "metrics.jsonl") for name in NAMES}
+def summarize(records: dict[str, list[dict]], quick: bool = False) -> dict:
+    """``records``: each run's metrics.jsonl records, by name."""
     dense, moe = _curve(records["dense"]), _curve(records["moe"])
     target = dense[-1][3]
     hit = _crossing(moe, target)
@@ -162,7 +162,7 @@ def summarize(out: Path, quick: bool = False) -> dict:
     return summary
 
 
-def plot(out: Path, path: Path, summary: dict) -> None:
+def plot(records: dict[str, list[dict]], path: Path, summary: dict) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -170,7 +170,7 @@ def plot(out: Path, path: Path, summary: dict) -> None:
 
     fig, (ax_f, ax_t, ax_l) = plt.subplots(1, 3, figsize=(16, 4.4))
     for name, color in (("dense", "tab:gray"), ("moe", "tab:blue")):
-        c = _curve(read_metrics(out / name / "metrics.jsonl"))
+        c = _curve(records[name])
         r = summary[name]
         label = f"{name}: {r['total_params'] / 1e6:.1f}M params, {r['active_params'] / 1e6:.1f}M active"
         ax_f.plot([p[1] for p in c], [p[3] for p in c], "o-", ms=3, color=color, label=label)
@@ -231,7 +231,8 @@ def run_demo(out: str | Path | None = None, quick: bool = False, overwrite: bool
         others[name] = share.others
         if result.interrupted:
             return {"interrupted": result.exit_code, "out": str(out), "run": name}
-    summary = summarize(out, quick)
+    records = {name: read_metrics(out / name / "metrics.jsonl") for name in NAMES}  # read once: summary and plot
+    summary = summarize(records, quick)
     summary.update(quick=quick, seed=seed, out=str(out), lr={name: cfg.lr for name, cfg in configs.items()})
     summary["timing"] = {
         "measured": "training steps only (forward, backward, optimizer step); evaluation and checkpoints excluded",
@@ -239,7 +240,7 @@ def run_demo(out: str | Path | None = None, quick: bool = False, overwrite: bool
         "other_processes_cpu_share": others,
         "busy": any(v is not None and v > BUSY_WARNING for v in others.values()),
     }
-    plot(out, out / "loss.png", summary)
+    plot(records, out / "loss.png", summary)
     summary["plot"] = str(out / "loss.png")
     summary["json"] = str(out / "summary.json")
     tmp = out / "summary.json.tmp"
